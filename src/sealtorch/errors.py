@@ -1,0 +1,218 @@
+"""Every exception sealtorch raises on purpose.
+
+Messages say what failed, where, and what to do; they never contain key material or echo
+rejected input verbatim. Each subsystem has its own family under :class:`SealtorchError`, so a
+caller can catch one family (``except sealtorch.errors.FormatError``) or everything.
+"""
+
+from __future__ import annotations
+
+
+class SealtorchError(Exception):
+    """Base class of every error sealtorch raises deliberately."""
+
+    #: short machine-readable code, used in CLI output, HTTP error bodies and metrics
+    code: str = "error"
+
+
+# --- sealed format -------------------------------------------------------------------------
+class FormatError(SealtorchError):
+    """A sealed file could not be read or authenticated."""
+
+    code = "format_error"
+
+
+class NotASealedFileError(FormatError):
+    """The file does not start with the sealtorch magic."""
+
+    code = "not_sealed"
+
+
+class UnsupportedVersionError(FormatError):
+    """The file's format version (or cipher) is not one this release reads."""
+
+    code = "unsupported_version"
+
+
+class HeaderError(FormatError):
+    """The public header is malformed or its MAC does not verify."""
+
+    code = "header_invalid"
+
+
+class WrongKeyError(FormatError):
+    """The key does not match the file (key commitment mismatch): not tampering, a wrong key."""
+
+    code = "wrong_key"
+
+
+class KeyMismatchError(FormatError):
+    """The key file names another model id or key version than the sealed file."""
+
+    code = "key_mismatch"
+
+
+class IntegrityError(FormatError):
+    """Ciphertext failed authentication: tampered, truncated, reordered or spliced."""
+
+    code = "integrity"
+
+
+class TruncatedError(IntegrityError):
+    """The file is shorter than its header says."""
+
+    code = "truncated"
+
+
+class TrailingDataError(IntegrityError):
+    """The file has bytes after its last chunk."""
+
+    code = "trailing_data"
+
+
+class IndexError_(FormatError):
+    """The tensor index is malformed or does not match the module being loaded into."""
+
+    code = "index_invalid"
+
+
+class SignatureError(FormatError):
+    """The owner signature is missing, malformed or does not verify."""
+
+    code = "signature_invalid"
+
+
+class KeyFileError(SealtorchError):
+    """A key file is malformed, unreadable, or has unsafe permissions."""
+
+    code = "key_file"
+
+
+class InputError(SealtorchError):
+    """An input model/state_dict cannot be sealed (unsupported type, unsafe pickle, ...)."""
+
+    code = "input_invalid"
+
+
+# --- attestation -----------------------------------------------------------------------------
+class AttestationError(SealtorchError):
+    """Evidence could not be produced or verified."""
+
+    code = "attestation_failed"
+
+
+class EvidenceFormatError(AttestationError):
+    """Evidence bytes are malformed (wrong length, bad encoding, unknown version)."""
+
+    code = "evidence_malformed"
+
+
+class VerificationError(AttestationError):
+    """Evidence is well-formed but its signatures, chain, collateral or TCB do not verify."""
+
+    code = "evidence_invalid"
+
+
+class CollateralError(AttestationError):
+    """DCAP collateral is missing, malformed or outside its validity window."""
+
+    code = "collateral"
+
+
+class BindingError(AttestationError):
+    """The evidence's report data does not bind the expected nonce, key and audience."""
+
+    code = "binding_mismatch"
+
+
+class AttesterUnavailableError(AttestationError):
+    """No TEE interface is available (or the chosen one is not present/usable)."""
+
+    code = "attester_unavailable"
+
+
+class PolicyError(SealtorchError):
+    """A policy file is malformed or inconsistent."""
+
+    code = "policy_invalid"
+
+
+class PolicyDenied(SealtorchError):
+    """Verified evidence is not allowed by the policy; ``reasons`` explain each failed check."""
+
+    code = "policy_denied"
+
+    def __init__(self, message: str, reasons: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = list(reasons or [])
+
+
+# --- key delivery ------------------------------------------------------------------------------
+class ProtocolError(SealtorchError):
+    """A protocol message (grant, release response, local session message) is invalid."""
+
+    code = "protocol_error"
+
+
+class GrantError(ProtocolError):
+    """A grant's signature, binding, policy version or lease is not acceptable."""
+
+    code = "grant_invalid"
+
+
+class ReleaseDenied(SealtorchError):
+    """The key server or key cache refused to release a key; ``denial`` is the public code."""
+
+    code = "denied"
+
+    def __init__(self, message: str, denial: str = "denied") -> None:
+        super().__init__(message)
+        self.denial = denial
+
+
+class RevokedError(ReleaseDenied):
+    """The model, key version or cache was revoked."""
+
+    code = "revoked"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "revoked")
+
+
+class LeaseExpiredError(ReleaseDenied):
+    """The lease under which a key was held has expired and could not be renewed."""
+
+    code = "lease_expired"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "lease_expired")
+
+
+class ServiceUnavailableError(SealtorchError):
+    """A key server or key cache could not be reached or answered with a server error."""
+
+    code = "unavailable"
+
+
+class ConfigError(SealtorchError):
+    """A service configuration is invalid or unsafe (e.g. sim on a non-loopback listener)."""
+
+    code = "config_invalid"
+
+
+class StoreError(SealtorchError):
+    """The key server's database or KEK provider failed or detected tampering."""
+
+    code = "store_error"
+
+
+class TamperError(StoreError):
+    """Data at rest failed its integrity check (swapped wrapped key, edited policy, audit chain)."""
+
+    code = "tampered"
+
+
+class AuthError(SealtorchError):
+    """An admin token is missing, unknown, expired, revoked or out of scope."""
+
+    code = "unauthorized"
