@@ -1,0 +1,83 @@
+"""HPKE sealing of keys (RFC 9180 Base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM).
+
+One key per message; the caller binds the message to its context (the grant digest) via ``info``.
+Everything goes through ``cryptography.hazmat.primitives.hpke``; nothing here is home-made.
+"""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+
+from sealtorch._secret import Secret
+from sealtorch.errors import ProtocolError
+
+#: RFC 9180 KEM id of DHKEM(X25519, HKDF-SHA256); also bound into the report data.
+KEM_ID = 0x0020
+#: RFC 9180 KDF id (HKDF-SHA256) and AEAD id (AES-256-GCM), for documentation and messages.
+KDF_ID = 0x0001
+AEAD_ID = 0x0002
+PUBLIC_KEY_LEN = 32
+_ENC_LEN = 32
+_TAG_LEN = 16
+#: upper bound of a sealed message we accept (keys are 32 bytes; leave room for small payloads)
+MAX_SEALED_LEN = 4096
+
+SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
+
+
+def generate_keypair() -> tuple[X25519PrivateKey, bytes]:
+    """A fresh ephemeral X25519 key pair; returns the private key and the raw 32-byte public key."""
+    sk = X25519PrivateKey.generate()
+    return sk, public_bytes(sk)
+
+
+def public_bytes(private_key: X25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of ``private_key``."""
+    return private_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def load_public_key(raw: bytes) -> X25519PublicKey:
+    """Parse a raw X25519 public key, refusing wrong lengths and the all-zero point."""
+    if len(raw) != PUBLIC_KEY_LEN:
+        raise ProtocolError(
+            f"HPKE public key must be {PUBLIC_KEY_LEN} bytes (raw X25519); send the raw key"
+        )
+    if not any(raw):
+        raise ProtocolError("HPKE public key is the all-zero point; generate a real key pair")
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+def seal(plaintext: bytes | bytearray | Secret, public_key: bytes, info: bytes) -> bytes:
+    """Encrypt ``plaintext`` to ``public_key`` (raw X25519); returns ``enc || ciphertext``."""
+    if not info:
+        raise ProtocolError("HPKE info must bind the message to its context (grant digest)")
+    pk = load_public_key(public_key)
+    data = bytes(plaintext)
+    try:
+        return SUITE.encrypt(data, pk, info=info)
+    finally:
+        # best effort: the immutable copy cannot be wiped, but drop our reference at once
+        del data
+
+
+def open(sealed: bytes, private_key: X25519PrivateKey, info: bytes) -> Secret:
+    """Decrypt a message made by :func:`seal`; raises :class:`ProtocolError` on any mismatch."""
+    if not isinstance(sealed, bytes | bytearray) or not (
+        _ENC_LEN + _TAG_LEN <= len(sealed) <= MAX_SEALED_LEN
+    ):
+        raise ProtocolError("sealed key has an impossible length; it was truncated or altered")
+    try:
+        return Secret(SUITE.decrypt(bytes(sealed), private_key, info=info))
+    except (InvalidTag, ValueError) as e:
+        raise ProtocolError(
+            "sealed key does not open with this private key and grant (wrong recipient, "
+            "wrong grant, or tampered ciphertext)"
+        ) from e
+
+
+unseal = open

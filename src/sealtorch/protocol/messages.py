@@ -1,0 +1,122 @@
+"""Request/response schemas of the key server's release API (strict parsing, size limits).
+
+Parsers raise :class:`~sealtorch.errors.ProtocolError` naming the field that was wrong, never
+echoing its value. See ``docs/keyserver.md`` for the wire format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sealtorch.errors import ProtocolError
+from sealtorch.protocol import hpke
+from sealtorch.protocol.b64 import b64d, b64e
+from sealtorch.protocol.grant import MODEL_ID_RE, NONCE_LEN
+
+MAX_BODY = 64 * 1024
+MAX_MODELS = 32
+MAX_EVIDENCE_JSON = 60 * 1024
+CACHE_ID_LEN = 32  # hex chars
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Parse a request body: size-limited, UTF-8, a JSON object."""
+    if len(raw) > MAX_BODY:
+        raise ProtocolError(f"request body larger than {MAX_BODY} bytes")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError("request body is not valid UTF-8 JSON") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError("request body must be a JSON object")
+    return obj
+
+
+def _only(obj: dict[str, Any], allowed: set[str], what: str) -> None:
+    extra = set(obj) - allowed
+    if extra:
+        raise ProtocolError(f"{what}: unexpected fields (allowed: {', '.join(sorted(allowed))})")
+
+
+def parse_models(value: object) -> list[str] | None:
+    """``null`` (all the requester is entitled to) or a list of <= 32 distinct valid model ids."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ProtocolError("models: expected a list of model ids or null")
+    if len(value) > MAX_MODELS:
+        raise ProtocolError(f"models: at most {MAX_MODELS} models per request")
+    out: list[str] = []
+    for m in value:
+        if not isinstance(m, str) or not MODEL_ID_RE.match(m):
+            raise ProtocolError("models: each model id must match [A-Za-z0-9][A-Za-z0-9._:/-]*")
+        if m in out:
+            raise ProtocolError("models: duplicate model id")
+        out.append(m)
+    return out
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """``POST /v1/release``."""
+
+    evidence: dict[str, Any]
+    public_key: bytes
+    nonce: bytes
+    models: list[str] | None
+    kem_id: int = hpke.KEM_ID
+
+    def to_json(self) -> dict[str, Any]:
+        return {"evidence": self.evidence, "public_key": b64e(self.public_key),
+                "nonce": b64e(self.nonce), "models": self.models, "kem_id": self.kem_id}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ReleaseRequest:
+        _only(obj, {"evidence", "public_key", "nonce", "models", "kem_id"}, "release request")
+        ev = obj.get("evidence")
+        if not isinstance(ev, dict):
+            raise ProtocolError("evidence: expected the evidence JSON object")
+        kem_id = obj.get("kem_id", hpke.KEM_ID)
+        if kem_id != hpke.KEM_ID or isinstance(kem_id, bool):
+            raise ProtocolError("kem_id: only 0x0020 (DHKEM X25519 HKDF-SHA256) is supported")
+        return cls(
+            evidence=ev,
+            public_key=b64d(obj.get("public_key"), field="public_key",
+                            max_len=hpke.PUBLIC_KEY_LEN, exact_len=hpke.PUBLIC_KEY_LEN),
+            nonce=b64d(obj.get("nonce"), field="nonce", max_len=NONCE_LEN, exact_len=NONCE_LEN),
+            models=parse_models(obj.get("models")),
+            kem_id=hpke.KEM_ID,
+        )
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """``POST /v1/status``: a cache-chosen random nonce, the cache id and optional model ids."""
+
+    nonce: bytes
+    cache_id: str
+    models: list[str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nonce": b64e(self.nonce), "cache_id": self.cache_id, "models": self.models}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> StatusRequest:
+        _only(obj, {"nonce", "cache_id", "models"}, "status request")
+        cid = obj.get("cache_id")
+        if not isinstance(cid, str) or len(cid) != CACHE_ID_LEN or not all(
+            c in "0123456789abcdef" for c in cid
+        ):
+            raise ProtocolError(f"cache_id: expected {CACHE_ID_LEN} lowercase hex characters")
+        return cls(
+            nonce=b64d(obj.get("nonce"), field="nonce", max_len=NONCE_LEN, exact_len=NONCE_LEN),
+            cache_id=cid,
+            models=parse_models(obj.get("models")),
+        )
+
+
+def error_body(code: str, message: str | None = None) -> dict[str, Any]:
+    """The only error body shape: a public code and a fixed, input-free message."""
+    return {"error": {"code": code, "message": message or code}}
