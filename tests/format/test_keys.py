@@ -52,7 +52,11 @@ def test_key_file_round_trip_and_mode(tmp_path):
     assert "redacted" in repr(back) and back.key.view().hex() not in repr(back)
     doc = json.loads(p.read_text())
     assert doc["format"] == "sealtorch-key/v1" and set(doc) == {
-        "format", "model_id", "key_version", "key", "created"
+        "format",
+        "model_id",
+        "key_version",
+        "key",
+        "created",
     }
     with pytest.raises(KeyFileError, match="refusing to overwrite"):
         keyfile.write_key_file(p, mk)

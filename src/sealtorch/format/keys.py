@@ -168,9 +168,7 @@ def check_file_key(file_key: Secret, header: Header) -> FileKeys:
         )
     if not hmac.compare_digest(header_mac(keys.header_mac_key, header.mac_input), header.mac):
         keys.wipe()
-        raise HeaderError(
-            "header MAC does not verify: the header was modified after sealing"
-        )
+        raise HeaderError("header MAC does not verify: the header was modified after sealing")
     return keys
 
 

@@ -1,0 +1,648 @@
+"""Open, authenticate and decrypt sealed files straight into tensor memory.
+
+Order of checks: header structure -> key commitment (wrong key) -> header MAC -> file length
+(truncated / trailing data) -> index tag -> owner signature -> chunk tags. Chunks are decrypted
+in parallel (OpenSSL runs without the GIL) from an mmap of the file directly into the
+destination tensors: with ``AESGCM.decrypt_into`` when a chunk lies inside one tensor, and with
+a streaming GCM decryptor writing each piece into its tensor when a chunk spans several. No
+plaintext is ever written to disk, and if any tag fails every destination is zeroed before the
+error is raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import mmap
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sealtorch._secret import Secret, wipe
+from sealtorch.errors import (
+    FormatError,
+    HeaderError,
+    IndexError_,
+    InputError,
+    IntegrityError,
+    NotASealedFileError,
+    SignatureError,
+    TrailingDataError,
+    TruncatedError,
+)
+from sealtorch.format import header as hdr
+from sealtorch.format import keys as fkeys
+from sealtorch.format import signing
+from sealtorch.format.dtypes import torch_dtype
+from sealtorch.format.index import Entry, Index, parse_index
+from sealtorch.format.keyfile import ModelKey, read_key_file
+from sealtorch.format.writer import INDEX_NONCE_BYTES, chunk_aad, chunk_nonce, public_index_mac
+
+KeyArg = ModelKey | Secret | str | os.PathLike[str] | None
+SignerArg = Ed25519PublicKey | bytes | str | os.PathLike[str] | None
+
+
+def default_threads() -> int:
+    """Decryption threads: one per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class _Region:
+    """A destination: plaintext stream bytes [start, start+nbytes) go into ``arr`` (uint8)."""
+
+    start: int
+    nbytes: int
+    arr: np.ndarray
+    copies: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nbytes
+
+    def zero(self) -> None:
+        for a in (self.arr, *self.copies):
+            if a.size:
+                wipe(memoryview(a))
+
+
+def _file_key(header: hdr.Header, key: KeyArg, key_provider: fkeys.KeyProvider | None) -> Secret:
+    if (key is None) == (key_provider is None):
+        raise InputError("pass exactly one of key= (model key or key file) and key_provider=")
+    if key_provider is not None:
+        fk = key_provider.file_key(header)
+        if not isinstance(fk, Secret):
+            raise InputError("a KeyProvider must return the file key as a sealtorch Secret")
+        return fk
+    mk: ModelKey | Secret = key if isinstance(key, ModelKey | Secret) else read_key_file(key)  # type: ignore[arg-type]
+    return fkeys.derive_file_key(mk, header)
+
+
+class SealedFile:
+    """An opened and authenticated sealed file (header, key and index checked)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key: KeyArg = None,
+        key_provider: fkeys.KeyProvider | None = None,
+        signer: SignerArg = None,
+        populate: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self._keys: fkeys.FileKeys | None = None
+        self._mm: mmap.mmap | None = None
+        self._mv: memoryview | None = None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot open sealed file ({e.strerror})") from None
+        try:
+            size = os.fstat(fd).st_size
+            prefix = os.pread(fd, 12, 0)
+            if len(prefix) < len(hdr.MAGIC) or prefix[: len(hdr.MAGIC)] != hdr.MAGIC:
+                raise NotASealedFileError(
+                    f"{self.path}: not a sealtorch sealed file (magic bytes missing)"
+                )
+            if len(prefix) < 12:
+                raise TruncatedError(f"{self.path}: file ends inside the header")
+            length = hdr.header_length_from_prefix(prefix)
+            if size < length:
+                raise TruncatedError(f"{self.path}: file ends inside the header")
+            self.header = hdr.parse_header(os.pread(fd, length, 0))
+            file_key = _file_key(self.header, key, key_provider)
+            try:
+                self._keys = fkeys.check_file_key(file_key, self.header)
+            finally:
+                file_key.wipe()
+            expected = self.header.file_length
+            if size < expected:
+                raise TruncatedError(
+                    f"{self.path}: file is {expected - size} bytes shorter than its header says "
+                    "(truncated copy?)"
+                )
+            if size > expected:
+                raise TrailingDataError(
+                    f"{self.path}: {size - expected} unexpected bytes after the last chunk"
+                )
+            flags = mmap.MAP_SHARED
+            if populate and hasattr(mmap, "MAP_POPULATE"):
+                flags |= mmap.MAP_POPULATE
+            self._mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(fd)
+        try:
+            self._mv = memoryview(self._mm)
+            self.index = self._read_index()
+            self.signer_public = self._check_signature(signer)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- context management ---------------------------------------------------------------
+    def __enter__(self) -> SealedFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wipe the derived keys and unmap the file."""
+        if self._keys is not None:
+            self._keys.wipe()
+        if self._mv is not None:
+            self._mv.release()
+            self._mv = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # pragma: no cover - a view is still alive; GC will unmap
+                pass
+            self._mm = None
+
+    @property
+    def keys(self) -> fkeys.FileKeys:
+        if self._keys is None:  # pragma: no cover
+            raise FormatError("sealed file is closed")
+        return self._keys
+
+    @property
+    def view(self) -> memoryview:
+        if self._mv is None:
+            raise FormatError("sealed file is closed")
+        return self._mv
+
+    # -- index and signature ----------------------------------------------------------------
+    def _read_index(self) -> Index:
+        h = self.header
+        section = self.view[h.header_length : h.chunks_offset]
+        digest = h.digest()
+        if h.public_index:
+            body = bytes(section[: -hdr.MAC_BYTES])
+            mac = public_index_mac(self.keys.index_key, digest, body)
+            if not hmac.compare_digest(mac, bytes(section[-hdr.MAC_BYTES :])):
+                raise IntegrityError("tensor index failed authentication (modified index)")
+            return parse_index(body, h.total_length)
+        if len(section) < INDEX_NONCE_BYTES + hdr.TAG_BYTES:
+            raise HeaderError("index length is too small for an encrypted index")
+        plain = bytearray(len(section) - INDEX_NONCE_BYTES - hdr.TAG_BYTES)
+        try:
+            AESGCM(self.keys.index_key.view()).decrypt_into(
+                bytes(section[:INDEX_NONCE_BYTES]), section[INDEX_NONCE_BYTES:], digest, plain
+            )
+        except InvalidTag:
+            wipe(plain)
+            raise IntegrityError(
+                "encrypted tensor index failed authentication (modified or spliced index)"
+            ) from None
+        try:
+            return parse_index(plain, h.total_length)
+        finally:
+            wipe(plain)
+
+    def tags_digest(self) -> bytes:
+        """SHA-256 of every chunk's 16-byte tag, in order."""
+        h = self.header
+        d = hashlib.sha256()
+        for i in range(h.chunk_count):
+            end = h.chunk_offset(i) + h.chunk_plain_length(i) + hdr.TAG_BYTES
+            d.update(self.view[end - hdr.TAG_BYTES : end])
+        return d.digest()
+
+    def _check_signature(self, signer: SignerArg) -> bytes | None:
+        h = self.header
+        wanted = None if signer is None else signing.raw_public(signing.load_public_key(signer))
+        if not h.signed:
+            if wanted is not None:
+                raise SignatureError(
+                    "the file carries no owner signature but one was required; reseal with "
+                    "--sign-key"
+                )
+            return None
+        trailer = bytes(self.view[-hdr.SIGNATURE_TRAILER_BYTES :])
+        public, signature = trailer[:32], trailer[32:]
+        if wanted is not None and not hmac.compare_digest(public, wanted):
+            raise SignatureError("the file is signed by another key than the required signer")
+        index_digest = hashlib.sha256(self.view[h.header_length : h.chunks_offset]).digest()
+        signing.verify(
+            public, signature, signing.signed_message(h.digest(), index_digest, self.tags_digest())
+        )
+        return public
+
+    # -- decryption ---------------------------------------------------------------------------
+    def decrypt(
+        self,
+        regions: Sequence[_Region],
+        *,
+        threads: int | None = None,
+        chunks: Iterable[int] | None = None,
+    ) -> None:
+        """Decrypt the chunks that ``regions`` need (or ``chunks``) into the regions.
+
+        On any failure, every region is zeroed and :class:`IntegrityError` is raised.
+        """
+        h = self.header
+        cs = h.chunk_size
+        per_chunk: dict[int, list[_Region]] = {}
+        for r in sorted(regions, key=lambda r: r.start):
+            if r.nbytes == 0:
+                continue
+            for i in range(r.start // cs, (r.end - 1) // cs + 1):
+                per_chunk.setdefault(i, []).append(r)
+        todo = sorted(per_chunk) if chunks is None else sorted(set(chunks) | set(per_chunk))
+        digest = h.digest()
+        view = self.view
+        key = self.keys.chunk_key.view()
+        local = threading.local()
+        failed = threading.Event()
+
+        def task(i: int) -> None:
+            if failed.is_set():
+                return
+            n = h.chunk_plain_length(i)
+            off = h.chunk_offset(i)
+            start = i * cs
+            ct = view[off : off + n + hdr.TAG_BYTES]
+            aad = chunk_aad(digest, i, i == h.chunk_count - 1)
+            nonce = chunk_nonce(i)
+            regs = per_chunk.get(i, [])
+            aead = getattr(local, "aead", None)
+            if aead is None:
+                aead = local.aead = AESGCM(key)
+            try:
+                if len(regs) == 1 and regs[0].start <= start and regs[0].end >= start + n:
+                    r = regs[0]
+                    aead.decrypt_into(nonce, ct, aad, r.arr[start - r.start : start - r.start + n])
+                    for c in r.copies:
+                        c[start - r.start : start - r.start + n] = r.arr[
+                            start - r.start : start - r.start + n
+                        ]
+                    return
+                scratch = getattr(local, "scratch", None)
+                if scratch is None:
+                    scratch = local.scratch = bytearray(cs)
+                if not regs:  # verification only
+                    try:
+                        aead.decrypt_into(nonce, ct, aad, memoryview(scratch)[:n])
+                    finally:
+                        wipe(memoryview(scratch)[:n])
+                    return
+                dec = Cipher(algorithms.AES(key), modes.GCM(nonce, bytes(ct[n:]))).decryptor()
+                dec.authenticate_additional_data(aad)
+                pos = start
+                used = 0
+                try:
+                    for r in regs:
+                        a, b = max(r.start, start), min(r.end, start + n)
+                        if a > pos:  # bytes no destination wants (padding, other tensors)
+                            dec.update_into(
+                                ct[pos - start : a - start], memoryview(scratch)[: a - pos]
+                            )
+                            used = max(used, a - pos)
+                        dec.update_into(ct[a - start : b - start], r.arr[a - r.start : b - r.start])
+                        pos = b
+                    if pos < start + n:
+                        end = start + n
+                        dec.update_into(ct[pos - start : n], memoryview(scratch)[: end - pos])
+                        used = max(used, end - pos)
+                    dec.finalize()
+                finally:
+                    if used:
+                        wipe(memoryview(scratch)[:used])
+                for r in regs:
+                    a, b = max(r.start, start), min(r.end, start + n)
+                    for c in r.copies:
+                        c[a - r.start : b - r.start] = r.arr[a - r.start : b - r.start]
+            except InvalidTag:
+                failed.set()
+                raise IntegrityError(
+                    f"chunk {i} of {h.chunk_count} failed authentication: the file was modified, "
+                    "truncated, reordered or spliced; no tensors were loaded"
+                ) from None
+            except BaseException:
+                failed.set()
+                raise
+
+        nthreads = max(1, min(threads or default_threads(), len(todo)))
+        error: BaseException | None = None
+        try:
+            if nthreads == 1:
+                for i in todo:
+                    task(i)
+            else:
+                with ThreadPoolExecutor(nthreads, thread_name_prefix="sealtorch-decrypt") as ex:
+                    futures: list[Future[None]] = [ex.submit(task, i) for i in todo]
+                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                    if any(f.exception() for f in done):
+                        failed.set()
+                        for f in futures:
+                            f.cancel()
+                    wait(futures)
+                    for f in futures:
+                        if not f.cancelled() and f.exception() is not None:
+                            error = f.exception()
+                            break
+        except BaseException as e:
+            error = e
+        if error is not None:
+            for r in regions:
+                r.zero()
+            if isinstance(error, IntegrityError):
+                raise error.with_traceback(None)
+            raise error
+
+    def verify_all(self, *, threads: int | None = None) -> None:
+        """Authenticate every chunk without keeping any plaintext."""
+        self.decrypt([], threads=threads, chunks=range(self.header.chunk_count))
+
+    # -- loading ------------------------------------------------------------------------------
+    def _entries(self, names: Sequence[str] | None) -> list[tuple[str, Entry]]:
+        idx = self.index
+        if names is None:
+            return [(n, idx.resolve(n)) for n in idx.names]
+        if isinstance(names, str):
+            raise InputError("tensors= takes a list of names, not one string")
+        unknown = [n for n in names if n not in idx.entries and n not in idx.aliases]
+        if unknown:
+            raise IndexError_(
+                f"{len(unknown)} requested tensor name(s) are not in the file (first: "
+                f"{str(unknown[0])[:80]!r}); list them with `sealtorch inspect --key-file`"
+            )
+        return [(n, idx.resolve(n)) for n in dict.fromkeys(names)]
+
+    def load(
+        self, names: Sequence[str] | None = None, *, threads: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Decrypt all tensors (or ``names``) into new CPU tensors; tied names share a tensor.
+
+        A full load decrypts into one buffer that the tensors are views of (no copies); a subset
+        gets one buffer per tensor and only the chunks it needs are decrypted.
+        """
+        wanted = self._entries(names)
+        stored: dict[str, torch.Tensor] = {}
+        regions: list[_Region] = []
+        if names is None:
+            arena = torch.empty(self.header.total_length, dtype=torch.uint8)
+            regions.append(_Region(0, self.header.total_length, arena.numpy()))
+            for _, e in wanted:
+                if e.name not in stored:
+                    stored[e.name] = (
+                        arena[e.offset : e.end].view(torch_dtype(e.dtype)).view(e.shape)
+                    )
+        else:
+            for _, e in wanted:
+                if e.name in stored:
+                    continue
+                buf = torch.empty(e.nbytes, dtype=torch.uint8)
+                regions.append(_Region(e.offset, e.nbytes, buf.numpy()))
+                stored[e.name] = buf.view(torch_dtype(e.dtype)).view(e.shape)
+        self.decrypt(regions, threads=threads)
+        return {n: stored[e.name] for n, e in wanted}
+
+    def load_into(
+        self, module: torch.nn.Module, *, strict: bool = True, threads: int | None = None
+    ) -> list[str]:
+        """Decrypt into ``module``'s own parameter and buffer storage; returns the names loaded."""
+        idx = self.index
+        state = module.state_dict(keep_vars=True)
+        file_names = set(idx.names)
+        missing = [n for n in state if n not in file_names]
+        unexpected = [n for n in idx.names if n not in state]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(
+                    f"{len(missing)} module tensor(s) not in the file (e.g. {missing[0]!r})"
+                )
+            if unexpected:
+                parts.append(f"{len(unexpected)} file tensor(s) not in the module")
+            raise IndexError_(
+                "the sealed file does not match the module: "
+                + "; ".join(parts)
+                + "; pass strict=False to load the common subset"
+            )
+        by_range: dict[int, _Region] = {}
+        by_storage: dict[tuple[int, int], int] = {}
+        post: list[tuple[torch.Tensor, torch.Tensor]] = []  # (non-contiguous target, temp)
+        loaded = []
+        for name, t in state.items():
+            if name not in file_names:
+                continue
+            e = idx.resolve(name)
+            if t.dtype != torch_dtype(e.dtype) or tuple(t.shape) != e.shape:
+                raise IndexError_(
+                    f"tensor {name!r}: the file holds {e.dtype}{list(e.shape)} but the module "
+                    f"has {t.dtype}{list(t.shape)}"
+                )
+            if t.device.type != "cpu":
+                raise InputError(
+                    "load_into writes CPU tensors only; keep the module on CPU (moving weights "
+                    "to a GPU needs an explicit unsafe_ opt-in, see sealtorch.load)"
+                )
+            loaded.append(name)
+            if e.nbytes == 0:
+                continue
+            d = t.detach()
+            ptr = (d.data_ptr(), e.nbytes)
+            if ptr in by_storage:
+                if by_storage[ptr] != e.offset:
+                    raise IndexError_(
+                        f"tensor {name!r} is tied in the module but not in the file; untie it"
+                    )
+                continue
+            by_storage[ptr] = e.offset
+            if d.is_contiguous():
+                arr = d.reshape(-1).view(torch.uint8).numpy()
+            else:
+                tmp = torch.empty(e.shape, dtype=d.dtype)
+                post.append((d, tmp))
+                arr = tmp.reshape(-1).view(torch.uint8).numpy()
+            if e.offset in by_range:
+                by_range[e.offset].copies.append(arr)
+            else:
+                by_range[e.offset] = _Region(e.offset, e.nbytes, arr)
+        try:
+            self.decrypt(list(by_range.values()), threads=threads)
+            with torch.no_grad():
+                for target, tmp in post:
+                    target.copy_(tmp)
+        except BaseException:
+            with torch.no_grad():
+                for target, _ in post:
+                    target.zero_()
+            raise
+        finally:
+            for _, tmp in post:
+                wipe(memoryview(tmp.reshape(-1).view(torch.uint8).numpy()))
+        return loaded
+
+
+def open_sealed(
+    path: str | os.PathLike[str],
+    *,
+    key: KeyArg = None,
+    key_provider: fkeys.KeyProvider | None = None,
+    signer: SignerArg = None,
+) -> SealedFile:
+    """Open and authenticate a sealed file's header, index and signature (use as context)."""
+    return SealedFile(path, key=key, key_provider=key_provider, signer=signer)
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    key: KeyArg = None,
+    key_provider: fkeys.KeyProvider | None = None,
+    tensors: Sequence[str] | None = None,
+    signer: SignerArg = None,
+    threads: int | None = None,
+    unsafe_device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load a sealed file into CPU tensors (``tensors=`` for a subset).
+
+    ``key`` is a :class:`ModelKey`, a model-key :class:`Secret` or a key file path;
+    ``key_provider`` a :class:`KeyProvider` (e.g. the key cache client). ``signer`` requires an
+    owner signature by that Ed25519 key. ``unsafe_device`` moves the plaintext weights to
+    another device (e.g. a GPU outside the TEE's protection) — only if you accept that.
+    """
+    with SealedFile(
+        path, key=key, key_provider=key_provider, signer=signer, populate=tensors is None
+    ) as sf:
+        out = sf.load(tensors, threads=threads)
+    if unsafe_device is not None:
+        moved: dict[int, torch.Tensor] = {}
+        result = {}
+        for n, t in out.items():
+            if id(t) not in moved:
+                moved[id(t)] = t.to(unsafe_device)
+            result[n] = moved[id(t)]
+        return result
+    return out
+
+
+def load_into(
+    module: torch.nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    key: KeyArg = None,
+    key_provider: fkeys.KeyProvider | None = None,
+    strict: bool = True,
+    signer: SignerArg = None,
+    threads: int | None = None,
+) -> list[str]:
+    """Decrypt a sealed file straight into ``module``'s parameters and buffers (CPU).
+
+    On failure every parameter/buffer the load covered is zeroed before the error is raised.
+    Returns the names that were loaded.
+    """
+    with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
+        return sf.load_into(module, strict=strict, threads=threads)
+
+
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    key: KeyArg = None,
+    key_provider: fkeys.KeyProvider | None = None,
+    signer: SignerArg = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Authenticate every byte of a sealed file, keeping no plaintext; returns a summary."""
+    with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
+        sf.verify_all(threads=threads)
+        return {
+            **sf.header.describe(),
+            "tensors": len(sf.index.entries),
+            "aliases": len(sf.index.aliases),
+            "signer": sf.signer_public.hex() if sf.signer_public else None,
+            "ok": True,
+        }
+
+
+def unseal(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    key: KeyArg = None,
+    key_provider: fkeys.KeyProvider | None = None,
+    signer: SignerArg = None,
+    overwrite: bool = False,
+) -> int:
+    """Write the plaintext weights to a .safetensors file (mode 0600; for the owner's machine).
+
+    Tied tensors are written as separate copies (safetensors cannot share storage). Returns the
+    number of tensors written.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(out)
+    with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
+        names = list(sf.index.entries)
+        tensors = sf.load(names)
+        for alias, stored in sf.index.aliases.items():
+            tensors[alias] = tensors[stored].clone()
+        metadata = dict(sf.index.metadata)
+    flags = os.O_WRONLY | os.O_CREAT | (0 if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(target, flags, 0o600)
+    except FileExistsError:
+        raise InputError(f"{target}: already exists; pass --force to overwrite") from None
+    except OSError as e:
+        raise InputError(f"{target}: cannot create output ({e.strerror})") from None
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+    save_file(tensors, str(target), metadata=metadata or None)
+    return len(tensors)
+
+
+def inspect(
+    path: str | os.PathLike[str],
+    *,
+    key: KeyArg = None,
+    key_provider: fkeys.KeyProvider | None = None,
+) -> dict[str, Any]:
+    """What is known about a sealed file: its header, and its index when public or keyed."""
+    header = hdr.read_header(path)
+    info: dict[str, Any] = {"header": header.describe()}
+    if key is not None or key_provider is not None:
+        with SealedFile(path, key=key, key_provider=key_provider, populate=False) as sf:
+            info["index"] = sf.index.describe()
+            info["index_authenticated"] = True
+            info["signer"] = sf.signer_public.hex() if sf.signer_public else None
+        return info
+    if header.public_index:
+        with open(path, "rb") as f:
+            f.seek(header.header_length)
+            body = f.read(header.index_length - hdr.MAC_BYTES)
+        info["index"] = parse_index(body, header.total_length).describe()
+        info["index_authenticated"] = False
+    if header.signed:
+        size = Path(path).stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - hdr.SIGNATURE_TRAILER_BYTES))
+            info["signer_unverified"] = f.read(32).hex()
+    return info

@@ -1,0 +1,214 @@
+"""Seal tensors into a sealed file (format v1, see docs/format.md).
+
+Tensors are laid out back to back (each aligned to 64 bytes) in one plaintext stream that is
+encrypted in fixed-size AES-256-GCM chunks. The file is written to a temporary name in the
+target directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sealtorch._secret import Secret, wipe
+from sealtorch.errors import InputError
+from sealtorch.format import header as hdr
+from sealtorch.format import keys as fkeys
+from sealtorch.format.dtypes import dtype_name
+from sealtorch.format.index import Entry, Index, align
+from sealtorch.format.inputs import collect
+from sealtorch.format.keyfile import ModelKey, read_key_file
+from sealtorch.format.signing import load_signing_key, raw_public, signed_message
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+INDEX_NONCE_BYTES = 12
+
+
+def chunk_nonce(i: int) -> bytes:
+    """Nonce of chunk ``i``: 64-bit big-endian index || 4 zero bytes."""
+    return struct.pack(">Q", i) + b"\x00\x00\x00\x00"
+
+
+def chunk_aad(header_digest: bytes, i: int, last: bool) -> bytes:
+    """AAD of chunk ``i``: SHA-256(header) || 64-bit big-endian index || last-chunk flag."""
+    return header_digest + struct.pack(">QB", i, 1 if last else 0)
+
+
+def public_index_mac(index_key: Secret, header_digest: bytes, index_json: bytes) -> bytes:
+    """HMAC-SHA256 that authenticates a public index."""
+    return fkeys.header_mac(index_key, header_digest + index_json)
+
+
+def _as_bytes_view(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 numpy array (a copy only if it is not contiguous)."""
+    flat = t.contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy()
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> list[Entry]:
+    entries = []
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        start = align(offset) if nbytes else 0  # zero-size tensors own no bytes
+        entries.append(Entry(name, dtype_name(t.dtype), tuple(t.shape), start, nbytes))
+        if nbytes:
+            offset = start + nbytes
+    return entries
+
+
+def seal(
+    obj: Any,
+    path: str | os.PathLike[str],
+    key: ModelKey | str | os.PathLike[str],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    public_index: bool = False,
+    sign_key: Ed25519PrivateKey | str | os.PathLike[str] | None = None,
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> hdr.Header:
+    """Seal ``obj`` (nn.Module, state_dict, or a .pt/.pth/.safetensors path) to ``path``.
+
+    ``key`` is a :class:`ModelKey` or a key file path. ``progress(done, total)`` is called with
+    plaintext bytes after each chunk. Returns the new file's header.
+    """
+    mk = key if isinstance(key, ModelKey) else read_key_file(key)
+    if (
+        not isinstance(chunk_size, int)
+        or not hdr.MIN_CHUNK_SIZE <= chunk_size <= hdr.MAX_CHUNK_SIZE
+    ):
+        raise InputError(
+            f"chunk size must be between {hdr.MIN_CHUNK_SIZE} and {hdr.MAX_CHUNK_SIZE} bytes"
+        )
+    signer: Ed25519PrivateKey | None
+    if sign_key is None or isinstance(sign_key, Ed25519PrivateKey):
+        signer = sign_key
+    else:
+        signer = load_signing_key(sign_key)
+    collected = collect(obj)
+    meta = dict(collected.metadata)
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InputError("metadata must map strings to strings")
+        meta.update(metadata)
+    entries = _layout(collected.tensors)
+    index = Index({e.name: e for e in entries}, collected.aliases, meta, collected.order)
+    total = index.total_length
+    chunk_count = hdr.chunk_count_for(total, chunk_size)
+    index_json = index.to_json()
+    if public_index:
+        index_length = len(index_json) + hdr.MAC_BYTES
+    else:
+        index_length = INDEX_NONCE_BYTES + len(index_json) + hdr.TAG_BYTES
+    if index_length > hdr.MAX_INDEX_LENGTH:
+        raise InputError("too many tensors: the tensor index exceeds 64 MiB")
+
+    salt = os.urandom(hdr.SALT_BYTES)
+    file_key = fkeys._derive_file_key(
+        mk.key, salt=salt, model_id=mk.model_id, key_version=mk.key_version, chunk_size=chunk_size
+    )
+    keys = fkeys.expand_file_key(file_key)
+    file_key.wipe()
+    flags = (hdr.FLAG_PUBLIC_INDEX if public_index else 0) | (hdr.FLAG_SIGNED if signer else 0)
+    try:
+        fields = hdr.encode_header_fields(
+            flags=flags,
+            chunk_size=chunk_size,
+            key_version=mk.key_version,
+            chunk_count=chunk_count,
+            total_length=total,
+            index_length=index_length,
+            file_salt=salt,
+            key_commitment=keys.commitment,
+            model_id=mk.model_id,
+        )
+        header = hdr.parse_header(fields + fkeys.header_mac(keys.header_mac_key, fields))
+        digest = header.digest()
+        if public_index:
+            index_section = index_json + public_index_mac(keys.index_key, digest, index_json)
+        else:
+            nonce = os.urandom(INDEX_NONCE_BYTES)
+            index_section = nonce + AESGCM(keys.index_key.view()).encrypt(nonce, index_json, digest)
+        _write(
+            Path(path), header, index_section, collected.tensors, entries, keys, signer, progress
+        )
+    finally:
+        keys.wipe()
+    return header
+
+
+def _write(
+    path: Path,
+    header: hdr.Header,
+    index_section: bytes,
+    tensors: dict[str, torch.Tensor],
+    entries: list[Entry],
+    keys: fkeys.FileKeys,
+    signer: Ed25519PrivateKey | None,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: exists and is not a regular file")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    digest = header.digest()
+    aead = AESGCM(keys.chunk_key.view())
+    cs = header.chunk_size
+    plain = bytearray(min(cs, max(header.total_length, 1)))
+    cipher = bytearray(len(plain) + hdr.TAG_BYTES)
+    tags = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(header.raw)
+            f.write(index_section)
+            views = [(e, _as_bytes_view(tensors[e.name])) for e in entries if e.nbytes]
+            pos = 0  # next entry that may overlap the current chunk
+            for i in range(header.chunk_count):
+                start = i * cs
+                n = header.chunk_plain_length(i)
+                buf = np.frombuffer(plain, dtype=np.uint8, count=n)
+                buf[:] = 0
+                while pos < len(views) and views[pos][0].end <= start:
+                    pos += 1
+                j = pos
+                while j < len(views) and views[j][0].offset < start + n:
+                    e, src = views[j]
+                    a, b = max(e.offset, start), min(e.end, start + n)
+                    buf[a - start : b - start] = src[a - e.offset : b - e.offset]
+                    j += 1
+                last = i == header.chunk_count - 1
+                out = memoryview(cipher)[: n + hdr.TAG_BYTES]
+                aead.encrypt_into(
+                    chunk_nonce(i), memoryview(plain)[:n], chunk_aad(digest, i, last), out
+                )
+                tags.update(out[n:])
+                f.write(out)
+                if progress is not None:
+                    progress(start + n, header.total_length)
+            if signer is not None:
+                message = signed_message(
+                    digest, hashlib.sha256(index_section).digest(), tags.digest()
+                )
+                f.write(raw_public(signer.public_key()) + signer.sign(message))
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        wipe(plain)
