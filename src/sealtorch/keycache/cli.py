@@ -1,16 +1,93 @@
-"""``dkeycache`` command (filled in by the key cache work)."""
+"""``dkeycache`` command: ``serve`` the in-TEE key cache and show its ``status``."""
 
 from __future__ import annotations
+
+import json
 
 import click
 
 from sealtorch.cli.main import run_cli
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """The in-TEE key cache."""
 
 
+def _models(values: tuple[str, ...]) -> list[str] | None:
+    out = [m for v in values for m in v.split(",") if m]
+    return out or None
+
+
+@cli.command("serve")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="measured configuration file (TOML, [keycache] table)")
+@click.option("--attester", default="auto", show_default=True,
+              type=click.Choice(["auto", "sgx", "tdx", "snp", "sim"]),
+              help="TEE backend; auto never picks sim")
+@click.option("--socket", "socket_path", default=None, help="override the socket path")
+@click.option("--models", multiple=True, help="model ids to fetch (repeat or comma-separate)")
+def serve(config_path: str, attester: str, socket_path: str | None,
+          models: tuple[str, ...]) -> None:
+    """Attest to dkeyserver, hold leased keys in memory, serve local runtimes."""
+    import logging
+
+    from sealtorch.keycache.config import load_config
+    from sealtorch.keycache.service import make_attester, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
+                        "%(message)s")
+    config = load_config(config_path)
+    run(config, make_attester(attester, config), socket_path=socket_path,
+        models=_models(models))
+
+
+@cli.command("status")
+@click.option("--socket", "socket_path", default=None, help="socket of the cache")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="read the socket path from this config file")
+@click.option("--json", "as_json", is_flag=True, help="print the raw JSON")
+def status(socket_path: str | None, config_path: str | None, as_json: bool) -> None:
+    """Show the cache's health and leases (exit 1 unless healthy or degraded)."""
+    import socket as _socket
+
+    from sealtorch.errors import ServiceUnavailableError
+    from sealtorch.keycache.framing import call
+
+    if socket_path is None:
+        from sealtorch.keycache.config import CacheConfig, load_config
+
+        socket_path = load_config(config_path).socket if config_path else CacheConfig.socket
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        s.settimeout(5)
+        s.connect(socket_path)
+        ans = call(s, {"op": "status"}, timeout=5)
+    except OSError as e:
+        raise ServiceUnavailableError(
+            f"cannot reach dkeycache at {socket_path} ({type(e).__name__})"
+        ) from e
+    finally:
+        s.close()
+    health = ans.get("health")
+    if not ans.get("ok") or not isinstance(health, dict):
+        raise ServiceUnavailableError("dkeycache answered status with an error")
+    if as_json:
+        click.echo(json.dumps(health, indent=2, sort_keys=True))
+    else:
+        click.echo(f"state: {health['state']}  upstream: {health['upstream']}  "
+                   f"cache_id: {health['cache_id']}  cache_state: {health['cache_state']}")
+        for ls in health["leases"]:
+            cap = ls["max_releases"] if ls["max_releases"] is not None else "-"
+            click.echo(f"  {ls['model_id']} v{ls['key_version']}  policy v{ls['policy_version']}"
+                       f"  {ls['state']}  {ls['remaining_seconds']:.1f}s left  "
+                       f"releases {ls['releases']}/{cap}")
+        for m, code in health["denied"].items():
+            click.echo(f"  {m}: {code}")
+    if health["state"] == "down":
+        raise SystemExit(1)
+
+
 def main(args: list[str] | None = None) -> None:
+    """Console-script entry point of ``dkeycache``."""
     run_cli(cli, args)

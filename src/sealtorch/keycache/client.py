@@ -1,0 +1,263 @@
+"""``KeyCacheClient``: the runtime side of the local session with dkeycache.
+
+It is a :class:`~sealtorch.format.keys.KeyProvider`: ``file_key(header)`` returns the file key
+of exactly the file being opened. It keeps one session (one connection, one ephemeral HPKE key)
+for all later fetches and re-establishes it if the cache restarts. Every answer is checked on
+this side too: the relayed grant must verify with the pinned dkeyserver key, be issued to the
+cache this runtime attested to, match the file's model id and key version, and never carry a
+lower policy version than one already seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import socket
+import threading
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sealtorch._secret import Secret
+from sealtorch.errors import (
+    AttesterUnavailableError,
+    GrantError,
+    LeaseExpiredError,
+    ProtocolError,
+    ReleaseDenied,
+    RevokedError,
+    ServiceUnavailableError,
+)
+from sealtorch.format.header import Header
+from sealtorch.format.keys import check_file_key
+from sealtorch.keycache.framing import call
+from sealtorch.keycache.server import LOCAL_PROTOCOL, cache_audience, file_key_info
+from sealtorch.protocol import hpke
+from sealtorch.protocol.b64 import b64d, b64e
+from sealtorch.protocol.grant import NONCE_LEN, Grant
+from sealtorch.protocol.signing import KIND_GRANT, key_id, load_public_key, verify_document
+
+_PROTOCOL_CODES = frozenset({"protocol_error", "header_invalid", "not_sealed",
+                             "unsupported_version", "format_error"})
+
+
+def _raise_for(answer: dict[str, Any], what: str) -> None:
+    """Turn a cache error answer into the matching sealtorch exception."""
+    err = answer.get("error")
+    code = err.get("code") if isinstance(err, dict) else None
+    msg = err.get("message") if isinstance(err, dict) else None
+    code = code if isinstance(code, str) and 0 < len(code) <= 32 else "denied"
+    text = msg if isinstance(msg, str) and msg.isprintable() else code
+    text = f"key cache refused {what}: {text[:300]}"
+    if code == "revoked":
+        raise RevokedError(text)
+    if code == "lease_expired":
+        raise LeaseExpiredError(text)
+    if code in _PROTOCOL_CODES:
+        raise ProtocolError(text)
+    raise ReleaseDenied(text, code)
+
+
+class KeyCacheClient:
+    """A :class:`KeyProvider` backed by dkeycache over its Unix socket.
+
+    ``server_public_key`` is the pinned dkeyserver release-signing key (from the runtime's own
+    measured configuration); ``attester`` produces the runtime's local evidence (needed on SGX
+    and sim; on TDX/SNP the cache checks the socket peer instead and it may stay ``None``).
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        server_public_key: Ed25519PublicKey | bytes | str,
+        attester: Any = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.socket_path = socket_path
+        self._pub = load_public_key(server_public_key)
+        self._server_key_id = key_id(self._pub)
+        self._attester = attester
+        self._timeout = timeout
+        self._lock = threading.RLock()
+        self._sock: socket.socket | None = None
+        self._sk: Any = None
+        self._nonce: bytes | None = None
+        self._cache_key: bytes | None = None
+        self._seen_policy: dict[str, int] = {}
+        self.auth_mode: str | None = None
+
+    def __repr__(self) -> str:
+        return f"KeyCacheClient({self.socket_path!r}, session={'yes' if self._sock else 'no'})"
+
+    # --- connection and session ----------------------------------------------------------
+    def _connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self._timeout)
+        try:
+            s.connect(self.socket_path)
+        except OSError as e:
+            s.close()
+            raise ServiceUnavailableError(
+                f"cannot connect to the key cache at {self.socket_path} ({type(e).__name__}); "
+                "is dkeycache running and is this user allowed to use its socket?"
+            ) from e
+        return s
+
+    def connect(self) -> None:
+        """Open the session now (otherwise the first fetch does it)."""
+        with self._lock:
+            if self._sock is None:
+                self._open_session()
+
+    def _open_session(self) -> None:
+        from sealtorch.attestation import binding
+
+        sock = self._connect()
+        try:
+            hello = call(sock, {"op": "hello"}, timeout=self._timeout)
+            if not hello.get("ok"):
+                _raise_for(hello, "the session")
+            if hello.get("protocol") != LOCAL_PROTOCOL:
+                raise ProtocolError("key cache speaks another local protocol version")
+            if not hmac.compare_digest(str(hello.get("server_key_id", "")),
+                                       self._server_key_id):
+                raise GrantError(
+                    "the key cache trusts another key server than this runtime's pinned key; "
+                    "check both measured configurations"
+                )
+            nonce = b64d(hello.get("nonce"), field="nonce", max_len=NONCE_LEN,
+                         exact_len=NONCE_LEN)
+            cache_key = b64d(hello.get("cache_key"), field="cache_key",
+                             max_len=hpke.PUBLIC_KEY_LEN, exact_len=hpke.PUBLIC_KEY_LEN)
+            mode = hello.get("auth")
+            sk, pk = hpke.generate_keypair()
+            evidence: Any = None
+            if mode == "evidence":
+                if self._attester is None:
+                    raise AttesterUnavailableError(
+                        "this key cache needs local attestation evidence; pass an attester "
+                        "(sealtorch.attestation.attesters.detect()) to KeyCacheClient"
+                    )
+                rd = binding.report_data("local", nonce, hpke.KEM_ID, pk,
+                                         cache_audience(cache_key))
+                evidence = self._attester.attest(rd).to_dict()
+            elif mode != "peercred":
+                raise ProtocolError("key cache announced an unknown local authentication mode")
+            ans = call(sock, {"op": "session", "public_key": b64e(pk), "evidence": evidence},
+                       timeout=self._timeout)
+            if not ans.get("ok"):
+                _raise_for(ans, "the session")
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self._sk, self._nonce, self._cache_key = sock, sk, nonce, cache_key
+        self.auth_mode = mode
+
+    def close(self) -> None:
+        """Close the session (the cache forgets it)."""
+        with self._lock:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.close()
+            self._sock = self._sk = self._nonce = self._cache_key = None
+
+    def __enter__(self) -> KeyCacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, req: dict[str, Any], what: str) -> dict[str, Any]:
+        """Send on the session, re-opening it once if the cache went away meanwhile."""
+        with self._lock:
+            for attempt in (0, 1):
+                if self._sock is None:
+                    self._open_session()
+                assert self._sock is not None
+                try:
+                    ans = call(self._sock, req, timeout=self._timeout)
+                except ServiceUnavailableError:
+                    self.close()
+                    if attempt:
+                        raise
+                    continue
+                if not ans.get("ok"):
+                    err = ans.get("error")
+                    if isinstance(err, dict) and err.get("code") == "no_session" and not attempt:
+                        self.close()
+                        continue
+                    _raise_for(ans, what)
+                return ans
+        raise ServiceUnavailableError("key cache session could not be established")
+
+    # --- verification --------------------------------------------------------------------
+    def _verify_grant(self, doc: object, model_id: str) -> Grant:
+        grant = Grant.from_body(verify_document(self._pub, KIND_GRANT, doc))
+        assert self._cache_key is not None
+        if not hmac.compare_digest(grant.requester_key, self._cache_key):
+            raise GrantError(
+                "the relayed grant was issued to another key cache than the one this runtime "
+                "attested to; refusing it"
+            )
+        if not hmac.compare_digest(grant.server_key_id, self._server_key_id):
+            raise GrantError("the relayed grant names another server key than the pinned one")
+        if grant.model_id != model_id:
+            raise GrantError("the relayed grant is for another model than the one requested")
+        seen = self._seen_policy.get(model_id, 0)
+        if grant.policy_version < seen:
+            raise GrantError(
+                f"policy version {grant.policy_version} of model {model_id!r} is lower than "
+                f"version {seen} already seen; refusing a rollback"
+            )
+        self._seen_policy[model_id] = grant.policy_version
+        return grant
+
+    # --- KeyProvider ---------------------------------------------------------------------
+    def file_key(self, header: Header) -> Secret:
+        """The file key of the sealed file with ``header`` (checked against its commitment)."""
+        with self._lock:
+            ans = self._request(
+                {"op": "file_key", "model_id": header.model_id, "header": b64e(header.raw)},
+                f"the key of model {header.model_id!r}",
+            )
+            grant = self._verify_grant(ans.get("grant"), header.model_id)
+            if grant.key_version != header.key_version:
+                raise GrantError("the relayed grant is for another key version than the file")
+            sealed = b64d(ans.get("sealed_key"), field="sealed_key", max_len=hpke.MAX_SEALED_LEN)
+            assert self._nonce is not None
+            key = hpke.open(sealed, self._sk,
+                            file_key_info(grant.digest(), header.digest(), self._nonce))
+        if len(key) != 32:
+            key.wipe()
+            raise ProtocolError("key cache returned a file key of the wrong length")
+        try:
+            check_file_key(key, header).wipe()
+        except BaseException:
+            key.wipe()
+            raise
+        return key
+
+    def grant(self, model_id: str) -> Grant:
+        """The verified grant of ``model_id`` as relayed by the cache."""
+        with self._lock:
+            ans = self._request({"op": "policy", "model_id": model_id},
+                                f"the policy of model {model_id!r}")
+            return self._verify_grant(ans.get("grant"), model_id)
+
+    def policy(self, model_id: str) -> Any:
+        """The model's :class:`~sealtorch.attestation.policy.ModelPolicy`, from its signed grant."""
+        from sealtorch.keycache.localauth import policy_from_grant
+
+        return policy_from_grant(self.grant(model_id))
+
+    def status(self) -> dict[str, Any]:
+        """The cache's health snapshot (no session needed)."""
+        sock = self._connect()
+        try:
+            ans = call(sock, {"op": "status"}, timeout=self._timeout)
+        finally:
+            sock.close()
+        if not ans.get("ok") or not isinstance(ans.get("health"), dict):
+            _raise_for(ans, "status")
+        return ans["health"]

@@ -1,0 +1,160 @@
+"""dkeycache's measured configuration file (TOML).
+
+Everything that decides whom the cache trusts lives here and nowhere else: the key server URL,
+the pinned release-signing public key, the TLS CA, the poll interval and the local access rules.
+The file is part of the TEE measurement (Gramine trusted file, TDX MRCONFIGID, SNP HOST_DATA,
+sim: ``sim.measure`` config bytes), so a host cannot point the cache at another server.
+
+Example::
+
+    [keycache]
+    keyserver_url = "https://127.0.0.1:8443"
+    server_public_key = "<base64 raw Ed25519 key, or PEM>"
+    ca_cert = "/etc/sealtorch/ca.pem"
+    poll_interval = 30          # seconds between signed status polls
+    models = ["resnet50"]       # optional; default: every model the cache is entitled to
+    socket = "/run/sealtorch/dkeycache.sock"
+    socket_group = ""           # optional group for a 0660 socket (default 0600)
+    local_auth = "auto"         # auto | evidence | peercred
+    allowed_uids = []           # peercred mode: uids allowed to connect (default: own uid)
+    health_port = 0             # loopback health/metrics listener; 0 = off
+    sim_platform_keys = []      # sim only: registered sim platform keys for local evidence
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sealtorch.errors import ConfigError
+from sealtorch.protocol.grant import MODEL_ID_RE
+from sealtorch.protocol.signing import load_public_key
+
+MAX_CONFIG_BYTES = 64 * 1024
+LOCAL_AUTH_MODES = ("auto", "evidence", "peercred")
+_ALLOWED = {
+    "keyserver_url", "server_public_key", "ca_cert", "poll_interval", "models", "socket",
+    "socket_group", "local_auth", "allowed_uids", "health_port", "sim_platform_keys",
+    "renew_fraction", "retry_min", "retry_max", "request_timeout",
+}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The parsed configuration; ``raw`` is the exact file bytes (what is measured)."""
+
+    keyserver_url: str
+    server_public_key: str
+    ca_cert: str | None
+    poll_interval: float = 30.0
+    models: tuple[str, ...] | None = None
+    socket: str = "/run/sealtorch/dkeycache.sock"
+    socket_group: str | None = None
+    local_auth: str = "auto"
+    allowed_uids: tuple[int, ...] = ()
+    health_port: int = 0
+    sim_platform_keys: tuple[str, ...] = ()
+    renew_fraction: float = 0.5
+    retry_min: float = 0.5
+    retry_max: float = 30.0
+    request_timeout: float = 10.0
+    raw: bytes = field(default=b"", repr=False)
+
+
+def _num(d: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    v = d.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+        raise ConfigError(f"config field {name!r} must be a number in [{lo}, {hi}]")
+    return float(v)
+
+
+def parse_config(raw: bytes) -> CacheConfig:
+    """Parse and validate the configuration bytes (strict: unknown fields are errors)."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file is not valid UTF-8 TOML ({type(e).__name__})") from e
+    kc = doc.get("keycache")
+    if not isinstance(kc, dict) or set(doc) != {"keycache"}:
+        raise ConfigError("config file must contain exactly one [keycache] table")
+    unknown = set(kc) - _ALLOWED
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED)}"
+        )
+    url = kc.get("keyserver_url")
+    if not isinstance(url, str) or not url.startswith("https://") or len(url) > 512:
+        raise ConfigError("keyserver_url must be an https:// URL (TLS 1.3 is required)")
+    spk = kc.get("server_public_key")
+    if not isinstance(spk, str):
+        raise ConfigError("server_public_key (the pinned release-signing key) is required")
+    try:
+        load_public_key(spk)
+    except Exception as e:
+        raise ConfigError(
+            "server_public_key must be a raw Ed25519 key in base64 or a PEM public key"
+        ) from e
+    ca = kc.get("ca_cert")
+    if ca is not None and (not isinstance(ca, str) or not ca):
+        raise ConfigError("ca_cert must be a path to the key server's CA certificate")
+    models = kc.get("models")
+    if models is not None:
+        if not isinstance(models, list) or not all(
+            isinstance(m, str) and MODEL_ID_RE.match(m) for m in models
+        ):
+            raise ConfigError("models must be a list of valid model ids")
+        models = tuple(models)
+    sock = kc.get("socket", CacheConfig.socket)
+    if not isinstance(sock, str) or not sock.startswith("/") or len(sock) > 100:
+        raise ConfigError("socket must be an absolute path of at most 100 characters")
+    group = kc.get("socket_group") or None
+    if group is not None and not isinstance(group, str):
+        raise ConfigError("socket_group must be a group name")
+    mode = kc.get("local_auth", "auto")
+    if mode not in LOCAL_AUTH_MODES:
+        raise ConfigError(f"local_auth must be one of {', '.join(LOCAL_AUTH_MODES)}")
+    uids = kc.get("allowed_uids", [])
+    if not isinstance(uids, list) or not all(
+        isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids
+    ):
+        raise ConfigError("allowed_uids must be a list of non-negative integers")
+    port = kc.get("health_port", 0)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError("health_port must be a TCP port number (0 = off)")
+    simkeys = kc.get("sim_platform_keys", [])
+    if not isinstance(simkeys, list) or not all(isinstance(k, str) for k in simkeys):
+        raise ConfigError("sim_platform_keys must be a list of strings")
+    retry_min = _num(kc, "retry_min", 0.5, 0.01, 60)
+    return CacheConfig(
+        keyserver_url=url,
+        server_public_key=spk,
+        ca_cert=ca,
+        poll_interval=_num(kc, "poll_interval", 30.0, 0.05, 86400),
+        models=models,
+        socket=sock,
+        socket_group=group,
+        local_auth=mode,
+        allowed_uids=tuple(uids),
+        health_port=port,
+        sim_platform_keys=tuple(simkeys),
+        renew_fraction=_num(kc, "renew_fraction", 0.5, 0.1, 0.9),
+        retry_min=retry_min,
+        retry_max=_num(kc, "retry_max", 30.0, retry_min, 3600),
+        request_timeout=_num(kc, "request_timeout", 10.0, 0.1, 300),
+        raw=bytes(raw),
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> CacheConfig:
+    """Read and parse the configuration file at ``path``."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p} ({e.strerror})") from e
+    return parse_config(raw)

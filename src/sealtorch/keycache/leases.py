@@ -1,0 +1,424 @@
+"""Leases on model keys: remote attestation to dkeyserver, renewal, revocation polls, outages.
+
+A lease is a relative duration measured on :func:`time.monotonic` from *before* the release
+request was sent, so neither the host's wall clock nor network delay can stretch it. The manager
+renews before expiry by attesting again, polls a signed, nonce-bound status document on an
+interval, drops (wipes) keys that are revoked, retired, denied or expired, and during an outage
+keeps serving unexpired leases while retrying with exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from sealtorch._secret import Secret
+from sealtorch.errors import (
+    GrantError,
+    LeaseExpiredError,
+    ProtocolError,
+    ReleaseDenied,
+    RevokedError,
+    SealtorchError,
+    ServiceUnavailableError,
+)
+from sealtorch.protocol import hpke
+from sealtorch.protocol.grant import Grant
+
+log = logging.getLogger("sealtorch.keycache")
+
+
+class Upstream(Protocol):
+    """What the lease manager needs from dkeyserver (a :class:`KeyServerClient`)."""
+
+    @property
+    def audience(self) -> bytes: ...
+
+    def challenge(self) -> bytes: ...
+
+    def release(
+        self,
+        evidence: Any,
+        public_key: bytes,
+        nonce: bytes,
+        models: list[str] | None = None,
+        *,
+        private_key: X25519PrivateKey | None = None,
+    ) -> Any: ...
+
+    def status(self, cache_id: str, models: list[str] | None = None) -> Any: ...
+
+
+#: makes the remote evidence for a nonce: ``(nonce, public_key, audience) -> Evidence``
+EvidenceFn = Callable[[bytes, bytes, bytes], Any]
+
+
+@dataclass
+class Lease:
+    """One model key version held in memory under a verified grant."""
+
+    grant: Grant
+    document: dict[str, Any]
+    key: Secret = field(repr=False)
+    expires: float
+    renew_at: float
+    max_releases: int | None
+    policy: Any = None  # the parsed ModelPolicy of the grant
+    grant_digest: bytes = b""
+    releases: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.grant.model_id
+
+    @property
+    def key_version(self) -> int:
+        return self.grant.key_version
+
+
+def parse_policy(doc: dict[str, Any]) -> Any:
+    """The :class:`ModelPolicy` signed into a grant (:class:`GrantError` if malformed)."""
+    from sealtorch.attestation.policy import ModelPolicy
+
+    try:
+        return ModelPolicy.from_dict(doc)
+    except (SealtorchError, TypeError, ValueError, KeyError) as e:
+        raise GrantError("the policy signed into a grant is malformed") from e
+
+
+class LeaseManager:
+    """Holds the cache's leases and keeps them fresh; thread-safe."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        make_evidence: EvidenceFn,
+        *,
+        models: list[str] | None = None,
+        poll_interval: float = 30.0,
+        renew_fraction: float = 0.5,
+        retry_min: float = 0.5,
+        retry_max: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._up = upstream
+        self._make_evidence = make_evidence
+        self._models = list(models) if models else None
+        self.poll_interval = poll_interval
+        self._renew_fraction = renew_fraction
+        self._retry_min = retry_min
+        self._retry_max = retry_max
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._leases: dict[tuple[str, int], Lease] = {}
+        self._denied: dict[str, str] = {}  # model id -> public denial code (incl. "revoked")
+        # One HPKE key pair per cache process: every grant names it, and runtimes check that
+        # the grant relayed to them was issued to the cache they attested to (its audience).
+        self._sk, self.public_key = hpke.generate_keypair()
+        self.cache_id: str | None = None
+        self.cache_state = "unknown"
+        self._failures = 0
+        self._poll_failures = 0
+        self.last_error: str | None = None
+        self.upstream_ok = False
+        self.refreshes = 0
+        self.polls = 0
+        self.invalid_documents = 0
+        now = clock()
+        self._next_refresh = now
+        self._next_poll = now + poll_interval
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- queries -------------------------------------------------------------------------
+    def acquire(
+        self, model_id: str, key_version: int, *, check: Callable[[Lease], None] | None = None
+    ) -> Lease:
+        """The live lease for a model key version, counting one release against its cap.
+
+        ``check`` (e.g. the runtime allow-list) runs before the release is counted. Raises
+        :class:`RevokedError`, :class:`LeaseExpiredError` or :class:`ReleaseDenied`.
+        """
+        with self._lock:
+            now = self._clock()
+            lease = self._leases.get((model_id, key_version))
+            if lease is None:
+                code = self._denied.get(model_id)
+                if code == "revoked":
+                    raise RevokedError(f"model {model_id!r} was revoked by the key server")
+                if code == "lease_expired":
+                    raise LeaseExpiredError(
+                        f"the lease on model {model_id!r} expired and could not be renewed "
+                        "(key server unreachable?)"
+                    )
+                if code is not None:
+                    raise ReleaseDenied(f"the key server denied model {model_id!r}", code)
+                raise ReleaseDenied(
+                    f"this cache holds no key for model {model_id!r} key version {key_version}",
+                    "not_available",
+                )
+            if now >= lease.expires:
+                self._drop(lease, "lease_expired")
+                raise LeaseExpiredError(
+                    f"the lease on model {model_id!r} expired and could not be renewed"
+                )
+            if lease.max_releases is not None and lease.releases >= lease.max_releases:
+                raise ReleaseDenied(
+                    f"release cap of this lease on model {model_id!r} is reached; the cache "
+                    "must renew its lease first", "release_cap",
+                )
+            if check is not None:
+                check(lease)
+            lease.releases += 1
+            return lease
+
+    def grant_document(self, model_id: str) -> dict[str, Any]:
+        """The signed grant of the newest live key version of ``model_id`` (for policy checks)."""
+        with self._lock:
+            live = [ls for (m, _), ls in self._leases.items() if m == model_id]
+            if not live:
+                code = self._denied.get(model_id)
+                if code == "revoked":
+                    raise RevokedError(f"model {model_id!r} was revoked by the key server")
+                raise ReleaseDenied(f"this cache holds no grant for model {model_id!r}",
+                                    code or "not_available")
+            return max(live, key=lambda ls: ls.key_version).document
+
+    def snapshot(self) -> dict[str, Any]:
+        """Health view: state, upstream status and each lease (no key material)."""
+        with self._lock:
+            now = self._clock()
+            leases = [
+                {
+                    "model_id": ls.model_id,
+                    "key_version": ls.key_version,
+                    "policy_version": ls.grant.policy_version,
+                    "remaining_seconds": round(max(0.0, ls.expires - now), 3),
+                    "releases": ls.releases,
+                    "max_releases": ls.max_releases,
+                    "state": "active" if now < ls.expires else "expired",
+                }
+                for ls in sorted(self._leases.values(), key=lambda x: (x.model_id, x.key_version))
+            ]
+            denied = dict(sorted(self._denied.items()))
+            if not leases and not self.upstream_ok:
+                state = "down"
+            elif not self.upstream_ok:
+                state = "degraded"
+            else:
+                state = "ok"
+            return {
+                "state": state,
+                "upstream": "ok" if self.upstream_ok else "unreachable",
+                "cache_id": self.cache_id,
+                "cache_state": self.cache_state,
+                "leases": leases,
+                "denied": denied,
+                "last_error": self.last_error,
+                "refreshes": self.refreshes,
+                "polls": self.polls,
+                "invalid_documents": self.invalid_documents,
+            }
+
+    # --- state changes -------------------------------------------------------------------
+    def _drop(self, lease: Lease, code: str) -> None:
+        """Remove and wipe a lease (lock held)."""
+        self._leases.pop((lease.model_id, lease.key_version), None)
+        lease.key.wipe()
+        self._denied[lease.model_id] = code
+        log.warning("dropped key of model %s v%d (%s)", lease.model_id, lease.key_version, code)
+
+    def drop_all(self, code: str = "revoked") -> None:
+        """Wipe every key (cache revoked, or shutting down)."""
+        with self._lock:
+            for lease in list(self._leases.values()):
+                self._drop(lease, code)
+
+    def refresh(self) -> None:
+        """Attest to dkeyserver and (re)acquire leases; raises on failure, keeps old leases."""
+        t0 = self._clock()
+        nonce = self._up.challenge()
+        evidence = self._make_evidence(nonce, self.public_key, self._up.audience)
+        result = self._up.release(
+            evidence, self.public_key, nonce, self._models, private_key=self._sk
+        )
+        with self._lock:
+            self.cache_id = result.cache_id
+            self.cache_state = result.cache_state
+            granted: set[tuple[str, int]] = set()
+            parsed = [(rk, parse_policy(rk.grant.policy)) for rk in result.grants]
+            for rk, pol in parsed:
+                g: Grant = rk.grant
+                if rk.key is None or len(rk.key) != 32:
+                    raise GrantError("release response carried no usable key for a grant")
+                lease_s = float(g.lease_seconds)
+                new = Lease(
+                    grant=g,
+                    document=rk.document,
+                    key=rk.key,
+                    expires=t0 + lease_s,
+                    renew_at=t0 + lease_s * self._renew_fraction,
+                    max_releases=pol.max_releases_per_lease,
+                    policy=pol,
+                    grant_digest=g.digest(),
+                )
+                old = self._leases.get((g.model_id, g.key_version))
+                if old is not None:
+                    old.key.wipe()
+                self._leases[(g.model_id, g.key_version)] = new
+                self._denied.pop(g.model_id, None)
+                granted.add((g.model_id, g.key_version))
+            granted_models = {m for m, _ in granted}
+            for (m, v), lease in list(self._leases.items()):
+                if m in result.denials:
+                    self._drop(lease, result.denials[m])
+                elif m in granted_models and (m, v) not in granted:
+                    self._drop(lease, "key_retired")
+            for m, code in result.denials.items():
+                self._denied[m] = code
+            if result.cache_state == "revoked":
+                for lease in list(self._leases.values()):
+                    self._drop(lease, "revoked")
+            self.refreshes += 1
+
+    def poll(self) -> bool:
+        """Fetch and apply the signed status; returns True if a renewal is needed now."""
+        if self.cache_id is None:
+            return True
+        with self._lock:
+            models = sorted({m for m, _ in self._leases}) or None
+        status = self._up.status(self.cache_id, models)
+        renew = False
+        with self._lock:
+            self.polls += 1
+            if status.cache_state == "revoked":
+                for lease in list(self._leases.values()):
+                    self._drop(lease, "revoked")
+                self._denied.update(
+                    {m: "revoked" for m in list(self._denied) + list(status.models)}
+                )
+                self.cache_state = "revoked"
+                return False
+            for lease in list(self._leases.values()):
+                if lease.grant.revocation_epoch < status.revocation_epoch:
+                    renew = True
+                ms = status.models.get(lease.model_id)
+                if ms is None:
+                    continue
+                if ms.state == "revoked":
+                    self._drop(lease, "revoked")
+                elif lease.key_version not in ms.key_versions:
+                    self._drop(lease, "key_retired")
+                elif ms.policy_version != lease.grant.policy_version:
+                    renew = True
+        return renew
+
+    # --- background loop -----------------------------------------------------------------
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with jitter: half fixed, half random."""
+        d = min(self._retry_max, self._retry_min * (2 ** min(failures - 1, 30)))
+        return d / 2 + random.uniform(0, d / 2)
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            for lease in list(self._leases.values()):
+                if now >= lease.expires:
+                    self._drop(lease, "lease_expired")
+
+    def _try_refresh(self) -> None:
+        try:
+            self.refresh()
+        except (ServiceUnavailableError, ReleaseDenied, GrantError, ProtocolError,
+                SealtorchError, OSError) as e:
+            self._failures += 1
+            self.upstream_ok = not isinstance(e, ServiceUnavailableError | OSError)
+            if isinstance(e, GrantError | ProtocolError):
+                self.invalid_documents += 1
+                self.upstream_ok = False
+            self.last_error = getattr(e, "code", type(e).__name__)
+            delay = self._backoff(self._failures)
+            log.warning("lease renewal failed (%s); retrying in %.2fs", self.last_error, delay)
+            self._next_refresh = self._clock() + delay
+            if isinstance(e, ReleaseDenied):
+                with self._lock:
+                    for lease in list(self._leases.values()):
+                        self._drop(lease, e.denial)
+            return
+        self._failures = 0
+        self.upstream_ok = True
+        self.last_error = None
+        now = self._clock()
+        with self._lock:
+            renew_times = [ls.renew_at for ls in self._leases.values()]
+        self._next_refresh = min(renew_times) if renew_times else now + self.poll_interval
+        self._next_poll = now + self.poll_interval
+
+    def _try_poll(self) -> None:
+        try:
+            renew = self.poll()
+        except (ServiceUnavailableError, OSError) as e:
+            self._poll_failures += 1
+            self.upstream_ok = False
+            self.last_error = getattr(e, "code", type(e).__name__)
+            self._next_poll = self._clock() + min(self.poll_interval,
+                                                  self._backoff(self._poll_failures))
+            return
+        except SealtorchError as e:  # forged/stale/rolled-back status: refuse, do not act
+            self._poll_failures += 1
+            self.invalid_documents += 1
+            self.upstream_ok = False
+            self.last_error = e.code
+            log.warning("refused a status document (%s)", e.code)
+            self._next_poll = self._clock() + min(self.poll_interval,
+                                                  self._backoff(self._poll_failures))
+            return
+        self._poll_failures = 0
+        self.upstream_ok = True
+        self.last_error = None
+        self._next_poll = self._clock() + self.poll_interval
+        if renew:
+            self._next_refresh = self._clock()
+
+    def step(self) -> float:
+        """Do whatever is due now; returns the monotonic time of the next due action."""
+        now = self._clock()
+        self._expire(now)
+        if now >= self._next_refresh:
+            self._try_refresh()
+        elif now >= self._next_poll:
+            self._try_poll()
+        with self._lock:
+            expiries = [ls.expires for ls in self._leases.values()]
+        return min([self._next_refresh, self._next_poll, *expiries])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                due = self.step()
+            except Exception:  # never let the loop die; log without details of key material
+                log.exception("lease loop error")
+                due = self._clock() + 1.0
+            wait = max(0.005, due - self._clock())
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def start(self) -> None:
+        """Run renewals and polls in a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="dkeycache-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and wipe every key."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.drop_all("stopped")

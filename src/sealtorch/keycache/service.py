@@ -1,0 +1,150 @@
+"""Assemble and run one dkeycache: measured config -> attester -> leases -> local socket."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sealtorch.errors import AttesterUnavailableError, ConfigError
+from sealtorch.keycache.config import CacheConfig
+from sealtorch.keycache.health import HealthServer
+from sealtorch.keycache.leases import LeaseManager
+from sealtorch.keycache.metrics import CacheMetrics
+from sealtorch.keycache.server import LocalServer
+
+log = logging.getLogger("sealtorch.keycache")
+ATTESTERS = ("auto", "sgx", "tdx", "snp", "sim")
+
+
+def make_attester(name: str, config: CacheConfig) -> Any:
+    """The cache's attester; sim is never chosen automatically and measures the config file."""
+    if name not in ATTESTERS:
+        raise ConfigError(f"--attester must be one of {', '.join(ATTESTERS)}")
+    if name == "sim":
+        from sealtorch.attestation import sim
+        from sealtorch.attestation.attesters.sim import SimAttester
+
+        key = sim.default_dir() / sim.KEY_FILE
+        return SimAttester(key, sim.measure("dkeycache", config.raw), role="dkeycache")
+    from sealtorch.attestation import attesters
+
+    att = attesters.detect() if name == "auto" else attesters.get(name)
+    if att is None or att.tee == "sim":
+        raise AttesterUnavailableError("no TEE attester found; pass --attester explicitly")
+    return att
+
+
+def make_local_auth(tee: str, config: CacheConfig, attester: Any) -> Any:
+    """Evidence for SGX/sim, peer credentials for TDX/SNP (or as configured)."""
+    from sealtorch.keycache.localauth import EvidenceAuth, PeerCredAuth
+
+    mode = config.local_auth
+    if mode == "auto":
+        mode = "peercred" if tee in ("tdx", "snp") else "evidence"
+    if mode == "peercred":
+        return PeerCredAuth(tee, set(config.allowed_uids) or {os.getuid()})
+    from sealtorch.attestation.verifiers import VerifierSet
+
+    if tee == "sim":
+        from sealtorch.attestation import sim
+
+        keys: list[Any] = list(config.sim_platform_keys)
+        if not keys:  # same sim platform as the cache itself
+            keys = [sim.default_dir() / sim.PUBLIC_FILE]
+        return EvidenceAuth(VerifierSet(sim_platform_keys=keys))
+    return EvidenceAuth(VerifierSet())
+
+
+@dataclass
+class Cache:
+    """A running cache (for the CLI, tests and the benchmark)."""
+
+    config: CacheConfig
+    leases: LeaseManager
+    server: LocalServer
+    health: HealthServer | None
+
+    def stop(self) -> None:
+        self.server.stop()
+        if self.health is not None:
+            self.health.stop()
+        self.leases.stop()
+
+
+def start_cache(
+    config: CacheConfig,
+    attester: Any,
+    *,
+    socket_path: str | None = None,
+    models: list[str] | None = None,
+    upstream: Any = None,
+    local_auth: Any = None,
+) -> Cache:
+    """Start lease loop, local socket and (if configured) health listener; returns at once."""
+    from sealtorch.attestation import binding
+    from sealtorch.keyserver.client import KeyServerClient
+    from sealtorch.protocol import hpke
+    from sealtorch.protocol.signing import key_id, load_public_key
+
+    if upstream is None:
+        upstream = KeyServerClient(config.keyserver_url, config.ca_cert,
+                                   config.server_public_key, timeout=config.request_timeout)
+
+    def make_evidence(nonce: bytes, public_key: bytes, audience: bytes) -> Any:
+        rd = binding.report_data("remote", nonce, hpke.KEM_ID, public_key, audience)
+        return attester.attest(rd)
+
+    leases = LeaseManager(
+        upstream, make_evidence,
+        models=models or (list(config.models) if config.models else None),
+        poll_interval=config.poll_interval, renew_fraction=config.renew_fraction,
+        retry_min=config.retry_min, retry_max=config.retry_max,
+    )
+    leases.step()  # enrol and attest at start (an outage here is retried by the loop)
+    auth = local_auth or make_local_auth(attester.tee, config, attester)
+    metrics = CacheMetrics(leases.snapshot)
+    server = LocalServer(
+        socket_path or config.socket, leases, auth,
+        server_key_id=key_id(load_public_key(config.server_public_key)), metrics=metrics,
+        socket_group=config.socket_group,
+        allowed_uids=config.allowed_uids,
+    )
+    server.start()
+    leases.start()
+    health = None
+    if config.health_port:
+        health = HealthServer(config.health_port, leases.snapshot, metrics.render)
+        health.start()
+    return Cache(config, leases, server, health)
+
+
+def run(config: CacheConfig, attester: Any, *, socket_path: str | None,
+        models: list[str] | None) -> None:
+    """Run until SIGTERM/SIGINT; wipes every key on the way out."""
+    from sealtorch._secret import harden_process
+
+    harden_process()
+    cache = start_cache(config, attester, socket_path=socket_path, models=models)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    ready = {
+        "event": "ready",
+        "socket": cache.server.socket_path,
+        "health_port": cache.health.port if cache.health else None,
+        "tee": attester.tee,
+        "state": cache.leases.snapshot()["state"],
+    }
+    print(json.dumps(ready), flush=True)
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        cache.stop()
+        print(json.dumps({"event": "stopped"}), file=sys.stderr, flush=True)

@@ -1,0 +1,298 @@
+"""The cache's local protocol, leases and revocation against a real HTTPS key server double."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sealtorch
+from sealtorch.attestation import sim
+from sealtorch.attestation.attesters.sim import SimAttester
+from sealtorch.errors import (
+    AttesterUnavailableError,
+    GrantError,
+    LeaseExpiredError,
+    ProtocolError,
+    ReleaseDenied,
+    RevokedError,
+)
+from sealtorch.format.header import read_header
+from sealtorch.keycache.client import KeyCacheClient
+from sealtorch.keycache.config import parse_config
+from sealtorch.keycache.framing import MAX_FRAME, call, recv_frame
+from sealtorch.keycache.service import start_cache
+
+from .conftest import MODEL, make_policy, runtime_attester, short_socket
+from .rogue import RogueKeyServer
+
+
+def _config(server: RogueKeyServer, sock: str, sim_dir: Path, **extra: Any) -> Any:
+    lines = [
+        "[keycache]",
+        f'keyserver_url = "{server.url}"',
+        f'server_public_key = "{server.public_key_b64}"',
+        f'ca_cert = "{server.ca_cert}"',
+        f'socket = "{sock}"',
+        f'sim_platform_keys = ["{sim_dir / sim.PUBLIC_FILE}"]',
+        "retry_min = 0.05",
+        "retry_max = 0.2",
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return parse_config(("\n".join(lines) + "\n").encode())
+
+
+class Env:
+    def __init__(self, sim_dir: Path, platform_fp: str, sealed: Any, *, lease_seconds: int = 60,
+                 max_releases: int = 1000, **cfg: Any) -> None:
+        self.path, self.mk, self.sd = sealed
+        self.sim_dir = sim_dir
+        self.sock = short_socket()
+        self.server = RogueKeyServer({MODEL: bytes(self.mk.key)}, {}, lease_seconds)
+        self.config = _config(self.server, self.sock, sim_dir, **cfg)
+        self.cache_att = SimAttester(sim_dir / sim.KEY_FILE,
+                                     sim.measure("dkeycache", self.config.raw), role="dkeycache")
+        self.rt_att = runtime_attester(sim_dir)
+        self.server.policy = make_policy(self.cache_att.measurement, self.rt_att.measurement,
+                                         platform_fp, lease_seconds=lease_seconds,
+                                         max_releases=max_releases)
+        self.cache = start_cache(self.config, self.cache_att)
+
+    def client(self, attester: Any = "default") -> KeyCacheClient:
+        return KeyCacheClient(self.sock, server_public_key=self.server.public_key_b64,
+                              attester=self.rt_att if attester == "default" else attester)
+
+    def close(self) -> None:
+        self.cache.stop()
+        self.server.close()
+
+
+@pytest.fixture
+def env(sim_dir, platform_fp, sealed):
+    e = Env(sim_dir, platform_fp, sealed)
+    yield e
+    e.close()
+
+
+def wait_for(pred, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+def test_load_through_cache(env: Env) -> None:
+    with env.client() as kc:
+        out = sealtorch.load(env.path, key_provider=kc)
+        assert set(out) == {"w", "b"}
+        assert all(out[k].equal(env.sd[k]) for k in out)
+        # the session is kept: a second fetch reuses it
+        h = read_header(env.path)
+        k2 = kc.file_key(h)
+        assert len(k2) == 32
+        pol = kc.policy(MODEL)
+        assert pol.factories == ("sealtorch.models.resnet:resnet50",)
+    snap = env.cache.leases.snapshot()
+    assert snap["state"] == "ok" and snap["leases"][0]["releases"] == 2
+
+
+def test_socket_is_private(env: Env) -> None:
+    mode = stat.S_IMODE(os.stat(env.sock).st_mode)
+    assert mode == 0o600
+
+
+def test_runtime_with_other_measurement_denied(env: Env) -> None:
+    other = runtime_attester(env.sim_dir, config=b"other build")
+    with env.client(other) as kc, pytest.raises(ReleaseDenied) as ei:
+        kc.file_key(read_header(env.path))
+    assert ei.value.denial == "policy_denied"
+    assert env.cache.leases.snapshot()["leases"][0]["releases"] == 0
+
+
+def test_runtime_without_evidence_refused(env: Env) -> None:
+    with env.client(None) as kc, pytest.raises(AttesterUnavailableError):
+        kc.file_key(read_header(env.path))
+
+
+def test_unregistered_sim_platform_refused(env: Env, tmp_path: Path) -> None:
+    sim.init_platform_key(tmp_path)
+    att = SimAttester(tmp_path / sim.KEY_FILE, env.rt_att.measurement, role="runtime")
+    with env.client(att) as kc, pytest.raises(ReleaseDenied) as ei:
+        kc.connect()
+    assert ei.value.denial == "evidence_invalid"
+
+
+def test_evidence_bound_to_other_nonce_refused(env: Env) -> None:
+    """Replaying evidence made for an earlier nonce fails the binding check."""
+    from sealtorch.attestation import binding
+    from sealtorch.keycache.server import cache_audience
+    from sealtorch.protocol import hpke
+    from sealtorch.protocol.b64 import b64d, b64e
+
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(env.sock)
+    h1 = call(s, {"op": "hello"}, timeout=5)
+    _sk, pk = hpke.generate_keypair()
+    ck = b64d(h1["cache_key"], field="ck", max_len=32)
+    rd = binding.report_data("local", b64d(h1["nonce"], field="n", max_len=32), hpke.KEM_ID, pk,
+                             cache_audience(ck))
+    ev = env.rt_att.attest(rd).to_dict()
+    call(s, {"op": "hello"}, timeout=5)  # a new nonce replaces the first
+    ans = call(s, {"op": "session", "public_key": b64e(pk), "evidence": ev}, timeout=5)
+    assert ans["ok"] is False and ans["error"]["code"] == "binding_mismatch"
+    # and the nonce is burned: the same session message again has no nonce at all
+    ans = call(s, {"op": "session", "public_key": b64e(pk), "evidence": ev}, timeout=5)
+    assert ans["ok"] is False and ans["error"]["code"] == "protocol_error"
+    s.close()
+
+
+def test_file_key_needs_session_and_valid_header(env: Env) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(env.sock)
+    from sealtorch.protocol.b64 import b64e
+
+    raw = read_header(env.path).raw
+    ans = call(s, {"op": "file_key", "model_id": MODEL, "header": b64e(raw)}, timeout=5)
+    assert ans["error"]["code"] == "no_session"
+    ans = call(s, {"op": "nope"}, timeout=5)
+    assert ans["error"]["code"] == "protocol_error"
+    s.close()
+    with env.client() as kc:
+        kc.connect()
+        bad = bytearray(raw)
+        bad[-1] ^= 1
+        from sealtorch.format.header import parse_header
+
+        with pytest.raises(ProtocolError):  # header MAC fails at the cache
+            kc.file_key(parse_header(bytes(bad)))
+
+
+def test_oversized_and_malformed_frames(env: Env) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(env.sock)
+    s.sendall((MAX_FRAME + 1).to_bytes(4, "big"))
+    ans = recv_frame(s, deadline=time.monotonic() + 5)
+    assert ans is not None and ans["error"]["code"] == "protocol_error"
+    assert recv_frame(s, deadline=time.monotonic() + 5) is None  # connection closed
+    s.close()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(env.sock)
+    s.sendall((5).to_bytes(4, "big") + b"[1,2]")
+    ans = recv_frame(s, deadline=time.monotonic() + 5)
+    assert ans is not None and "JSON object" in ans["error"]["message"]
+    s.close()
+
+
+def test_bad_grant_signature_refused(sim_dir, platform_fp, sealed) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    e = Env(sim_dir, platform_fp, sealed)
+    try:
+        e.server.grant_key = Ed25519PrivateKey.generate()
+        e.server.policy_version = 2
+        with pytest.raises(GrantError, match="signature does not verify"):
+            e.cache.leases.refresh()
+        # the lease from the honest start is kept; nothing from the forged grant was taken
+        assert e.cache.leases.snapshot()["leases"][0]["policy_version"] == 1
+    finally:
+        e.close()
+
+
+def test_lower_policy_version_refused(sim_dir, platform_fp, sealed) -> None:
+    e = Env(sim_dir, platform_fp, sealed)
+    try:
+        e.server.policy_version = 3
+        e.cache.leases.refresh()
+        with e.client() as kc:
+            kc.file_key(read_header(e.path))
+        e.server.policy_version = 2
+        with pytest.raises(GrantError, match="lower than version 3"):
+            e.cache.leases.refresh()
+        assert e.cache.leases.snapshot()["leases"][0]["policy_version"] == 3
+    finally:
+        e.close()
+
+
+def test_client_refuses_grant_for_other_cache(env: Env) -> None:
+    """A grant relayed by a cache must name the cache key the runtime attested to."""
+    with env.client() as kc:
+        kc.connect()
+        kc._cache_key = os.urandom(32)
+        with pytest.raises(GrantError, match="another key cache"):
+            kc.file_key(read_header(env.path))
+
+
+def test_forged_revocation_refused_then_real_one_applies(sim_dir, platform_fp, sealed) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    e = Env(sim_dir, platform_fp, sealed, poll_interval=0.2)
+    try:
+        e.server.revoked.add(MODEL)
+        e.server.status_key = Ed25519PrivateKey.generate()  # forged status document
+        n = e.server.statuses
+        wait_for(lambda: e.server.statuses >= n + 2)
+        assert e.cache.leases.snapshot()["invalid_documents"] >= 1
+        with e.client() as kc:
+            assert len(kc.file_key(read_header(e.path))) == 32  # still served
+            e.server.status_key = e.server.signing_key  # now the genuine revocation
+            wait_for(lambda: MODEL in e.cache.leases.snapshot()["denied"])
+            with pytest.raises(RevokedError):
+                kc.file_key(read_header(e.path))
+        assert e.cache.leases.snapshot()["leases"] == []
+    finally:
+        e.close()
+
+
+def test_outage_serves_until_expiry_then_denies_and_recovers(sim_dir, platform_fp, sealed
+                                                            ) -> None:
+    e = Env(sim_dir, platform_fp, sealed, lease_seconds=2, poll_interval=0.2)
+    try:
+        e.server.up = False
+        with e.client() as kc:
+            h = read_header(e.path)
+            wait_for(lambda: e.cache.leases.snapshot()["state"] == "degraded")
+            assert len(kc.file_key(h)) == 32  # unexpired lease still served
+            wait_for(lambda: e.cache.leases.snapshot()["leases"] == [])
+            with pytest.raises(LeaseExpiredError):
+                kc.file_key(h)
+            assert e.cache.leases.snapshot()["state"] == "down"
+            e.server.up = True  # the key server is back: service resumes, same cache
+            wait_for(lambda: e.cache.leases.snapshot()["state"] == "ok")
+            assert len(kc.file_key(h)) == 32
+    finally:
+        e.close()
+
+
+def test_release_cap_per_lease(sim_dir, platform_fp, sealed) -> None:
+    e = Env(sim_dir, platform_fp, sealed, max_releases=2)
+    try:
+        with e.client() as kc:
+            h = read_header(e.path)
+            kc.file_key(h)
+            kc.file_key(h)
+            with pytest.raises(ReleaseDenied) as ei:
+                kc.file_key(h)
+            assert ei.value.denial == "release_cap"
+            e.cache.leases.refresh()  # a renewed lease resets the count
+            kc.file_key(h)
+    finally:
+        e.close()
+
+
+def test_metrics_and_status(env: Env) -> None:
+    with env.client() as kc:
+        kc.file_key(read_header(env.path))
+        st = kc.status()
+    assert st["state"] == "ok" and st["leases"][0]["model_id"] == MODEL
+    text = env.cache.server.metrics.render().decode()
+    assert 'dkeycache_local_requests_total{op="file_key"} 1.0' in text
+    assert "dkeycache_lease_remaining_seconds" in text
+    assert set(st["leases"][0]) == {"model_id", "key_version", "policy_version",
+                                    "remaining_seconds", "releases", "max_releases", "state"}
