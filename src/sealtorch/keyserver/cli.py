@@ -1,15 +1,424 @@
-"""``dkeyserver`` command (filled in by the key server work)."""
+"""``dkeyserver``: init, serve, and admin subcommands that call the admin listener.
+
+The admin token is read from ``--token-file`` or ``$SEALTORCH_ADMIN_TOKEN``, never from argv.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
 from sealtorch.cli.main import run_cli
+from sealtorch.errors import AuthError, ConfigError, SealtorchError, ServiceUnavailableError
+
+TOKEN_ENV = "SEALTORCH_ADMIN_TOKEN"  # noqa: S105 - an env var name
 
 
-@click.group()
+def _echo(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """The model owner's key server."""
+
+
+@cli.command()
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--db", default=None, help="SQLAlchemy URL (default: SQLite in the data dir)")
+@click.option("--kek", type=click.Choice(["file", "pkcs11"]), default="file")
+@click.option("--pkcs11-module", default=None)
+@click.option("--pkcs11-token", default=None)
+@click.option("--release-host", default="127.0.0.1")
+@click.option("--release-port", type=int, default=8443)
+@click.option("--admin-host", default="127.0.0.1")
+@click.option("--admin-port", type=int, default=8444)
+@click.option("--tenant", default="default")
+@click.option("--sim/--no-sim", default=False, help="trust registered sim platforms (dev only)")
+@click.option("--auto-approve/--no-auto-approve", default=False,
+              help="admit new caches without 'cache approve' (demo/tests)")
+@click.option("--lease-seconds", type=int, default=None)
+@click.option("--workers", type=int, default=None)
+def init(data_dir: str, db: str | None, kek: str, pkcs11_module: str | None,
+         pkcs11_token: str | None, release_host: str, release_port: int, admin_host: str,
+         admin_port: int, tenant: str, sim: bool, auto_approve: bool,
+         lease_seconds: int | None, workers: int | None) -> None:
+    """Create the data dir: TLS CA+cert, release-signing key, KEK, schema, first tenant+token."""
+    from sealtorch.keyserver.bootstrap import SIGNING_PUB, TOKEN_FILE, init_data_dir
+
+    cfg = init_data_dir(data_dir, tenant=tenant, db=db, kek=kek, pkcs11_module=pkcs11_module,
+                        pkcs11_token=pkcs11_token, release_host=release_host,
+                        release_port=release_port, admin_host=admin_host,
+                        admin_port=admin_port, sim=sim, auto_approve=auto_approve,
+                        lease_seconds=lease_seconds, workers=workers)
+    _echo({"data_dir": str(cfg.data_dir), "signing_public_key": str(cfg.data_dir / SIGNING_PUB),
+           "ca_cert": str(cfg.path(cfg.ca_cert)), "admin_token_file":
+           str(cfg.data_dir / TOKEN_FILE), "tenant": tenant})
+
+
+@cli.command()
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--db", default=None)
+@click.option("--release-port", type=int, default=None)
+@click.option("--admin-port", type=int, default=None)
+@click.option("--workers", type=int, default=None)
+def serve(data_dir: str, db: str | None, release_port: int | None, admin_port: int | None,
+          workers: int | None) -> None:
+    """Run the release and admin listeners until SIGTERM."""
+    from sealtorch.keyserver.config import load_config
+    from sealtorch.keyserver.server import run
+
+    run(load_config(data_dir, db=db, release_port=release_port, admin_port=admin_port,
+                    workers=workers))
+
+
+@cli.command("tenant-add")
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--tenant", required=True)
+@click.option("--token-out", required=True, type=click.Path(dir_okay=False),
+              help="write the new tenant's admin token here (0600)")
+@click.option("--ttl-days", type=int, default=90)
+def tenant_add(data_dir: str, tenant: str, token_out: str, ttl_days: int) -> None:
+    """(local, owner machine) Add a tenant and write its first admin token to a 0600 file."""
+    import re
+
+    from sealtorch.keyserver.bootstrap import _write_secret_file, open_store
+    from sealtorch.keyserver.config import load_config
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", tenant):
+        raise ConfigError("tenant names are [a-z0-9][a-z0-9_-]{0,63}")
+    cfg = load_config(data_dir)
+    store, kek = open_store(cfg)
+    try:
+        with store.tx() as conn:
+            store.add_tenant(conn, tenant)
+            _, token = store.create_token(conn, tenant, ttl_days * 86400)
+            store.append_audit(conn, actor="local", action="tenant_add", decision="admin",
+                               code="ok", tenant=tenant)
+        _write_secret_file(Path(token_out), (token + "\n").encode("ascii"))
+    finally:
+        store.close()
+        kek.close()
+    _echo({"tenant": tenant, "token_file": token_out})
+
+
+class Admin:
+    """A small admin-API client (TLS 1.3, pinned CA, bearer token from file/env)."""
+
+    def __init__(self, url: str, ca_cert: str, token_file: str | None) -> None:
+        import httpx
+
+        from sealtorch.keyserver.client import tls_client_context
+
+        token = os.environ.get(TOKEN_ENV)
+        if token_file:
+            token = Path(token_file).read_text().strip()
+        if not token:
+            raise AuthError(f"no admin token: pass --token-file or set ${TOKEN_ENV}")
+        self._http = httpx.Client(base_url=url.rstrip("/"), verify=tls_client_context(ca_cert),
+                                  headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             params: dict[str, Any] | None = None) -> Any:
+        import httpx
+
+        try:
+            r = self._http.request(method, path, json=body, params=params)
+        except httpx.HTTPError as e:
+            raise ServiceUnavailableError(f"admin API unreachable ({type(e).__name__})") from e
+        try:
+            obj = r.json()
+        except ValueError as e:
+            raise ServiceUnavailableError(f"admin API answered HTTP {r.status_code}") from e
+        if r.status_code >= 400:
+            err = obj.get("error", {}) if isinstance(obj, dict) else {}
+            e2 = SealtorchError(f"HTTP {r.status_code}: {err.get('message', 'error')}")
+            e2.code = str(err.get("code", "error"))
+            raise e2
+        return obj
+
+
+def admin_options(f: Any) -> Any:
+    f = click.option("--admin-url", default="https://127.0.0.1:8444",
+                     envvar="SEALTORCH_ADMIN_URL")(f)
+    f = click.option("--ca-cert", required=True, envvar="SEALTORCH_CA_CERT",
+                     type=click.Path(exists=True, dir_okay=False))(f)
+    f = click.option("--token-file", default=None, envvar="SEALTORCH_ADMIN_TOKEN_FILE",
+                     type=click.Path(exists=True, dir_okay=False))(f)
+    return f
+
+
+def _admin(kw: dict[str, Any]) -> Admin:
+    return Admin(kw.pop("admin_url"), kw.pop("ca_cert"), kw.pop("token_file"))
+
+
+@cli.group()
+def model() -> None:
+    """Models and key versions of your tenant."""
+
+
+@model.command("list")
+@admin_options
+def model_list(**kw: Any) -> None:
+    _echo(_admin(kw).call("GET", "/v1/admin/models"))
+
+
+@model.command("add")
+@admin_options
+@click.option("--model-id", required=True)
+@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False))
+def model_add(model_id: str, key_file: str, **kw: Any) -> None:
+    """Import a key written by 'sealtorch keygen'."""
+    from sealtorch.format.keyfile import read_key_file
+    from sealtorch.protocol.b64 import b64e
+
+    mk = read_key_file(key_file)
+    if mk.model_id != model_id:
+        raise ConfigError("the key file names another model id than --model-id")
+    with mk.key:
+        body = {"model_id": model_id, "key_version": mk.key_version, "key": b64e(mk.key.view())}
+    _echo(_admin(kw).call("POST", "/v1/admin/models", body))
+
+
+@model.command("create")
+@admin_options
+@click.option("--model-id", required=True)
+def model_create(model_id: str, **kw: Any) -> None:
+    """Let the server generate the key (fetch it once with 'model export')."""
+    _echo(_admin(kw).call("POST", "/v1/admin/models", {"model_id": model_id, "key": None}))
+
+
+@model.command("rotate")
+@admin_options
+@click.argument("model_id")
+def model_rotate(model_id: str, **kw: Any) -> None:
+    _echo(_admin(kw).call("POST", f"/v1/admin/model-rotate/{model_id}", {}))
+
+
+@model.command("retire-version")
+@admin_options
+@click.argument("model_id")
+@click.argument("key_version", type=int)
+def model_retire(model_id: str, key_version: int, **kw: Any) -> None:
+    _echo(_admin(kw).call("POST", f"/v1/admin/model-retire/{model_id}",
+                          {"key_version": key_version}))
+
+
+@model.command("revoke")
+@admin_options
+@click.argument("model_id")
+def model_revoke(model_id: str, **kw: Any) -> None:
+    _echo(_admin(kw).call("POST", f"/v1/admin/model-revoke/{model_id}", {}))
+
+
+@model.command("export")
+@admin_options
+@click.argument("model_id")
+@click.option("--key-version", type=int, default=1)
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="write a sealtorch key file (0600) with the server-generated key")
+@click.option("--signing-public-key", required=True, type=click.Path(exists=True),
+              help="the server's release-signing public key (PEM) to verify the export")
+def model_export(model_id: str, key_version: int, out: str, signing_public_key: str,
+                 **kw: Any) -> None:
+    """Fetch a server-generated key once, HPKE-sealed to a fresh local key pair."""
+    import datetime
+
+    from sealtorch.format.keyfile import ModelKey, write_key_file
+    from sealtorch.protocol import hpke
+    from sealtorch.protocol.b64 import b64d, b64e
+    from sealtorch.protocol.signing import (
+        KIND_KEY_EXPORT,
+        body_digest,
+        load_public_key,
+        verify_document,
+    )
+
+    sk, pk = hpke.generate_keypair()
+    res = _admin(kw).call("POST", f"/v1/admin/model-export/{model_id}",
+                          {"key_version": key_version, "public_key": b64e(pk)})
+    body = verify_document(load_public_key(Path(signing_public_key).read_text()),
+                           KIND_KEY_EXPORT, res["export"])
+    if body["recipient"] != b64e(pk) or body["model_id"] != model_id:
+        raise ConfigError("export document is not for this request")
+    key = hpke.open(b64d(res["sealed_key"], field="sealed_key", max_len=4096), sk,
+                    body_digest(body))
+    write_key_file(out, ModelKey(model_id, key_version, key,
+                                 datetime.datetime.now(datetime.UTC).isoformat()))
+    _echo({"model_id": model_id, "key_version": key_version, "key_file": out})
+
+
+@cli.group()
+def policy() -> None:
+    """Release policies."""
+
+
+@policy.command("set")
+@admin_options
+@click.argument("model_id")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def policy_set(model_id: str, file: str, **kw: Any) -> None:
+    """Set MODEL's policy from a JSON or TOML FILE (its 'version' must increase)."""
+    import tomllib
+
+    text = Path(file).read_text()
+    doc = tomllib.loads(text) if file.endswith(".toml") else json.loads(text)
+    _echo(_admin(kw).call("PUT", f"/v1/admin/policy/{model_id}", {"policy": doc}))
+
+
+@policy.command("show")
+@admin_options
+@click.argument("model_id")
+def policy_show(model_id: str, **kw: Any) -> None:
+    _echo(_admin(kw).call("GET", f"/v1/admin/policy/{model_id}"))
+
+
+@policy.command("test")
+@admin_options
+@click.argument("model_id")
+@click.argument("evidence", type=click.Path(exists=True, dir_okay=False))
+def policy_test(model_id: str, evidence: str, **kw: Any) -> None:
+    """Explain claim by claim whether EVIDENCE (JSON) would get MODEL's key."""
+    ev = json.loads(Path(evidence).read_text())
+    _echo(_admin(kw).call("POST", f"/v1/admin/policy-test/{model_id}", {"evidence": ev}))
+
+
+@cli.group()
+def cache() -> None:
+    """Key cache enrolment."""
+
+
+@cache.command("list")
+@admin_options
+def cache_list(**kw: Any) -> None:
+    _echo(_admin(kw).call("GET", "/v1/admin/caches"))
+
+
+@cache.command("approve")
+@admin_options
+@click.argument("cache_id")
+def cache_approve(cache_id: str, **kw: Any) -> None:
+    _echo(_admin(kw).call("POST", f"/v1/admin/caches/{cache_id}/approve"))
+
+
+@cache.command("revoke")
+@admin_options
+@click.argument("cache_id")
+def cache_revoke(cache_id: str, **kw: Any) -> None:
+    _echo(_admin(kw).call("POST", f"/v1/admin/caches/{cache_id}/revoke"))
+
+
+@cli.group()
+def audit() -> None:
+    """The hash-chained audit log."""
+
+
+@audit.command("show")
+@admin_options
+@click.option("--after", type=int, default=0)
+@click.option("--limit", type=int, default=100)
+def audit_show(after: int, limit: int, **kw: Any) -> None:
+    _echo(_admin(kw).call("GET", "/v1/admin/audit", params={"after": after, "limit": limit}))
+
+
+@audit.command("verify")
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--head", "head_file", default=None, type=click.Path(exists=True),
+              help="a signed audit head a client saw (JSON); detects a truncated tail")
+def audit_verify(data_dir: str, head_file: str | None) -> None:
+    """(local) Verify the whole chain; names edited, deleted or reordered rows."""
+    from sealtorch.keyserver.audit import verify_chain
+    from sealtorch.keyserver.bootstrap import load_signing_key, open_store
+    from sealtorch.keyserver.config import load_config
+    from sealtorch.protocol.grant import GrantVerifier
+
+    cfg = load_config(data_dir)
+    store, kek = open_store(cfg)
+    try:
+        seq, hh = None, None
+        if head_file:
+            v = GrantVerifier(load_signing_key(cfg).public_key())
+            h = v.verify_audit_head(json.loads(Path(head_file).read_text()))
+            seq, hh = h.seq, h.head
+        problems = verify_chain(store.audit_rows(), head_seq=seq, head_hash=hh)
+    finally:
+        store.close()
+        kek.close()
+    _echo({"ok": not problems, "problems": problems})
+    if problems:
+        sys.exit(1)
+
+
+@audit.command("export")
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+def audit_export(data_dir: str, out: str) -> None:
+    """(local) Write the chain as JSON lines plus a signed head, for write-once storage."""
+    import time
+
+    from sealtorch.keyserver.bootstrap import load_signing_key, open_store
+    from sealtorch.keyserver.config import load_config
+    from sealtorch.protocol.grant import AuditHead, sign_audit_head
+    from sealtorch.protocol.signing import key_id
+
+    cfg = load_config(data_dir)
+    store, kek = open_store(cfg)
+    try:
+        rows = store.audit_rows()
+    finally:
+        store.close()
+        kek.close()
+    sk = load_signing_key(cfg)
+    last = rows[-1] if rows else {"seq": 0, "hash": "00" * 32}
+    head = sign_audit_head(sk, AuditHead(last["seq"], last["hash"], int(time.time()), key_id(sk)))
+    with open(out, "x") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+        f.write(json.dumps({"audit_head": head}, sort_keys=True) + "\n")
+    _echo({"entries": len(rows), "out": out})
+
+
+@cli.group()
+def sim() -> None:
+    """Sim platforms (development only; needs 'sim = true' in the server config)."""
+
+
+@sim.command("register")
+@admin_options
+@click.argument("public_key_file", type=click.Path(exists=True, dir_okay=False))
+def sim_register(public_key_file: str, **kw: Any) -> None:
+    _echo(_admin(kw).call("POST", "/v1/admin/sim/platforms",
+                          {"public_key": Path(public_key_file).read_text()}))
+
+
+@cli.group()
+def collateral() -> None:
+    """DCAP collateral for offline verification."""
+
+
+@collateral.command("import")
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("src", type=click.Path(exists=True))
+def collateral_import(data_dir: str, src: str) -> None:
+    """(local) Copy collateral JSON FILE or DIR into the server's collateral directory."""
+    import shutil
+
+    from sealtorch.keyserver.config import load_config
+
+    cfg = load_config(data_dir)
+    dest = cfg.path(cfg.collateral_dir)
+    dest.mkdir(mode=0o700, exist_ok=True)
+    p = Path(src)
+    files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file())
+    for f in files:
+        json.loads(f.read_text())  # must be JSON
+        shutil.copyfile(f, dest / f.name)
+    _echo({"imported": [f.name for f in files], "dir": str(dest)})
 
 
 def main(args: list[str] | None = None) -> None:

@@ -145,13 +145,15 @@ class KeyServerClient:
     ) -> ReleaseResult:
         """Ask for the keys of ``models`` (``None``: every model this cache is entitled to).
 
-        ``evidence`` is an ``Evidence`` (anything with ``to_json()``) or its JSON object. Every
+        ``evidence`` is an ``Evidence`` (``to_dict()``/``to_json()``) or its JSON object. Every
         grant is verified against the pinned key, the nonce and ``public_key``; with
         ``private_key`` the sealed keys are opened too. A whole-request denial raises
         :class:`ReleaseDenied` with the public code in ``.denial``.
         """
         ev = evidence
-        if hasattr(ev, "to_json"):
+        if hasattr(ev, "to_dict"):
+            ev = ev.to_dict()
+        elif hasattr(ev, "to_json"):
             ev = ev.to_json()
         if isinstance(ev, str | bytes):
             import json

@@ -1,0 +1,71 @@
+"""Operations plumbing: Prometheus metrics, JSON log lines and token-bucket rate limits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+RELEASES = Counter("dkeyserver_releases_total", "Keys released (grants issued, per model)",
+                   registry=REGISTRY)
+DENIALS = Counter("dkeyserver_denials_total", "Denials by public code", ["code"],
+                  registry=REGISTRY)
+REQUESTS = Counter("dkeyserver_requests_total", "HTTP requests by route and status",
+                   ["route", "status"], registry=REGISTRY)
+LATENCY = Histogram("dkeyserver_request_seconds", "Request latency by route", ["route"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                    registry=REGISTRY)
+AUDIT_SEQ = Gauge("dkeyserver_audit_seq", "Last audit sequence number", registry=REGISTRY)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; messages are ours (never request input or key material)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            out.update(extra)
+        return json.dumps(out, sort_keys=True)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+class RateLimiter:
+    """Token buckets per key (client address or token id): ``rate`` per second, burst 2x."""
+
+    def __init__(self, rate: float, max_keys: int = 10000) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate * 2)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+        self._max = max_keys
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1:
+                self._buckets[key] = (tokens, now)
+                return False
+            if len(self._buckets) >= self._max and key not in self._buckets:
+                self._buckets.clear()
+            self._buckets[key] = (tokens - 1, now)
+            return True

@@ -1,0 +1,128 @@
+"""Run dkeyserver: the release and admin listeners (TLS 1.3 only) under uvicorn, optionally
+with extra worker processes sharing the release socket; graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from sealtorch._secret import harden_process
+from sealtorch.keyserver import ops
+from sealtorch.keyserver.app import admin_app, release_app
+from sealtorch.keyserver.bootstrap import load_signing_key, open_store
+from sealtorch.keyserver.config import ServerConfig
+from sealtorch.keyserver.service import KeyServer
+
+log = logging.getLogger("sealtorch.keyserver")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server whose signals we handle ourselves (two servers in one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(2048)
+    s.set_inheritable(True)
+    return s
+
+
+def _uv_config(app: Any, cfg: ServerConfig) -> uvicorn.Config:
+    c = uvicorn.Config(app, ssl_certfile=str(cfg.path(cfg.tls_cert)),
+                       ssl_keyfile=str(cfg.path(cfg.tls_key)), log_config=None,
+                       access_log=False, timeout_graceful_shutdown=5, lifespan="off",
+                       server_header=False)
+    c.load()
+    assert c.ssl is not None
+    c.ssl.minimum_version = ssl.TLSVersion.TLSv1_3  # TLS 1.3 only
+    return c
+
+
+async def _serve(servers: list[tuple[_Server, socket.socket]]) -> None:
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for srv, _ in servers:
+            srv.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    await asyncio.gather(*(srv.serve(sockets=[sock]) for srv, sock in servers))
+
+
+def _make(cfg: ServerConfig) -> KeyServer:
+    store, _kek = open_store(cfg)
+    return KeyServer(cfg, store, load_signing_key(cfg))
+
+
+RUN_FILE = "run.json"
+
+
+def _write_run_file(cfg: ServerConfig, release_port: int, admin_port: int) -> None:
+    """Publish the bound ports (useful with port 0) atomically in ``data_dir/run.json``."""
+    import json
+
+    tmp = cfg.data_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "release_port": release_port,
+                               "admin_port": admin_port}))
+    os.replace(tmp, cfg.data_dir / RUN_FILE)
+
+
+def run(cfg: ServerConfig) -> None:
+    """Start serving until SIGTERM/SIGINT; the caller prints nothing secret."""
+    harden_process()
+    ops.setup_logging()
+    if cfg.sim:
+        warnings.warn("dkeyserver: sim attestation is ENABLED; it protects nothing",
+                      RuntimeWarning, stacklevel=2)
+        log.warning("sim attestation is ENABLED: development only, protects nothing")
+    rel_sock = _bind(cfg.release_host, cfg.release_port)
+    adm_sock = _bind(cfg.admin_host, cfg.admin_port)
+    children: list[int] = []
+    for _ in range(cfg.workers - 1):
+        pid = os.fork()
+        if pid == 0:  # worker: release listener only
+            adm_sock.close()
+            try:
+                ks = _make(cfg)
+                asyncio.run(_serve([(_Server(_uv_config(release_app(ks), cfg)), rel_sock)]))
+            finally:
+                os._exit(0)
+        children.append(pid)
+    ks = _make(cfg)
+    _write_run_file(cfg, rel_sock.getsockname()[1], adm_sock.getsockname()[1])
+    log.info("dkeyserver listening", extra={"fields": {
+        "release": f"{cfg.release_host}:{rel_sock.getsockname()[1]}",
+        "admin": f"{cfg.admin_host}:{adm_sock.getsockname()[1]}",
+        "server_key_id": ks.server_key_id, "workers": cfg.workers, "sim": cfg.sim,
+        "db": "sqlite" if ks.store.is_sqlite else "postgresql"}})
+    try:
+        asyncio.run(_serve([(_Server(_uv_config(release_app(ks), cfg)), rel_sock),
+                            (_Server(_uv_config(admin_app(ks), cfg)), adm_sock)]))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        ks.store.close()
+        sys.stdout.flush()

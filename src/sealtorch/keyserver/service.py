@@ -1,0 +1,321 @@
+"""The release logic of dkeyserver: challenge, release and status, independent of HTTP.
+
+Order of a release (DESIGN.md "Binding and key delivery"): check the nonce's MAC and expiry,
+burn it in the database (committed), verify the evidence, check the binding, enrol the cache,
+evaluate each model's policy, then commit the audit entries and only then answer. Public denial
+codes are short; reasons go only to the audit log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from sealtorch._secret import Secret
+from sealtorch.errors import SealtorchError, StoreError, TamperError
+from sealtorch.keyserver import attest
+from sealtorch.keyserver.config import ServerConfig
+from sealtorch.keyserver.store import Store
+from sealtorch.protocol import hpke
+from sealtorch.protocol.b64 import b64e
+from sealtorch.protocol.grant import (
+    AuditHead,
+    Grant,
+    ModelStatus,
+    Status,
+    sign_audit_head,
+    sign_grant,
+    sign_status,
+)
+from sealtorch.protocol.messages import ReleaseRequest, StatusRequest
+from sealtorch.protocol.signing import key_id
+
+log = logging.getLogger("sealtorch.keyserver")
+
+# public denial codes
+DENIED = "denied"
+NONCE_INVALID = "nonce_invalid"
+EVIDENCE_INVALID = "evidence_invalid"
+NOT_APPROVED = "not_approved"
+REVOKED = "revoked"
+UNKNOWN_MODEL = "unknown_model"
+
+_NONCE_TAG = b"sealtorch-nonce/v1\x00"
+
+
+@dataclass
+class Outcome:
+    """An HTTP-agnostic answer: status code and JSON body; ``decisions`` feed the metrics."""
+
+    status: int
+    body: dict[str, Any]
+    decisions: list[str]
+
+
+class KeyServer:
+    """One key server process's release logic (stateless across replicas except the DB)."""
+
+    def __init__(self, config: ServerConfig, store: Store, signing_key: Ed25519PrivateKey
+                 ) -> None:
+        self.config = config
+        self.store = store
+        self.signing_key = signing_key
+        self.server_key_id = key_id(signing_key)
+        self.audience = bytes.fromhex(self.server_key_id)
+        self._nonce_key = store.nonce_key()
+        self._verifier_lock = threading.Lock()
+        self._verifier: Any = None
+        self._verifier_sims: tuple[str, ...] | None = None
+
+    # --- nonces ---------------------------------------------------------------------------
+    def new_nonce(self) -> bytes:
+        """32 bytes: expiry (8, big-endian) | random (8) | HMAC-SHA256 tag (16)."""
+        head = struct.pack(">Q", int(time.time()) + self.config.nonce_ttl) + os.urandom(8)
+        return head + self._nonce_tag(head)
+
+    def _nonce_tag(self, head: bytes) -> bytes:
+        return hmac.new(bytes(self._nonce_key), _NONCE_TAG + head, hashlib.sha256).digest()[:16]
+
+    def check_nonce(self, nonce: bytes) -> tuple[bool, str, int]:
+        """(valid, reason, expiry) from the nonce's own MAC and expiry (no database)."""
+        head, tag = nonce[:16], nonce[16:]
+        if not hmac.compare_digest(self._nonce_tag(head), tag):
+            return False, "nonce was not issued by this server", 0
+        expires = struct.unpack(">Q", head[:8])[0]
+        if expires < time.time():
+            return False, "nonce expired", expires
+        return True, "", expires
+
+    def challenge(self) -> Outcome:
+        return Outcome(200, {"nonce": b64e(self.new_nonce()),
+                             "expires_in": self.config.nonce_ttl}, [])
+
+    # --- attestation ----------------------------------------------------------------------
+    def verifier(self) -> Any:
+        """The VerifierSet, rebuilt when the registered sim platforms change."""
+        sims = tuple(sorted(self.store.sim_platforms())) if self.config.sim else ()
+        with self._verifier_lock:
+            if self._verifier is None or sims != self._verifier_sims:
+                self._verifier = attest.build_verifier(self.config, list(sims))
+                self._verifier_sims = sims
+            return self._verifier
+
+    def _signed_head(self, seq: int, head: str) -> dict[str, Any]:
+        return sign_audit_head(self.signing_key,
+                               AuditHead(seq, head, int(time.time()), self.server_key_id))
+
+    def _deny_all(self, code: str, reason: str, client: str, *, evidence_digest: str = "",
+                  cache_id: str | None = None) -> Outcome:
+        with self.store.tx() as conn:
+            seq, head = self.store.append_audit(
+                conn, actor=f"client:{client}", action="release", decision="deny", code=code,
+                cache_id=cache_id, details={"reason": reason, "evidence": evidence_digest})
+        return Outcome(403, {"error": {"code": code, "message": code},
+                             "audit_head": self._signed_head(seq, head)}, [code])
+
+    # --- release --------------------------------------------------------------------------
+    def release(self, req: ReleaseRequest, client: str) -> Outcome:
+        ok, reason, expires = self.check_nonce(req.nonce)
+        if not ok:
+            return self._deny_all(NONCE_INVALID, reason, client)
+        with self.store.tx() as conn:  # burned and committed before evidence is verified
+            fresh = self.store.burn_nonce(conn, req.nonce, expires)
+            if not fresh:
+                seq, head = self.store.append_audit(
+                    conn, actor=f"client:{client}", action="release", decision="deny",
+                    code=NONCE_INVALID, details={"reason": "nonce already used"})
+        if not fresh:
+            return Outcome(403, {"error": {"code": NONCE_INVALID, "message": NONCE_INVALID},
+                                 "audit_head": self._signed_head(seq, head)}, [NONCE_INVALID])
+        ev_digest = ""
+        try:
+            evidence = attest.parse_evidence(req.evidence)
+            ev_digest = evidence.digest().hex()
+            claims = self.verifier().verify(evidence)
+            attest.check_binding(claims, nonce=req.nonce, public_key=req.public_key,
+                                 audience=self.audience)
+        except SealtorchError as e:
+            return self._deny_all(EVIDENCE_INVALID, f"{e.code}: {e}", client,
+                                  evidence_digest=ev_digest)
+        ident = attest.identity(claims)
+        cache_id = hashlib.sha256(
+            b"sealtorch-cache/v1\x00" + ident.tee.encode() + b"\x00" + ident.platform_id.encode()
+        ).hexdigest()[:32]
+        now = int(time.time())
+        grants: list[dict[str, Any]] = []
+        denials: list[dict[str, str]] = []
+        decisions: list[str] = []
+        with self.store.tx() as conn:
+            self.store.enrol_cache(conn, cache_id, ident.tee, ident.platform_id,
+                                   b64e(req.public_key), ident.measurement)
+            epoch = self.store.epoch(conn)
+            explicit = req.models is not None
+            model_ids = req.models if req.models is not None else self.store.all_model_ids(conn)
+            audit_rows: list[dict[str, Any]] = []
+            for mid in model_ids:
+                code, reason, tenant, made = self._release_one(
+                    conn, mid, claims, cache_id, req, ev_digest, epoch, now)
+                if code is None:
+                    grants.extend(made)
+                    decisions.append("release")
+                    audit_rows.append({"tenant": tenant, "model_id": mid, "decision": "release",
+                                       "code": "granted", "details": {
+                                           "key_versions": [g["grant"]["body"]["key_version"]
+                                                            for g in made],
+                                           "evidence": ev_digest}})
+                else:
+                    if explicit:  # never list models the caller did not name
+                        denials.append({"model_id": mid, "code": code})
+                        decisions.append(code)
+                    if explicit:
+                        audit_rows.append({"tenant": tenant, "model_id": mid, "decision": "deny",
+                                           "code": code, "details": {"reason": reason,
+                                                                     "evidence": ev_digest}})
+            if not audit_rows:
+                audit_rows.append({"tenant": None, "model_id": None, "decision": "deny",
+                                   "code": DENIED, "details": {"reason": "no models granted",
+                                                               "evidence": ev_digest}})
+            seq, head = 0, ""
+            for row in audit_rows:
+                seq, head = self.store.append_audit(
+                    conn, actor=f"cache:{cache_id}", action="release", cache_id=cache_id, **row)
+        state = self._cache_state_summary(cache_id)
+        return Outcome(200, {"grants": grants, "denials": denials,
+                             "audit_head": self._signed_head(seq, head),
+                             "cache_id": cache_id, "cache_state": state}, decisions)
+
+    def _release_one(self, conn: Any, mid: str, claims: Any, cache_id: str,
+                     req: ReleaseRequest, ev_digest: str, epoch: int, now: int
+                     ) -> tuple[str | None, str, str | None, list[dict[str, Any]]]:
+        info = self.store.model_info(conn, mid)
+        if info is None:
+            return UNKNOWN_MODEL, "no such model", None, []
+        tenant = info.tenant
+        approval = self.store.approval(conn, tenant, cache_id)
+        if approval == "revoked":
+            return REVOKED, "cache revoked by tenant", tenant, []
+        if approval != "approved" and not self.config.auto_approve:
+            return NOT_APPROVED, "cache not approved by this model's tenant", tenant, []
+        if info.state != "active":
+            return REVOKED, "model revoked", tenant, []
+        try:
+            got = self.store.get_policy(conn, tenant, mid)
+        except TamperError as e:
+            log.error("tamper detected: %s", e)
+            return DENIED, f"tampered: {e}", tenant, []
+        if got is None:
+            return DENIED, "model has no policy", tenant, []
+        policy_doc, policy_version = got
+        try:
+            allowed, reasons, lease = attest.evaluate(policy_doc, claims, self.config)
+        except SealtorchError as e:
+            return DENIED, f"policy error {e.code}: {e}", tenant, []
+        if not allowed:
+            return DENIED, "; ".join(reasons)[:2000] or "policy denied", tenant, []
+        try:
+            keys = self.store.active_keys(conn, tenant, mid)
+        except TamperError as e:
+            log.error("tamper detected: %s", e)
+            return DENIED, f"tampered: {e}", tenant, []
+        if not keys:
+            return REVOKED, "no active key version", tenant, []
+        made = []
+        for kv, key in keys:
+            g = Grant(tenant=tenant, model_id=mid, key_version=kv, nonce=req.nonce,
+                      requester_key=req.public_key, kem_id=hpke.KEM_ID,
+                      evidence_digest=ev_digest, cache_id=cache_id, policy=policy_doc,
+                      policy_version=policy_version, lease_seconds=lease,
+                      revocation_epoch=epoch, issued_at=now, server_key_id=self.server_key_id)
+            sealed = hpke.seal(key, req.public_key, g.digest())
+            made.append({"grant": sign_grant(self.signing_key, g), "sealed_key": b64e(sealed)})
+        return None, "", tenant, made
+
+    def _cache_state_summary(self, cache_id: str) -> str:
+        with self.store.engine.connect() as conn:
+            from sqlalchemy import select
+
+            from sealtorch.keyserver.store import cache_approvals
+
+            states = {r[0] for r in conn.execute(select(cache_approvals.c.state).where(
+                cache_approvals.c.cache_id == cache_id))}
+        if "approved" in states:
+            return "approved"
+        if states == {"revoked"}:
+            return "revoked"
+        return "approved" if self.config.auto_approve else "pending"
+
+    # --- status ---------------------------------------------------------------------------
+    def status(self, req: StatusRequest) -> Outcome:
+        """Revocation poll: per model active/revoked, active versions, policy version; unknown
+        models look revoked (so existence is not revealed)."""
+        with self.store.engine.connect() as conn:
+            epoch = self.store.epoch(conn)
+            mids = req.models or []
+            out: dict[str, ModelStatus] = {}
+            tenants: set[str] = set()
+            for mid in mids:
+                info = self.store.model_info(conn, mid)
+                if info is None:
+                    out[mid] = ModelStatus("revoked", (), 0)
+                    continue
+                tenants.add(info.tenant)
+                appr = self.store.approval(conn, info.tenant, req.cache_id)
+                rows = [kv for kv, st in self._versions(conn, mid) if st == "active"]
+                pv = 0
+                try:
+                    got = self.store.get_policy(conn, info.tenant, mid)
+                    pv = got[1] if got else 0
+                except StoreError:
+                    rows = []
+                active = info.state == "active" and rows and appr != "revoked" and (
+                    appr == "approved" or self.config.auto_approve)
+                out[mid] = ModelStatus("active" if active else "revoked",
+                                       tuple(rows) if active else (), pv)
+        cache_state = self._cache_state_summary(req.cache_id)
+        st = Status(nonce=req.nonce, cache_id=req.cache_id, revocation_epoch=epoch,
+                    cache_state=cache_state, models=out, issued_at=int(time.time()),
+                    server_key_id=self.server_key_id)
+        return Outcome(200, {"status": sign_status(self.signing_key, st)}, [])
+
+    def _versions(self, conn: Any, mid: str) -> list[tuple[int, str]]:
+        from sqlalchemy import select
+
+        from sealtorch.keyserver.store import key_versions
+
+        return [(r[0], r[1]) for r in conn.execute(
+            select(key_versions.c.key_version, key_versions.c.state).where(
+                key_versions.c.model_id == mid))]
+
+    # --- admin helpers ----------------------------------------------------------------------
+    def policy_test(self, tenant: str, model_id: str, evidence_json: dict[str, Any]
+                    ) -> dict[str, Any]:
+        """Explain, claim by claim, whether evidence would get this model's key (no nonce)."""
+        with self.store.engine.connect() as conn:
+            info = self.store.model_info(conn, model_id)
+            if info is None or info.tenant != tenant:
+                raise StoreError(f"model {model_id!r} not found for this tenant")
+            got = self.store.get_policy(conn, tenant, model_id)
+        if got is None:
+            return {"allowed": False, "reasons": ["model has no policy"]}
+        try:
+            evidence = attest.parse_evidence(evidence_json)
+            claims = self.verifier().verify(evidence)
+        except SealtorchError as e:
+            return {"allowed": False, "reasons": [f"evidence rejected ({e.code}): {e}"]}
+        allowed, reasons, lease = attest.evaluate(got[0], claims, self.config)
+        return {"allowed": allowed, "reasons": reasons, "lease_seconds": lease,
+                "policy_version": got[1], "claims": attest.claims_dict(claims)}
+
+
+def wipe_all(secrets: list[Secret]) -> None:
+    for s in secrets:
+        s.wipe()

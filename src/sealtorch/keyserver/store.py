@@ -1,0 +1,516 @@
+"""The key server's database (SQLAlchemy 2 Core): schema, versioned migrations and operations.
+
+SQLite (WAL, synchronous=FULL, BEGIN IMMEDIATE) by default, PostgreSQL for replicas. Migrations
+are a short ordered list applied inside one transaction and recorded in ``schema_migrations``
+(no alembic: one more dependency and code generation for a handful of tables; upgrades still
+keep data because each step is an additive statement). Key material is stored only wrapped by
+the KEK, policies only with a KEK MAC; the audit chain is appended in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from sealtorch._secret import Secret
+from sealtorch.errors import AuthError, ConfigError, StoreError, TamperError
+from sealtorch.keyserver import audit as audit_chain
+from sealtorch.keyserver.kek import KekProvider, verify_mac, wrap_aad
+from sealtorch.protocol.canonical import canonical_json
+
+md = MetaData()
+schema_migrations = Table("schema_migrations", md, Column("version", Integer, primary_key=True),
+                          Column("applied_at", Integer, nullable=False))
+server_state = Table("server_state", md, Column("id", Integer, primary_key=True),
+                     Column("revocation_epoch", Integer, nullable=False),
+                     Column("nonce_key", LargeBinary, nullable=False),
+                     Column("audit_seq", Integer, nullable=False),
+                     Column("audit_head", String(64), nullable=False))
+tenants = Table("tenants", md, Column("name", String(64), primary_key=True),
+                Column("created", Integer, nullable=False))
+tokens = Table("tokens", md, Column("token_id", String(16), primary_key=True),
+               Column("tenant", String(64), nullable=False),
+               Column("token_hash", String(64), nullable=False, unique=True),
+               Column("expires", Integer, nullable=False),
+               Column("revoked", Boolean, nullable=False, default=False),
+               Column("created", Integer, nullable=False))
+models = Table("models", md, Column("model_id", String(128), primary_key=True),
+               Column("tenant", String(64), nullable=False, index=True),
+               Column("state", String(16), nullable=False),
+               Column("created", Integer, nullable=False))
+key_versions = Table("key_versions", md,
+                     Column("model_id", String(128), primary_key=True),
+                     Column("key_version", Integer, primary_key=True),
+                     Column("wrapped", LargeBinary, nullable=False),
+                     Column("state", String(16), nullable=False),
+                     Column("exportable", Boolean, nullable=False),
+                     Column("created", Integer, nullable=False))
+policies = Table("policies", md, Column("model_id", String(128), primary_key=True),
+                 Column("version", Integer, nullable=False),
+                 Column("policy", Text, nullable=False),
+                 Column("mac", LargeBinary, nullable=False),
+                 Column("updated", Integer, nullable=False))
+caches = Table("caches", md, Column("cache_id", String(32), primary_key=True),
+               Column("tee", String(16), nullable=False),
+               Column("platform_id", String(128), nullable=False),
+               Column("public_key", String(64), nullable=False),
+               Column("measurement", String(256), nullable=False),
+               Column("first_seen", Integer, nullable=False),
+               Column("last_seen", Integer, nullable=False))
+cache_approvals = Table("cache_approvals", md,
+                        Column("tenant", String(64), primary_key=True),
+                        Column("cache_id", String(32), primary_key=True),
+                        Column("state", String(16), nullable=False),
+                        Column("updated", Integer, nullable=False))
+sim_platforms = Table("sim_platforms", md, Column("key", String(128), primary_key=True),
+                      Column("tenant", String(64), nullable=False),
+                      Column("created", Integer, nullable=False))
+consumed_nonces = Table("consumed_nonces", md,
+                        Column("nonce_hash", LargeBinary, primary_key=True),
+                        Column("expires", Integer, nullable=False, index=True))
+audit_log = Table("audit_log", md, Column("seq", Integer, primary_key=True, autoincrement=False),
+                  Column("ts", Integer, nullable=False),
+                  Column("tenant", String(64), nullable=True),
+                  Column("actor", String(128), nullable=False),
+                  Column("action", String(32), nullable=False),
+                  Column("model_id", String(128), nullable=True),
+                  Column("cache_id", String(32), nullable=True),
+                  Column("decision", String(16), nullable=False),
+                  Column("code", String(32), nullable=False),
+                  Column("details", Text, nullable=False),
+                  Column("prev_hash", String(64), nullable=False),
+                  Column("hash", String(64), nullable=False))
+anon_counters = Table("anon_counters", md, Column("window", Integer, primary_key=True),
+                      Column("code", String(32), primary_key=True),
+                      Column("count", Integer, nullable=False))
+
+_V1_TABLES = [server_state, tenants, tokens, models, key_versions, policies, caches,
+              cache_approvals, sim_platforms, consumed_nonces, audit_log, anon_counters]
+
+
+def _migration_1(conn: Connection) -> None:
+    md.create_all(conn, tables=_V1_TABLES)
+
+
+#: ordered, append-only: never edit a released step, add a new one
+MIGRATIONS: list[tuple[int, Any]] = [(1, _migration_1)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+TOKEN_PREFIX = "stk_"  # noqa: S105 - a public prefix, not a secret
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
+
+
+class Store:
+    """All persistent state of one key server (shared by replicas through the database)."""
+
+    def __init__(self, url: str, kek: KekProvider) -> None:
+        self.url = url
+        self.kek = kek
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"future": True}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=True)
+        try:
+            self.engine: Engine = create_engine(url, **kwargs)
+        except (SQLAlchemyError, ImportError, ValueError) as e:
+            raise ConfigError(f"database URL is not usable ({type(e).__name__})") from e
+        if self.is_sqlite:
+            self._sqlite_setup()
+        self._key_cache: dict[tuple[bytes, bytes], Secret] = {}
+        self._policy_ok: dict[bytes, bool] = {}
+        self._lock = threading.Lock()
+
+    def _sqlite_setup(self) -> None:
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")  # durability: fsync on every commit
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(self.engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def close(self) -> None:
+        self.engine.dispose()
+        for s in self._key_cache.values():
+            s.wipe()
+        self._key_cache.clear()
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """One transaction; retried by callers only where documented."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as e:
+            raise StoreError(f"database error ({type(e.orig).__name__}); retry later") from e
+
+    # --- schema ---------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Apply pending migrations; returns the schema version."""
+        with self.engine.begin() as conn:
+            md.create_all(conn, tables=[schema_migrations])
+            if not self.is_sqlite:
+                conn.exec_driver_sql("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
+            done = {r[0] for r in conn.execute(select(schema_migrations.c.version))}
+            for version, step in MIGRATIONS:
+                if version not in done:
+                    step(conn)
+                    conn.execute(insert(schema_migrations).values(version=version,
+                                                                  applied_at=_now()))
+            if conn.execute(select(server_state.c.id)).first() is None:
+                with Secret(os.urandom(32)) as nk:
+                    wrapped = self.kek.wrap(nk, b"sealtorch-nonce-key/v1")
+                conn.execute(insert(server_state).values(
+                    id=1, revocation_epoch=0, nonce_key=wrapped, audit_seq=0,
+                    audit_head=audit_chain.GENESIS))
+        return SCHEMA_VERSION
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            v = conn.execute(select(func.max(schema_migrations.c.version))).scalar()
+        return int(v or 0)
+
+    def nonce_key(self) -> Secret:
+        with self.engine.connect() as conn:
+            blob = conn.execute(select(server_state.c.nonce_key)).scalar_one()
+        return self.kek.unwrap(blob, b"sealtorch-nonce-key/v1")
+
+    # --- tenants and tokens -----------------------------------------------------------------
+    def add_tenant(self, conn: Connection, name: str) -> None:
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(tenants).values(name=name, created=_now()))
+        except IntegrityError as e:
+            raise StoreError(f"tenant {name!r} already exists") from e
+
+    def create_token(self, conn: Connection, tenant: str, ttl_seconds: int) -> tuple[str, str]:
+        """A new 256-bit token for ``tenant``; returns (token_id, token). Only the hash is kept."""
+        if conn.execute(select(tenants.c.name).where(tenants.c.name == tenant)).first() is None:
+            raise StoreError(f"tenant {tenant!r} does not exist")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        tid = secrets.token_hex(8)
+        conn.execute(insert(tokens).values(
+            token_id=tid, tenant=tenant, token_hash=token_hash(token),
+            expires=_now() + ttl_seconds, revoked=False, created=_now()))
+        return tid, token
+
+    def revoke_token(self, conn: Connection, tenant: str, token_id: str) -> bool:
+        r = conn.execute(update(tokens).where(tokens.c.tenant == tenant,
+                                              tokens.c.token_id == token_id).values(revoked=True))
+        return bool(r.rowcount)
+
+    def authenticate(self, token: str) -> tuple[str, str]:
+        """Return (tenant, token_id) of a valid token, else raise :class:`AuthError`."""
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 100:
+            raise AuthError("admin token is malformed; read it from the token file")
+        with self.engine.connect() as conn:
+            row = conn.execute(select(tokens).where(tokens.c.token_hash == token_hash(token))
+                               ).first()
+        if row is None:
+            raise AuthError("admin token is unknown")
+        if row.revoked:
+            raise AuthError("admin token was revoked; ask for a new one")
+        if row.expires <= _now():
+            raise AuthError("admin token has expired; create a new one")
+        return row.tenant, row.token_id
+
+    # --- models and keys --------------------------------------------------------------------
+    def _model(self, conn: Connection, tenant: str | None, model_id: str) -> Any:
+        row = conn.execute(select(models).where(models.c.model_id == model_id)).first()
+        if row is None or (tenant is not None and row.tenant != tenant):
+            raise StoreError(f"model {model_id!r} not found for this tenant")
+        return row
+
+    def add_model(self, conn: Connection, tenant: str, model_id: str, key: Secret,
+                  key_version: int = 1, *, exportable: bool = False) -> None:
+        if len(key) != 32:
+            raise StoreError("model keys are 32 bytes")
+        existing = conn.execute(select(models).where(models.c.model_id == model_id)).first()
+        if existing is not None and existing.tenant != tenant:
+            raise StoreError(f"model id {model_id!r} is taken; choose another id")
+        if existing is None:
+            conn.execute(insert(models).values(model_id=model_id, tenant=tenant, state="active",
+                                               created=_now()))
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(key_versions).values(
+                    model_id=model_id, key_version=key_version,
+                    wrapped=self.kek.wrap(key, wrap_aad(tenant, model_id, key_version)),
+                    state="active", exportable=exportable, created=_now()))
+        except IntegrityError as e:
+            raise StoreError(f"model {model_id!r} already has key version {key_version}") from e
+
+    def next_key_version(self, conn: Connection, model_id: str) -> int:
+        v = conn.execute(select(func.max(key_versions.c.key_version)).where(
+            key_versions.c.model_id == model_id)).scalar()
+        return int(v or 0) + 1
+
+    def export_key(self, conn: Connection, tenant: str, model_id: str, key_version: int
+                   ) -> Secret:
+        """Return a server-generated key once (then it is no longer exportable)."""
+        self._model(conn, tenant, model_id)
+        row = conn.execute(select(key_versions).where(
+            key_versions.c.model_id == model_id, key_versions.c.key_version == key_version)
+        ).first()
+        if row is None or not row.exportable:
+            raise StoreError("this key version does not exist or was already exported once")
+        conn.execute(update(key_versions).where(
+            key_versions.c.model_id == model_id, key_versions.c.key_version == key_version
+        ).values(exportable=False))
+        return self.kek.unwrap(row.wrapped, wrap_aad(tenant, model_id, key_version))
+
+    def set_version_state(self, conn: Connection, tenant: str, model_id: str, key_version: int,
+                          state: str) -> None:
+        self._model(conn, tenant, model_id)
+        r = conn.execute(update(key_versions).where(
+            key_versions.c.model_id == model_id, key_versions.c.key_version == key_version
+        ).values(state=state))
+        if not r.rowcount:
+            raise StoreError(f"model {model_id!r} has no key version {key_version}")
+        self.bump_epoch(conn)
+
+    def set_model_state(self, conn: Connection, tenant: str, model_id: str, state: str) -> None:
+        self._model(conn, tenant, model_id)
+        conn.execute(update(models).where(models.c.model_id == model_id).values(state=state))
+        self.bump_epoch(conn)
+
+    def list_models(self, conn: Connection, tenant: str) -> list[dict[str, Any]]:
+        out = []
+        for m in conn.execute(select(models).where(models.c.tenant == tenant)
+                              .order_by(models.c.model_id)):
+            vers = conn.execute(select(key_versions.c.key_version, key_versions.c.state).where(
+                key_versions.c.model_id == m.model_id).order_by(key_versions.c.key_version))
+            pol = conn.execute(select(policies.c.version).where(
+                policies.c.model_id == m.model_id)).scalar()
+            out.append({"model_id": m.model_id, "state": m.state,
+                        "key_versions": [{"key_version": v.key_version, "state": v.state}
+                                         for v in vers],
+                        "policy_version": pol})
+        return out
+
+    def model_info(self, conn: Connection, model_id: str) -> Any:
+        return conn.execute(select(models).where(models.c.model_id == model_id)).first()
+
+    def active_keys(self, conn: Connection, tenant: str, model_id: str
+                    ) -> list[tuple[int, Secret]]:
+        """Unwrapped active key versions (cached in memory by exact wrapped blob + AAD)."""
+        rows = conn.execute(select(key_versions.c.key_version, key_versions.c.wrapped).where(
+            key_versions.c.model_id == model_id, key_versions.c.state == "active"
+        ).order_by(key_versions.c.key_version)).all()
+        out = []
+        for kv, blob in rows:
+            aad = wrap_aad(tenant, model_id, kv)
+            ck = (bytes(blob), aad)
+            with self._lock:
+                s = self._key_cache.get(ck)
+            if s is None:
+                s = self.kek.unwrap(bytes(blob), aad)
+                with self._lock:
+                    self._key_cache[ck] = s
+            out.append((kv, s))
+        return out
+
+    def all_model_ids(self, conn: Connection) -> list[str]:
+        return [r[0] for r in conn.execute(select(models.c.model_id).order_by(models.c.model_id))]
+
+    # --- policies ---------------------------------------------------------------------------
+    def _policy_mac_input(self, tenant: str, model_id: str, version: int, text: str) -> bytes:
+        return b"sealtorch-policy/v1\x00" + canonical_json([tenant, model_id, version, text])
+
+    def set_policy(self, conn: Connection, tenant: str, model_id: str, policy: dict[str, Any],
+                   version: int) -> None:
+        self._model(conn, tenant, model_id)
+        text = canonical_json(policy).decode("ascii")
+        cur = conn.execute(select(policies.c.version).where(policies.c.model_id == model_id)
+                           ).scalar()
+        if cur is not None and version <= cur:
+            raise StoreError(f"policy version must increase (current {cur}); bump 'version'")
+        mac = self.kek.mac(self._policy_mac_input(tenant, model_id, version, text))
+        values = {"version": version, "policy": text, "mac": mac, "updated": _now()}
+        if cur is None:
+            conn.execute(insert(policies).values(model_id=model_id, **values))
+        else:
+            conn.execute(update(policies).where(policies.c.model_id == model_id).values(**values))
+
+    def get_policy(self, conn: Connection, tenant: str, model_id: str
+                   ) -> tuple[dict[str, Any], int] | None:
+        """The model's policy and version, after checking its KEK MAC (TamperError if edited)."""
+        row = conn.execute(select(policies).where(policies.c.model_id == model_id)).first()
+        if row is None:
+            return None
+        data = self._policy_mac_input(tenant, model_id, row.version, row.policy)
+        ck = hashlib.sha256(data + bytes(row.mac)).digest()
+        if not self._policy_ok.get(ck):
+            if not verify_mac(self.kek, data, bytes(row.mac)):
+                raise TamperError(
+                    f"policy row of model {model_id!r} fails its KEK MAC (edited in the database);"
+                    " set the policy again through the admin API"
+                )
+            self._policy_ok[ck] = True
+        return json.loads(row.policy), int(row.version)
+
+    # --- caches -----------------------------------------------------------------------------
+    def enrol_cache(self, conn: Connection, cache_id: str, tee: str, platform_id: str,
+                    public_key: str, measurement: str) -> None:
+        now = _now()
+        r = conn.execute(update(caches).where(caches.c.cache_id == cache_id).values(
+            public_key=public_key, measurement=measurement[:256], last_seen=now))
+        if not r.rowcount:
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(caches).values(
+                        cache_id=cache_id, tee=tee, platform_id=platform_id[:128],
+                        public_key=public_key, measurement=measurement[:256], first_seen=now,
+                        last_seen=now))
+            except IntegrityError:
+                pass  # enrolled concurrently by another replica
+
+    def approval(self, conn: Connection, tenant: str, cache_id: str) -> str | None:
+        return conn.execute(select(cache_approvals.c.state).where(
+            cache_approvals.c.tenant == tenant, cache_approvals.c.cache_id == cache_id)).scalar()
+
+    def set_approval(self, conn: Connection, tenant: str, cache_id: str, state: str) -> None:
+        if conn.execute(select(caches.c.cache_id).where(caches.c.cache_id == cache_id)
+                        ).first() is None:
+            raise StoreError(f"cache {cache_id!r} has not enrolled")
+        r = conn.execute(update(cache_approvals).where(
+            cache_approvals.c.tenant == tenant, cache_approvals.c.cache_id == cache_id
+        ).values(state=state, updated=_now()))
+        if not r.rowcount:
+            conn.execute(insert(cache_approvals).values(tenant=tenant, cache_id=cache_id,
+                                                        state=state, updated=_now()))
+        if state == "revoked":
+            self.bump_epoch(conn)
+
+    def list_caches(self, conn: Connection, tenant: str) -> list[dict[str, Any]]:
+        out = []
+        for c in conn.execute(select(caches).order_by(caches.c.first_seen)):
+            out.append({"cache_id": c.cache_id, "tee": c.tee, "platform_id": c.platform_id,
+                        "measurement": c.measurement, "first_seen": c.first_seen,
+                        "last_seen": c.last_seen,
+                        "state": self.approval(conn, tenant, c.cache_id) or "pending"})
+        return out
+
+    # --- sim platforms ----------------------------------------------------------------------
+    def add_sim_platform(self, conn: Connection, tenant: str, key_text: str) -> None:
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(sim_platforms).values(key=key_text, tenant=tenant,
+                                                          created=_now()))
+        except IntegrityError:
+            pass
+
+    def sim_platforms(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(sim_platforms.c.key))]
+
+    # --- nonces, epoch ----------------------------------------------------------------------
+    def burn_nonce(self, conn: Connection, nonce: bytes, expires: int) -> bool:
+        """Record ``nonce`` as used; False if it was used before (by any replica)."""
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(consumed_nonces).values(
+                    nonce_hash=hashlib.sha256(nonce).digest(), expires=expires))
+            return True
+        except IntegrityError:
+            return False
+
+    def purge_nonces(self) -> None:
+        with self.tx() as conn:
+            conn.execute(consumed_nonces.delete().where(consumed_nonces.c.expires < _now() - 60))
+
+    def bump_epoch(self, conn: Connection) -> None:
+        conn.execute(update(server_state).where(server_state.c.id == 1).values(
+            revocation_epoch=server_state.c.revocation_epoch + 1))
+
+    def epoch(self, conn: Connection) -> int:
+        return int(conn.execute(select(server_state.c.revocation_epoch)).scalar_one())
+
+    # --- audit ------------------------------------------------------------------------------
+    def append_audit(self, conn: Connection, *, actor: str, action: str, decision: str,
+                     code: str, tenant: str | None = None, model_id: str | None = None,
+                     cache_id: str | None = None, details: Any = None) -> tuple[int, str]:
+        """Append one chained entry in ``conn``'s transaction; returns the new (seq, hash)."""
+        st = conn.execute(select(server_state.c.audit_seq, server_state.c.audit_head)
+                          .where(server_state.c.id == 1).with_for_update()).one()
+        entry = {"seq": st.audit_seq + 1, "ts": _now(), "tenant": tenant, "actor": actor[:128],
+                 "action": action, "model_id": model_id, "cache_id": cache_id,
+                 "decision": decision, "code": code,
+                 "details": canonical_json(details if details is not None else {}).decode(),
+                 "prev_hash": st.audit_head}
+        entry["hash"] = audit_chain.entry_hash(entry)
+        conn.execute(insert(audit_log).values(**entry))
+        conn.execute(update(server_state).where(server_state.c.id == 1).values(
+            audit_seq=entry["seq"], audit_head=entry["hash"]))
+        return entry["seq"], entry["hash"]
+
+    def audit_head(self) -> tuple[int, str]:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(server_state.c.audit_seq, server_state.c.audit_head)).one()
+        return int(r[0]), str(r[1])
+
+    def audit_rows(self, *, tenant: str | None = None, after: int = 0, limit: int | None = None
+                   ) -> list[dict[str, Any]]:
+        q = select(audit_log).where(audit_log.c.seq > after).order_by(audit_log.c.seq)
+        if tenant is not None:
+            q = q.where(audit_log.c.tenant == tenant)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def count_anonymous(self, code: str) -> None:
+        """Count a malformed anonymous request in an hourly aggregate row (not one row each)."""
+        window = _now() // 3600 * 3600
+        with self.tx() as conn:
+            r = conn.execute(update(anon_counters).where(
+                anon_counters.c.window == window, anon_counters.c.code == code
+            ).values(count=anon_counters.c.count + 1))
+            if not r.rowcount:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(anon_counters).values(window=window, code=code,
+                                                                  count=1))
+                except IntegrityError:
+                    pass
