@@ -34,9 +34,15 @@ def make_attester(name: str, config: CacheConfig) -> Any:
         return SimAttester(key, sim.measure("dkeycache", config.raw), role="dkeycache")
     from sealtorch.attestation import attesters
 
-    att = attesters.detect() if name == "auto" else attesters.get(name)
-    if att is None or att.tee == "sim":
-        raise AttesterUnavailableError("no TEE attester found; pass --attester explicitly")
+    att: Any
+    if name == "auto":
+        att = attesters.detect()
+    elif name == "sgx":
+        att = attesters.GramineAttester()
+    else:
+        att = attesters.TsmAttester(tee=name)
+    if att.tee == "sim" or (name != "auto" and att.tee != name):
+        raise AttesterUnavailableError(f"the {name} attester is not available here")
     return att
 
 
