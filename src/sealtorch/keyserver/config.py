@@ -61,8 +61,8 @@ class ServerConfig:
                 "sim attestation is enabled but the release listener is not loopback-only; "
                 "sim protects nothing: bind 127.0.0.1 or turn sim off"
             )
-        if not 10 <= self.nonce_ttl <= 3600:
-            raise ConfigError("nonce_ttl must be between 10 and 3600 seconds")
+        if not 1 <= self.nonce_ttl <= 3600:
+            raise ConfigError("nonce_ttl must be between 1 and 3600 seconds")
         if not 1 <= self.lease_seconds <= 30 * 86400:
             raise ConfigError("lease_seconds must be between 1 second and 30 days")
         if not 1 <= self.workers <= 64:
