@@ -216,3 +216,22 @@ class AuthError(SealtorchError):
     """An admin token is missing, unknown, expired, revoked or out of scope."""
 
     code = "unauthorized"
+
+
+# --- inference runtime -------------------------------------------------------------------------
+class ServeError(SealtorchError):
+    """The inference server cannot start or serve a model."""
+
+    code = "serve_error"
+
+
+class FactoryError(ServeError):
+    """A model factory is not on the policy's allow-list, malformed, or did not build a module."""
+
+    code = "factory_refused"
+
+
+class InferenceInputError(ServeError):
+    """An inference request is malformed (bad JSON, wrong name, shape or datatype)."""
+
+    code = "bad_request"

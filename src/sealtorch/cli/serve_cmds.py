@@ -1,7 +1,110 @@
-"""Commands of this family (filled in by its owner)."""
+"""``sealtorch serve`` (Open Inference Protocol), ``sealtorch gramine manifest``, ``sealtorch
+demo``. Heavy modules (torch, uvicorn) are imported inside the commands."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+ATTESTERS = ("auto", "sgx", "tdx", "snp", "sim")
+
+
+def _shape(value: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected comma-separated sizes, e.g. 3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise click.BadParameter("sizes must be positive")
+    return dims
+
+
+def make_runtime_attester(name: str, config_raw: bytes) -> object:
+    """The runtime's attester; sim only when named, measuring the ``serve`` role and config."""
+    from sealtorch.errors import AttesterUnavailableError, ConfigError
+
+    if name not in ATTESTERS:
+        raise ConfigError(f"--attester must be one of {', '.join(ATTESTERS)}")
+    if name == "sim":
+        from sealtorch.attestation import sim
+        from sealtorch.attestation.attesters.sim import SimAttester
+
+        return SimAttester(sim.default_dir() / sim.KEY_FILE, sim.measure("serve", config_raw),
+                           role="serve")
+    from sealtorch.attestation import attesters
+
+    att = attesters.detect()
+    if name != "auto" and att.tee != name:
+        raise AttesterUnavailableError(
+            f"--attester {name} was asked for but this machine offers {att.tee}")
+    return att
+
+
+@click.command("serve")
+@click.argument("sealed", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--factory", required=True,
+              help="package.module:function building the module; must be on the policy's "
+                   "'factories' allow-list")
+@click.option("--keycache", "socket_path", required=True, help="dkeycache Unix socket")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="the runtime's measured config ([runtime] server_public_key)")
+@click.option("--attester", default="auto", show_default=True, type=click.Choice(ATTESTERS),
+              help="TEE backend for local evidence; auto never picks sim")
+@click.option("--name", default=None, help="model name in the API (default: the model id)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="rows per forward pass (every pass runs at exactly this size)")
+@click.option("--input-shape", default="3,224,224", show_default=True,
+              help="per-sample input shape")
+@click.option("--datatype", default="FP32", show_default=True,
+              type=click.Choice(["FP32", "FP64", "INT64", "INT32"]))
+@click.option("--rate", default=100.0, show_default=True, type=click.FloatRange(0),
+              help="requests per second per client (0 = unlimited)")
+@click.option("--threads", default=None, type=click.IntRange(1, 1024),
+              help="torch threads (default: torch's choice)")
+def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attester: str,
+          name: str | None, host: str, port: int, max_batch: int, input_shape: str,
+          datatype: str, rate: float, threads: int | None) -> None:
+    """Serve a sealed model over the Open Inference Protocol (KServe v2 REST)."""
+    import logging
+
+    import torch
+    import uvicorn
+
+    from sealtorch._secret import harden_process
+    from sealtorch.format.header import read_header
+    from sealtorch.keycache.client import KeyCacheClient
+    from sealtorch.runtime.app import ServeOptions, build_app
+    from sealtorch.runtime.config import load_runtime_config
+    from sealtorch.runtime.factory import validate_factory
+    from sealtorch.runtime.model import ServedModel, build_sealed
+
+    harden_process()
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    shape = _shape(input_shape)
+    validate_factory(factory)
+    if threads:
+        torch.set_num_threads(threads)
+    config = load_runtime_config(config_path)
+    header = read_header(sealed)
+    client = KeyCacheClient(socket_path, server_public_key=config.server_public_key,
+                            attester=make_runtime_attester(attester, config.raw))
+    try:
+        allowed = client.policy(header.model_id).factories
+        module = build_sealed(sealed, factory, key_provider=client, allowed_factories=allowed,
+                              threads=threads)
+    finally:
+        client.close()
+    model = ServedModel(name or header.model_id, module, input_shape=shape, datatype=datatype)
+    app = build_app(model, ServeOptions(max_batch=max_batch, rate_per_second=rate,
+                                        rate_burst=max(1, int(rate * 2))))
+    click.echo(f"serving {model.name} on http://{host}:{port}/v2/models/{model.name}", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
+                timeout_keep_alive=5)
+
+
+COMMANDS: list[click.Command] = [serve]

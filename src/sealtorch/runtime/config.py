@@ -1,0 +1,76 @@
+"""The runtime's measured configuration (TOML ``[runtime]`` table).
+
+It pins the dkeyserver release-signing public key that ``sealtorch serve`` trusts for the grants
+the key cache relays. The file is part of the TEE measurement (a Gramine trusted file, TDX
+MRCONFIGID, SNP HOST_DATA, sim: ``sim.measure("serve", raw)``), so a host cannot swap the key.
+
+Example::
+
+    [runtime]
+    server_public_key = "<base64 raw Ed25519 key, or PEM>"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sealtorch.errors import ConfigError
+
+MAX_CONFIG_BYTES = 16 * 1024
+_ALLOWED = {"server_public_key"}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Parsed runtime configuration; ``raw`` is the exact file bytes (what is measured)."""
+
+    server_public_key: str
+    raw: bytes = field(default=b"", repr=False)
+
+
+def parse_runtime_config(raw: bytes) -> RuntimeConfig:
+    """Parse and validate runtime configuration bytes (unknown fields are errors)."""
+    from sealtorch.protocol.signing import load_public_key
+
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"runtime config larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"runtime config is not valid UTF-8 TOML ({type(e).__name__})") from e
+    rt = doc.get("runtime")
+    if not isinstance(rt, dict) or set(doc) != {"runtime"}:
+        raise ConfigError("runtime config must contain exactly one [runtime] table")
+    unknown = set(rt) - _ALLOWED
+    if unknown:
+        raise ConfigError(f"unknown runtime config field(s); allowed: {sorted(_ALLOWED)}")
+    spk = rt.get("server_public_key")
+    if not isinstance(spk, str):
+        raise ConfigError("server_public_key (the pinned release-signing key) is required")
+    try:
+        load_public_key(spk)
+    except Exception as e:
+        raise ConfigError(
+            "server_public_key must be a raw Ed25519 key in base64 or a PEM public key"
+        ) from e
+    return RuntimeConfig(server_public_key=spk, raw=bytes(raw))
+
+
+def load_runtime_config(path: str | os.PathLike[str]) -> RuntimeConfig:
+    """Read and parse the runtime configuration file at ``path``."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read runtime config {p} ({e.strerror})") from e
+    return parse_runtime_config(raw)
+
+
+def render_runtime_config(server_public_key: str) -> bytes:
+    """The canonical text of a runtime config pinning ``server_public_key``."""
+    if "\n" in server_public_key.strip() or '"' in server_public_key:
+        raise ConfigError("pass the server key as base64 of the raw 32 bytes")
+    return f'[runtime]\nserver_public_key = "{server_public_key.strip()}"\n'.encode()

@@ -1,0 +1,58 @@
+"""Model factories: ``package.module:function`` strings checked against the policy allow-list.
+
+A host can pass any ``--factory`` on the command line, and the command line of an SGX enclave is
+not always measured; so the factory is compared with the allow-list carried in the model's
+*signed* policy **before** its module is imported (importing runs code).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from sealtorch.errors import FactoryError
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+FACTORY_RE = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}")
+MAX_FACTORY_LEN = 200
+
+
+def validate_factory(spec: object) -> str:
+    """Return ``spec`` if it looks like ``package.module:function``; raise otherwise."""
+    if not isinstance(spec, str) or len(spec) > MAX_FACTORY_LEN or not FACTORY_RE.fullmatch(spec):
+        raise FactoryError(
+            "the factory must look like 'package.module:function' (letters, digits, '_' "
+            f"and '.', at most {MAX_FACTORY_LEN} characters)"
+        )
+    return spec
+
+
+def check_allowed(spec: str, allowed: Sequence[str]) -> None:
+    """Refuse ``spec`` unless it is exactly one of the policy's ``factories``."""
+    validate_factory(spec)
+    if spec not in tuple(allowed):
+        if not allowed:
+            raise FactoryError(
+                "the model's policy allows no factory for `sealtorch serve`; the model owner "
+                "must add it to the policy's 'factories' list"
+            )
+        raise FactoryError(
+            "the factory is not on the model policy's 'factories' allow-list; use one of the "
+            f"{len(allowed)} allowed factories or ask the model owner to add it"
+        )
+
+
+def resolve(spec: str, allowed: Sequence[str]) -> Any:
+    """Check ``spec`` against ``allowed``, then import it and return the callable."""
+    check_allowed(spec, allowed)
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise FactoryError(f"cannot import the factory's module ({type(e).__name__})") from e
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise FactoryError("the factory's module has no callable of that name")
+    return func
