@@ -128,6 +128,8 @@ def parse_report(raw: bytes) -> Report:
     version = u32(0x00)
     if version not in VERSIONS:
         raise EvidenceFormatError("unsupported SNP report version (supported: 2, 3, 5)")
+    if any(raw[0x330:]):
+        raise EvidenceFormatError("SNP report bytes after the signature must be zero")
     key_info = u32(0x48)
     sk = (key_info >> 2) & 0x7
     if sk not in (0, 1):
@@ -160,10 +162,17 @@ def _load_cert(data: bytes, what: str) -> x509.Certificate:
         warnings.simplefilter("ignore")
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
-        except ValueError:
-            raise EvidenceFormatError(f"{what} is not an X.509 certificate") from None
+                cert = x509.load_pem_x509_certificate(data)
+            else:
+                cert = x509.load_der_x509_certificate(data)
+            # parse every field now: cryptography parses lazily and may fail later otherwise
+            _ = (cert.issuer, cert.subject, cert.extensions, cert.public_key(), cert.signature,
+                 cert.tbs_certificate_bytes, cert.not_valid_before_utc, cert.not_valid_after_utc)
+            for e in cert.extensions:
+                _ = e.value
+        except Exception:  # any parse failure of untrusted DER is a format error
+            raise EvidenceFormatError(f"{what} is not a well-formed X.509 certificate") from None
+        return cert
 
 
 def cert_from_table(table: bytes, kind: str) -> bytes | None:
