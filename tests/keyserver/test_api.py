@@ -1,0 +1,287 @@
+"""Release/admin API behaviour: OpenAPI conformance, limits, TLS 1.3, tokens, keys, CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import ssl
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from tests.keyserver.conftest import SimCache
+from tests.servers import RunningKeyServer, keyserver_cli, sim_policy, start_keyserver
+
+from sealtorch.attestation import sim
+from sealtorch.errors import ConfigError, ReleaseDenied
+from sealtorch.keyserver.client import tls_client_context
+from sealtorch.protocol import hpke
+
+warnings.filterwarnings("ignore", category=RuntimeWarning)
+MEAS = sim.measure("dkeycache")
+SPEC = json.loads((Path(__file__).resolve().parents[2] / "src/sealtorch/keyserver/openapi.json"
+                   ).read_text())
+
+
+def check_schema(obj: Any, name: str) -> None:
+    """Validate ``obj`` against a component schema of the OpenAPI spec."""
+    schema = {"$ref": f"#/components/schemas/{name}", "components": SPEC["components"]}
+    jsonschema.validate(obj, schema, cls=jsonschema.Draft202012Validator)
+
+
+@pytest.fixture(scope="module")
+def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningKeyServer]:
+    server = start_keyserver(tmp_path_factory.mktemp("api"), sim=True, auto_approve=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cache(ks: RunningKeyServer) -> SimCache:
+    return SimCache(ks.sim_platform(), MEAS)
+
+
+def _post(ks: RunningKeyServer, path: str, body: Any = None, *, content: bytes | None = None
+          ) -> httpx.Response:
+    with httpx.Client(verify=tls_client_context(ks.ca_cert_path), timeout=30) as h:
+        if content is not None:
+            return h.post(ks.url + path, content=content,
+                          headers={"content-type": "application/json"})
+        return h.post(ks.url + path, json=body)
+
+
+def test_openapi_spec_is_valid_and_responses_conform(ks: RunningKeyServer,
+                                                     cache: SimCache) -> None:
+    from openapi_spec_validator import validate
+
+    validate(SPEC)
+    ks.add_model("spec-m", os.urandom(32))
+    ks.set_policy("spec-m", sim_policy(MEAS))
+    r = _post(ks, "/v1/challenge", {})
+    assert r.status_code == 200
+    check_schema(r.json(), "ChallengeResponse")
+    with ks.client() as client:
+        ev, _, pk, n = cache.request(client)
+    req = {"evidence": ev.to_dict(), "public_key": base64.b64encode(pk).decode(),
+           "nonce": base64.b64encode(n).decode(), "models": ["spec-m", "absent"]}
+    r = _post(ks, "/v1/release", req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    check_schema(body, "ReleaseResponse")
+    assert len(body["grants"]) == 1 and body["denials"] == [
+        {"model_id": "absent", "code": "unknown_model"}]
+    r = _post(ks, "/v1/release", req)  # replay
+    assert r.status_code == 403
+    check_schema(r.json(), "Error")
+    assert r.json()["error"]["code"] == "nonce_invalid"
+    r = _post(ks, "/v1/status", {"nonce": base64.b64encode(os.urandom(32)).decode(),
+                                 "cache_id": body["cache_id"], "models": ["spec-m"]})
+    assert r.status_code == 200
+    check_schema(r.json(), "StatusResponse")
+    with httpx.Client(verify=tls_client_context(ks.ca_cert_path)) as h:
+        tok = ks.admin_token_file.read_text().strip()
+        for path, name in [("/v1/admin/models", "ModelList"), ("/v1/admin/caches", "CacheList"),
+                           ("/v1/admin/audit/verify", "AuditVerify")]:
+            rr = h.get(ks.admin_url + path, headers={"Authorization": f"Bearer {tok}"})
+            assert rr.status_code == 200
+            check_schema(rr.json(), name)
+        assert h.get(ks.url + "/healthz").json() == {"status": "ok"}
+
+
+def test_limits_and_no_echo(ks: RunningKeyServer) -> None:
+    r = _post(ks, "/v1/release", content=b"{" + b" " * (70 * 1024) + b"}")
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    marker = "ZZZmarkerZZZ"
+    bad = {"evidence": {}, "public_key": marker + "==", "nonce": marker, "models": None}
+    r = _post(ks, "/v1/release", bad)
+    assert r.status_code == 400 and marker not in r.text
+    check_schema(r.json(), "Error")
+    many = {"evidence": {}, "public_key": base64.b64encode(b"k" * 32).decode(),
+            "nonce": base64.b64encode(b"n" * 32).decode(),
+            "models": [f"m{i}" for i in range(33)]}
+    r = _post(ks, "/v1/release", many)
+    assert r.status_code == 400 and "32" in r.json()["error"]["message"]
+    r = _post(ks, "/v1/release", content=b"not json " + marker.encode())
+    assert r.status_code == 400 and marker not in r.text
+    # malformed anonymous requests are counted in aggregate rows, not audited one by one
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(f"sqlite:///{ks.data_dir / 'keyserver.db'}")
+    with eng.connect() as c:
+        counts = dict(c.execute(sa.text("SELECT code, SUM(count) FROM anon_counters "
+                                        "GROUP BY code")).all())
+        audit_codes = {row[0] for row in c.execute(sa.text("SELECT code FROM audit_log"))}
+    eng.dispose()
+    assert counts["bad_request"] >= 3 and counts["too_large"] >= 1
+    assert "bad_request" not in audit_codes
+
+
+def test_tls12_refused(ks: RunningKeyServer) -> None:
+    ctx = ssl.create_default_context(cafile=str(ks.ca_cert_path))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(ks.url + "/healthz", verify=ctx)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(ks.admin_url + "/healthz", verify=ctx)
+
+
+def test_admin_auth_and_tokens(ks: RunningKeyServer, tmp_path: Path) -> None:
+    with httpx.Client(verify=tls_client_context(ks.ca_cert_path)) as h:
+        assert h.get(ks.admin_url + "/v1/admin/models").status_code == 401
+        r = h.get(ks.admin_url + "/v1/admin/models",
+                  headers={"Authorization": "Bearer stk_" + "A" * 43})
+        assert r.status_code == 401 and "A" * 43 not in r.text
+    new = ks.admin("POST", "/v1/admin/tokens", {"ttl_seconds": 3600})
+    tf = tmp_path / "t2"
+    tf.write_text(new["token"])
+    assert ks.admin("GET", "/v1/admin/whoami", token_file=tf)["tenant"] == "default"
+    ks.admin("DELETE", f"/v1/admin/tokens/{new['token_id']}")
+    r = ks.admin("GET", "/v1/admin/whoami", token_file=tf, expect=None)
+    assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    # tokens are stored only as SHA-256
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(f"sqlite:///{ks.data_dir / 'keyserver.db'}")
+    with eng.connect() as c:
+        hashes = [row[0] for row in c.execute(sa.text("SELECT token_hash FROM tokens"))]
+    eng.dispose()
+    assert new["token"] not in hashes and len(hashes[0]) == 64
+
+
+def test_create_export_rotate_retire(ks: RunningKeyServer, cache: SimCache,
+                                     tmp_path: Path) -> None:
+    ks.admin("POST", "/v1/admin/models", {"model_id": "gen", "key": None})
+    ks.set_policy("gen", sim_policy(MEAS))
+    out = tmp_path / "gen.key"
+    keyserver_cli("model", "export", "gen", "--key-version", "1", "--out", str(out),
+                  "--signing-public-key", str(ks.signing_public_key_file), "--admin-url",
+                  ks.admin_url, "--ca-cert", str(ks.ca_cert_path), "--token-file",
+                  str(ks.admin_token_file), env=ks.env)
+    from sealtorch.format.keyfile import read_key_file
+
+    exported = read_key_file(out)
+    assert exported.model_id == "gen" and exported.key_version == 1
+    # only once
+    sk, pk = hpke.generate_keypair()
+    r = ks.admin("POST", "/v1/admin/model-export/gen",
+                 {"key_version": 1, "public_key": base64.b64encode(pk).decode()}, expect=None)
+    assert r.status_code == 409
+    v2 = os.urandom(32)
+    assert ks.admin("POST", "/v1/admin/model-rotate/gen",
+                    {"key": base64.b64encode(v2).decode()})["key_version"] == 2
+    with ks.client() as client:
+        ev, sk, pk, n = cache.request(client)
+        res = client.release(ev, pk, n, ["gen"], private_key=sk)
+        got = {g.grant.key_version: g.key for g in res.grants}
+        assert set(got) == {1, 2}
+        assert got[1].equals(exported.key) and got[2].equals(v2)
+        ks.admin("POST", "/v1/admin/model-retire/gen", {"key_version": 1})
+        ev, sk, pk, n = cache.request(client)
+        res = client.release(ev, pk, n, ["gen"], private_key=sk)
+        assert [g.grant.key_version for g in res.grants] == [2]
+        assert res.grants[0].grant.revocation_epoch >= 1
+
+
+def test_policy_test_explains_and_cli_paths(ks: RunningKeyServer, cache: SimCache,
+                                            tmp_path: Path) -> None:
+    from sealtorch.format.keyfile import generate_model_key, write_key_file
+
+    mk = generate_model_key("cli-m")
+    kf = tmp_path / "cli-m.key"
+    write_key_file(kf, mk)
+    ks.add_model_file("cli-m", kf)
+    pol = tmp_path / "policy.json"
+    pol.write_text(json.dumps(sim_policy(MEAS, version=3)))
+    common = ["--admin-url", ks.admin_url, "--ca-cert", str(ks.ca_cert_path)]
+    env = dict(ks.env, SEALTORCH_ADMIN_TOKEN=ks.admin_token_file.read_text().strip())
+    keyserver_cli("policy", "set", "cli-m", str(pol), *common, env=env)
+    shown = json.loads(keyserver_cli("policy", "show", "cli-m", *common, env=env).stdout)
+    assert shown["policy_version"] == 3
+    # a lower policy version is refused
+    pol.write_text(json.dumps(sim_policy(MEAS, version=2)))
+    bad = keyserver_cli("policy", "set", "cli-m", str(pol), *common, env=env, check=False)
+    assert bad.returncode != 0
+    other = SimCache(cache.platform_key, sim.measure("dkeycache", b"x"))
+    with ks.client() as client:
+        ev, _, _, _ = other.request(client)
+    evf = tmp_path / "ev.json"
+    evf.write_text(json.dumps(ev.to_dict()))
+    out = json.loads(keyserver_cli("policy", "test", "cli-m", str(evf), *common,
+                                   env=env).stdout)
+    assert out["allowed"] is False and any("measurement" in r for r in out["reasons"])
+    listed = json.loads(keyserver_cli("cache", "list", *common, env=env).stdout)
+    assert listed["caches"]
+    with ks.client() as client:
+        ev, sk, pk, n = cache.request(client)
+        res = client.release(ev, pk, n, ["cli-m"], private_key=sk)
+        assert res.grants[0].key.equals(mk.key) and res.grants[0].grant.policy_version == 3
+
+
+def test_metrics_and_audit_verify(ks: RunningKeyServer) -> None:
+    with httpx.Client(verify=tls_client_context(ks.ca_cert_path)) as h:
+        text = h.get(ks.admin_url + "/metrics").text
+    assert "dkeyserver_releases_total" in text and "dkeyserver_denials_total" in text
+    assert ks.admin("GET", "/v1/admin/audit/verify")["ok"] is True
+
+
+def test_release_all_entitled(ks: RunningKeyServer, cache: SimCache) -> None:
+    ks.add_model("all-a", os.urandom(32))
+    ks.set_policy("all-a", sim_policy(MEAS))
+    with ks.client() as client:
+        ev, sk, pk, n = cache.request(client)
+        res = client.release(ev, pk, n, None, private_key=sk)
+    ids = {g.grant.model_id for g in res.grants}
+    assert "all-a" in ids and res.denials == {}
+
+
+def test_sim_refused_off_loopback(tmp_path: Path) -> None:
+    from sealtorch.keyserver.bootstrap import init_data_dir
+
+    with pytest.raises(ConfigError, match="loopback"):
+        init_data_dir(tmp_path / "d", sim=True, release_host="0.0.0.0")
+
+
+def test_sim_off_by_default(tmp_path: Path) -> None:
+    ks = start_keyserver(tmp_path, sim=False, auto_approve=True)
+    try:
+        r = ks.admin("POST", "/v1/admin/sim/platforms", {"public_key": "00" * 32}, expect=None)
+        assert r.status_code == 400
+        key = sim.init_platform_key(tmp_path / "p")
+        with ks.client() as client:
+            ev, _, pk, n = SimCache(key, MEAS).request(client)
+            with pytest.raises(ReleaseDenied) as ei:
+                client.release(ev, pk, n, ["x"])
+        assert ei.value.denial == "evidence_invalid"
+    finally:
+        ks.stop()
+
+
+def test_migrations_idempotent_and_keep_data(tmp_path: Path) -> None:
+    from sealtorch._secret import Secret
+    from sealtorch.keyserver.kek import FileKek
+    from sealtorch.keyserver.store import SCHEMA_VERSION, Store
+
+    FileKek.create(tmp_path / "kek")
+    kek = FileKek(tmp_path / "kek")
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    s = Store(url, kek)
+    assert s.migrate() == SCHEMA_VERSION
+    with s.tx() as c:
+        s.add_tenant(c, "t")
+        s.add_model(c, "t", "m", Secret(b"k" * 32))
+    s.close()
+    s2 = Store(url, kek)
+    assert s2.migrate() == SCHEMA_VERSION and s2.schema_version() == SCHEMA_VERSION
+    with s2.tx() as c:
+        assert s2.active_keys(c, "t", "m")[0][1].equals(b"k" * 32)
+    s2.close()
+    os.chmod(tmp_path / "kek", 0o644)
+    with pytest.raises(ConfigError, match="chmod"):
+        FileKek(tmp_path / "kek")
