@@ -472,3 +472,34 @@ def evaluate(identities: Sequence[Identity], claims: Claims, *, what: str = "ide
             return Decision(True, ident, (), i)
         reasons += [f"{what}[{i}] ({ident.label}): {f}" for f in failed]
     return Decision(False, None, tuple(reasons))
+
+
+PINNED_LABEL = "pinned from evidence (development shortcut)"
+
+
+def identity_from_claims(claims: Claims, *, name: str = PINNED_LABEL) -> Identity:
+    """An identity that pins these verified claims with the strict defaults.
+
+    A development shortcut: production policies start from measurements computed offline. The
+    identity never inherits leniency from the evidence (debug, non-UpToDate TCB stay denied).
+    """
+    d: dict[str, Any] = {"tee": claims.tee, "name": name}
+
+    def hx(v: bytes | None) -> str | None:
+        return v.hex() if v is not None else None
+
+    if claims.tee == "sgx":
+        d.update(mrenclave=hx(claims.mrenclave), mrsigner=hx(claims.mrsigner),
+                 isv_prod_id=claims.isv_prod_id, min_isv_svn=claims.isv_svn)
+    elif claims.tee == "tdx":
+        d.update(mrtd=hx(claims.mrtd), rtmr0=[hx(claims.rtmr0)], rtmr1=hx(claims.rtmr1),
+                 rtmr2=hx(claims.rtmr2), mrconfigid=hx(claims.mrconfigid),
+                 min_tee_tcb_svn=hx(claims.tee_tcb_svn))
+    elif claims.tee == "snp":
+        d.update(measurement=hx(claims.measurement), host_data=hx(claims.host_data),
+                 product=claims.product, max_vmpl=claims.vmpl,
+                 min_tcb=dict(claims.reported_tcb or {}))
+    else:
+        d.update(measurement=hx(claims.measurement), platform_key=claims.platform_key)
+    return Identity.from_dict({k: v for k, v in d.items() if v is not None and v != {}},
+                              "pinned identity")
