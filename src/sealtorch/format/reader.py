@@ -54,12 +54,50 @@ KeyArg = ModelKey | Secret | str | os.PathLike[str] | None
 SignerArg = Ed25519PublicKey | bytes | str | os.PathLike[str] | None
 
 
-def default_threads() -> int:
-    """Decryption threads: one per CPU this process may run on."""
+def _cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def aead_releases_gil() -> bool:
+    """Whether the installed ``cryptography`` runs AES-GCM without holding the GIL.
+
+    Releases up to 48.x hold it for the whole operation (pyca/cryptography#15359, merged after
+    48.0.0, detaches it), so there extra threads only add contention.
+    """
+    import cryptography
+
+    try:
+        major = int(cryptography.__version__.split(".")[0])
+    except ValueError:  # pragma: no cover
+        return False
+    return major >= 49
+
+
+def default_threads() -> int:
+    """Decryption threads: one per CPU when AES-GCM runs in parallel, else one."""
+    return _cpus() if aead_releases_gil() else 1
+
+
+class _Memory:
+    """Exposes ``n`` bytes at a raw address to numpy (the owner must outlive the array)."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, ptr: int, n: int) -> None:
+        self.__array_interface__ = {
+            "data": (ptr, False),
+            "shape": (n,),
+            "typestr": "|u1",
+            "version": 3,
+        }
+
+
+def _bytes_of(t: torch.Tensor, nbytes: int) -> np.ndarray:
+    """A writable uint8 view of a contiguous CPU tensor's bytes (no copy, no autograd)."""
+    return np.asarray(_Memory(t.data_ptr(), nbytes))
 
 
 @dataclass
@@ -476,7 +514,7 @@ class SealedFile:
                 continue
             by_storage[ptr] = e.offset
             if d.is_contiguous():
-                arr = d.reshape(-1).view(torch.uint8).numpy()
+                arr = _bytes_of(d, e.nbytes)  # `state` keeps the tensor alive meanwhile
             else:
                 tmp = torch.empty(e.shape, dtype=d.dtype)
                 post.append((d, tmp))
