@@ -374,8 +374,8 @@ def audit_export(data_dir: str, out: str) -> None:
         store.close()
         kek.close()
     sk = load_signing_key(cfg)
-    last = rows[-1] if rows else {"seq": 0, "hash": "00" * 32}
-    head = sign_audit_head(sk, AuditHead(last["seq"], last["hash"], int(time.time()), key_id(sk)))
+    seq, hh = (int(rows[-1]["seq"]), str(rows[-1]["hash"])) if rows else (0, "00" * 32)
+    head = sign_audit_head(sk, AuditHead(seq, hh, int(time.time()), key_id(sk)))
     with open(out, "x") as f:
         for r in rows:
             f.write(json.dumps(r, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -137,7 +137,7 @@ class Pkcs11Kek:
         self._lock = threading.Lock()
         tmpl = {Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True, Attribute.TOKEN: True}
 
-        def get_or_create(label: str, kt: KeyType, extra: dict[object, object]) -> object:
+        def get_or_create(label: str, kt: KeyType, extra: dict[Any, Any]) -> Any:
             try:
                 return self._session.get_key(ObjectClass.SECRET_KEY, kt, label=label)
             except pkcs11.NoSuchKey:
@@ -160,7 +160,7 @@ class Pkcs11Kek:
 
         nonce = os.urandom(_NONCE_LEN)
         with self._lock:
-            ct = self._wrap_key.encrypt(  # type: ignore[attr-defined]
+            ct = self._wrap_key.encrypt(
                 bytes(key), mechanism=Mechanism.AES_GCM,
                 mechanism_param=GCMParams(nonce, aad, 128))
         return _WRAP_VERSION + nonce + bytes(ct)
@@ -173,7 +173,7 @@ class Pkcs11Kek:
             raise _tamper()
         try:
             with self._lock:
-                pt = self._wrap_key.decrypt(  # type: ignore[attr-defined]
+                pt = self._wrap_key.decrypt(
                     blob[13:], mechanism=Mechanism.AES_GCM,
                     mechanism_param=GCMParams(blob[1:13], aad, 128))
         except PKCS11Error as e:
@@ -185,7 +185,7 @@ class Pkcs11Kek:
 
         try:
             with self._lock:
-                return bytes(self._mac_key.sign(  # type: ignore[attr-defined]
+                return bytes(self._mac_key.sign(
                     data, mechanism=Mechanism.SHA256_HMAC))
         except PKCS11Error as e:
             raise StoreError(f"PKCS#11 HMAC failed ({type(e).__name__})") from e

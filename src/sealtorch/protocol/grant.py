@@ -103,7 +103,7 @@ class Grant:
         """Parse and type-check a grant body (signature already checked by the caller)."""
         if body.get("format") != GRANT_FORMAT:
             raise GrantError(f"grant format must be {GRANT_FORMAT!r}")
-        expected = set(cls(**_EMPTY).body())  # type: ignore[arg-type]
+        expected = set(cls(**_EMPTY).body())
         if set(body) != expected:
             raise GrantError("grant has missing or unexpected fields")
         policy = body.get("policy")
