@@ -108,3 +108,49 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
 
 
 COMMANDS: list[click.Command] = [serve]
+
+
+@click.command("demo")
+@click.option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50"]))
+@click.option("--workdir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="where to put the key server, sealed file and logs (default: a temp dir)")
+@click.option("--keep", is_flag=True, help="keep the work directory afterwards")
+@click.option("--weights", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="ResNet-50 state_dict (.safetensors/.pt) instead of fixed-seed weights")
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="sample batch size")
+def demo(model: str, workdir: Path | None, keep: bool, weights: Path | None, batch: int) -> None:
+    """Run the whole flow on this machine: seal, attest, release, load, infer, deny."""
+    import logging
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from sealtorch.errors import ServeError
+    from sealtorch.runtime.demo import run_demo
+
+    logging.basicConfig(level=logging.ERROR)
+    console = Console(highlight=False)
+    console.print("[bold]sealtorch demo[/bold] — sim TEE: [yellow]protects nothing, for "
+                  "development only[/yellow]; real deployments use SGX/TDX/SNP")
+    result = run_demo(workdir=workdir, keep=keep, weights=weights, batch=batch,
+                      say=console.print)
+    table = Table(title="step timings")
+    table.add_column("step")
+    table.add_column("ms", justify="right")
+    table.add_column("detail")
+    for s in result.steps:
+        table.add_row(s.name, f"{s.seconds * 1000:.0f}", s.detail)
+    console.print(table)
+    if keep:
+        console.print(f"work directory kept: {result.workdir}")
+    if result.leftover_pids:
+        raise ServeError(f"processes still running after stop: {result.leftover_pids}")
+    if not result.bit_identical:
+        raise ServeError("sealed and plaintext outputs differ")
+    console.print("[green]ok[/green]: outputs bit-identical to the plaintext model; rogue "
+                  f"runtime denied ({result.denial_code}); no process left running")
+
+
+COMMANDS.append(demo)

@@ -1,0 +1,290 @@
+"""``sealtorch demo``: the whole flow on one machine, with real processes and the sim TEE.
+
+Owner side: init a key server, create a model key, seal a ResNet-50, upload the key and a policy
+computed from the expected (sim) measurements. Inference host: start dkeycache (it attests to
+dkeyserver and receives a signed grant), attest this runtime to the cache, receive the file key,
+decrypt the weights straight into the module, serve it over KServe v2 and compare a sample batch
+bit for bit with the plaintext model. Then a runtime whose measurement differs is denied, with the
+reason read back from the key server's audit log. Everything is stopped at the end, also on
+errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import shutil
+import signal
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sealtorch._secret import Secret
+from sealtorch.errors import ReleaseDenied, ServeError
+from sealtorch.runtime.world import LocalDeployment
+
+MODEL_ID = "resnet50-demo"
+FACTORY = "sealtorch.models.resnet:resnet50"
+SEED = 0
+INPUT_SEED = 1234
+
+
+@dataclass
+class Step:
+    """One timed step of the demo."""
+
+    name: str
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class DemoResult:
+    """What the demo showed (for tests and ``--json``)."""
+
+    steps: list[Step] = field(default_factory=list)
+    bit_identical: bool = False
+    max_abs_diff: float = 0.0
+    denial_code: str = ""
+    denial_reason: str = ""
+    workdir: str = ""
+    leftover_pids: list[int] = field(default_factory=list)
+
+
+class _FileKeyOnce:
+    """A KeyProvider handing out a copy of one already-fetched file key (the loader wipes it)."""
+
+    def __init__(self, key: Secret) -> None:
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "_FileKeyOnce(<redacted>)"
+
+    def file_key(self, header: Any) -> Secret:
+        return Secret(self._key.view())
+
+
+def _plain_model(weights: Path | None) -> Any:
+    """The plaintext reference: fixed-seed ResNet-50, or ``weights`` loaded into ResNet-50."""
+    import torch
+
+    from sealtorch.models.resnet import make_resnet50, resnet50
+
+    if weights is None:
+        return make_resnet50(seed=SEED)
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(weights))
+    else:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    model = resnet50()
+    try:
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, TypeError) as e:
+        raise ServeError("--weights must be a ResNet-50 state_dict (torchvision names) in "
+                         ".safetensors or .pt format") from e
+    return model.eval()
+
+
+def _policy(cache_meas: bytes, runtime_meas: bytes, platform: str) -> dict[str, Any]:
+    def ident(name: str, meas: bytes) -> dict[str, Any]:
+        return {"tee": "sim", "name": name, "measurement": meas.hex(), "platform_key": platform}
+
+    return {"format": "sealtorch-policy/v1", "version": 1, "lease_seconds": 300,
+            "caches": [ident("demo-dkeycache", cache_meas)],
+            "runtimes": [ident("demo-serve", runtime_meas)],
+            "factories": [FACTORY]}
+
+
+def _audit_denial(dep: LocalDeployment, after: int, model_id: str) -> tuple[int, str, str]:
+    """The key server's newest denial of ``model_id`` after ``after``: (seq, code, reason)."""
+    import json
+
+    rows = dep.admin("GET", f"/v1/admin/audit?after={after}&limit=1000")["entries"]
+    for row in reversed(rows):
+        if row.get("decision") == "deny" and row.get("model_id") == model_id:
+            try:
+                details = json.loads(row.get("details") or "{}")
+            except ValueError:
+                details = {}
+            reason = details.get("reason", "") if isinstance(details, dict) else ""
+            return int(row["seq"]), str(row.get("code", "")), str(reason)
+    raise ServeError("the key server's audit log has no entry for the denied request")
+
+
+def _audit_seq(dep: LocalDeployment) -> int:
+    rows = dep.admin("GET", "/v1/admin/audit?after=0&limit=1000")["entries"]
+    return max((int(r.get("seq", 0)) for r in rows), default=0)
+
+
+def run_demo(
+    *,
+    workdir: Path | None = None,
+    keep: bool = False,
+    weights: Path | None = None,
+    batch: int = 2,
+    say: Any = print,
+) -> DemoResult:
+    """Run the demo; ``say(text)`` reports progress. Leaves no process running."""
+    import torch
+
+    from sealtorch.attestation import sim
+    from sealtorch.attestation.attesters.sim import SimAttester
+    from sealtorch.format.header import read_header
+    from sealtorch.format.keyfile import generate_model_key, write_key_file
+    from sealtorch.format.writer import seal
+    from sealtorch.keycache.client import KeyCacheClient
+    from sealtorch.keyserver.client import KeyServerClient
+    from sealtorch.protocol import hpke
+    from sealtorch.runtime.app import ServeOptions, build_app
+    from sealtorch.runtime.batcher import reference_forward
+    from sealtorch.runtime.config import render_runtime_config
+    from sealtorch.runtime.localserver import LocalServer
+    from sealtorch.runtime.model import ServedModel, build_sealed
+
+    result = DemoResult()
+    created = workdir is None or not workdir.exists()
+    wd = Path(tempfile.mkdtemp(prefix="sealtorch-demo-")) if workdir is None else workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    result.workdir = str(wd)
+
+    @contextlib.contextmanager
+    def step(name: str) -> Iterator[list[str]]:
+        detail: list[str] = []
+        t0 = time.perf_counter()
+        yield detail
+        s = Step(name, time.perf_counter() - t0, "; ".join(detail))
+        result.steps.append(s)
+        say(f"  {name}: {s.seconds * 1000:.0f} ms" + (f"  ({s.detail})" if s.detail else ""))
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    dep = LocalDeployment(wd)
+    client: KeyCacheClient | None = None
+    file_key: Secret | None = None
+    server: LocalServer | None = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the sim warning is logged once
+            say("owner machine")
+            with step("key server: init + start (SQLite, file KEK, sim on loopback)") as d:
+                dep.init_keyserver()
+                dep.start_keyserver()
+                platform = dep.init_sim_platform()
+                d.append(dep.url)
+            sealed = wd / "resnet50.sealed"
+            with step("seal ResNet-50 (AES-256-GCM STREAM)") as d:
+                key = generate_model_key(MODEL_ID)
+                (wd / "owner").mkdir(mode=0o700, exist_ok=True)
+                write_key_file(wd / "owner" / f"{MODEL_ID}.key", key, overwrite=True)
+                plain = _plain_model(weights)
+                header = seal(weights if weights is not None else plain, sealed, key)
+                d.append(f"{sealed.stat().st_size / 1e6:.1f} MB, {header.chunk_count} chunks")
+            with step("upload key + policy from expected sim measurements") as d:
+                dep.admin("POST", "/v1/admin/models", {
+                    "model_id": MODEL_ID, "key_version": 1,
+                    "key": base64.b64encode(bytes(key.key)).decode()})
+                key.wipe()
+                cache_meas = sim.measure("dkeycache", dep.write_cache_config())
+                runtime_cfg = render_runtime_config(dep.server_public_key_b64)
+                (wd / "runtime.toml").write_bytes(runtime_cfg)
+                runtime_meas = sim.measure("serve", runtime_cfg)
+                dep.admin("PUT", f"/v1/admin/policy/{MODEL_ID}",
+                          {"policy": _policy(cache_meas, runtime_meas, platform)})
+                d.append(f"cache {cache_meas.hex()[:12]}…, runtime {runtime_meas.hex()[:12]}…")
+
+            say("inference host")
+            with step("attestation: dkeycache -> dkeyserver (remote, grant)") as d:
+                ready = dep.start_cache()
+                d.append(f"cache state {ready.get('state')}")
+            attester = SimAttester(dep.sim_dir / sim.KEY_FILE,
+                                   runtime_meas, role="serve")
+            client = KeyCacheClient(dep.socket, server_public_key=dep.server_public_key_b64,
+                                    attester=attester)
+            with step("attestation: runtime -> dkeycache (local session)") as d:
+                client.connect()
+                d.append(f"auth {client.auth_mode}")
+            with step("release: signed policy + file key from the cache") as d:
+                policy = client.policy(MODEL_ID)
+                file_key = client.file_key(read_header(sealed))
+                d.append(f"factories {list(policy.factories)}")
+            with step("load: allow-listed factory, decrypt into tensors") as d:
+                module = build_sealed(sealed, FACTORY, key_provider=_FileKeyOnce(file_key),
+                                      allowed_factories=policy.factories)
+                file_key.wipe()
+                d.append(f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f} M parameters")
+            x = torch.randn((batch, 3, 224, 224),
+                            generator=torch.Generator().manual_seed(INPUT_SEED))
+            server = LocalServer(build_app(
+                ServedModel("resnet50", module, input_shape=(3, 224, 224)),
+                ServeOptions(max_batch=batch)))
+            server.start()
+            with step(f"inference: KServe v2 HTTP, batch of {batch}") as d:
+                import httpx
+
+                r = httpx.post(f"{server.url}/v2/models/resnet50/infer", timeout=120, json={
+                    "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                "data": x.reshape(-1).tolist()}]})
+                if r.status_code != 200:
+                    raise ServeError(f"inference request failed with HTTP {r.status_code}")
+                out = r.json()["outputs"][0]
+                got = torch.tensor(out["data"], dtype=torch.float32).reshape(out["shape"])
+                d.append(f"output {list(got.shape)}")
+            expected = reference_forward(plain, x, batch)
+            result.bit_identical = bool(torch.equal(got, expected))
+            result.max_abs_diff = float((got - expected).abs().max())
+            say(f"  outputs vs plaintext model: "
+                f"{'bit-identical' if result.bit_identical else 'DIFFERENT'} "
+                f"(max |diff| = {result.max_abs_diff})")
+
+            say("a runtime whose measurement differs (another build / config)")
+            with step("denied request (cache + key server, audited)") as d:
+                rogue_meas = sim.measure("serve", runtime_cfg + b"# another build\n")
+                rogue_att = SimAttester(dep.sim_dir / sim.KEY_FILE, rogue_meas, role="serve")
+                with KeyCacheClient(dep.socket, server_public_key=dep.server_public_key_b64,
+                                    attester=rogue_att) as rogue:
+                    try:
+                        rogue.file_key(read_header(sealed)).wipe()
+                        raise ServeError("the rogue runtime was NOT denied by the cache")
+                    except ReleaseDenied as e:
+                        result.denial_code = e.denial
+                # the same identity asking dkeyserver directly: denied and audited with reasons
+                before = _audit_seq(dep)
+                with KeyServerClient(dep.url, dep.ca_cert, dep.server_public_key) as ks:
+                    nonce = ks.challenge()
+                    _sk, pk = hpke.generate_keypair()
+                    from sealtorch.attestation import binding
+
+                    ev = rogue_att.attest(binding.report_data("remote", nonce, hpke.KEM_ID, pk,
+                                                              ks.audience))
+                    res = ks.release(ev, pk, nonce, [MODEL_ID])
+                    if res.grants or MODEL_ID not in res.denials:
+                        raise ServeError("the rogue runtime was NOT denied by the key server")
+                seq, code, reason = _audit_denial(dep, before, MODEL_ID)
+                result.denial_reason = reason
+                d.append(f"cache: {result.denial_code}; key server: {code} (audit #{seq})")
+            say(f"  audit log reason: {result.denial_reason}")
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        t0 = time.perf_counter()
+        if server is not None:
+            server.stop()
+        if client is not None:
+            client.close()
+        if file_key is not None:
+            file_key.wipe()
+        dep.stop()
+        result.leftover_pids = dep.running
+        result.steps.append(Step("stop everything", time.perf_counter() - t0))
+        if not keep and created:
+            shutil.rmtree(wd, ignore_errors=True)
+    return result
