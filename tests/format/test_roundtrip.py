@@ -167,3 +167,22 @@ def test_bad_inputs(tmp_path, mk):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(InputError, match="unsupported input"):
         writer.seal(tmp_path / "x.txt", tmp_path / "x", mk)
+
+
+def test_tied_in_file_untied_in_module(tmp_path, mk):
+    w = torch.randn(300, 7)
+    path = tmp_path / "t.sealed"
+    writer.seal({"a": w, "b": w, "c": torch.randn(5)}, path, mk, chunk_size=256)
+    m = torch.nn.Module()
+    m.register_buffer("a", torch.zeros(300, 7))
+    m.register_buffer("b", torch.zeros(300, 7))
+    m.register_buffer("c", torch.zeros(5))
+    reader.load_into(m, path, key=mk)
+    assert torch.equal(m.a, w) and torch.equal(m.b, w) and m.a.data_ptr() != m.b.data_ptr()
+    # a non-contiguous destination is filled through a temporary and copied in
+    m2 = torch.nn.Module()
+    m2.register_buffer("a", torch.zeros(7, 300).t())
+    m2.register_buffer("b", torch.zeros(300, 7))
+    m2.register_buffer("c", torch.zeros(5))
+    reader.load_into(m2, path, key=mk)
+    assert torch.equal(m2.a, w) and not m2.a.is_contiguous()

@@ -197,7 +197,7 @@ def test_failed_load_returns_nothing_and_zeroes(sealed, mk, monkeypatch):
     monkeypatch.setattr(reader._Region, "zero", spy)
     with pytest.raises(IntegrityError):
         reader.load(sealed, key=mk)
-    assert captured and all(not a.any() for a in captured)
+    assert captured and all(not any(a) for a in captured)
 
 
 def test_owner_signature(tmp_path, mk):

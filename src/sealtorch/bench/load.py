@@ -111,7 +111,7 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
                 chunk_nonce(i),
                 view[off : off + n + TAG_BYTES],
                 chunk_aad(digest, i, i == h.chunk_count - 1),
-                dest[i * cs : i * cs + n],
+                dest.data[i * cs : i * cs + n],
             )
 
         pool = ThreadPoolExecutor(nthreads) if nthreads > 1 else None

@@ -40,7 +40,7 @@ def dtype_name(dtype: torch.dtype) -> str:
         return DTYPE_TO_NAME[dtype]
     except KeyError:
         raise InputError(
-            f"dtype {dtype} cannot be sealed; supported: {', '.join(sorted(DTYPE_TO_NAME))}"
+            f"dtype {dtype} cannot be sealed; supported: {', '.join(sorted(NAME_TO_DTYPE))}"
         ) from None
 
 

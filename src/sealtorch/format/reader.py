@@ -95,19 +95,19 @@ class _Memory:
         }
 
 
-def _bytes_of(t: torch.Tensor, nbytes: int) -> np.ndarray:
-    """A writable uint8 view of a contiguous CPU tensor's bytes (no copy, no autograd)."""
-    return np.asarray(_Memory(t.data_ptr(), nbytes))
+def _bytes_of(t: torch.Tensor, nbytes: int) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy, no autograd)."""
+    return np.asarray(_Memory(t.data_ptr(), nbytes)).data
 
 
 @dataclass
 class _Region:
-    """A destination: plaintext stream bytes [start, start+nbytes) go into ``arr`` (uint8)."""
+    """A destination: plaintext stream bytes [start, start+nbytes) go into ``arr``."""
 
     start: int
     nbytes: int
-    arr: np.ndarray
-    copies: list[np.ndarray] = field(default_factory=list)
+    arr: memoryview
+    copies: list[memoryview] = field(default_factory=list)
 
     @property
     def end(self) -> int:
@@ -115,8 +115,8 @@ class _Region:
 
     def zero(self) -> None:
         for a in (self.arr, *self.copies):
-            if a.size:
-                wipe(memoryview(a))
+            if a.nbytes:
+                wipe(a)
 
 
 def _file_key(header: hdr.Header, key: KeyArg, key_provider: fkeys.KeyProvider | None) -> Secret:
@@ -445,7 +445,7 @@ class SealedFile:
         regions: list[_Region] = []
         if names is None:
             arena = torch.empty(self.header.total_length, dtype=torch.uint8)
-            regions.append(_Region(0, self.header.total_length, arena.numpy()))
+            regions.append(_Region(0, self.header.total_length, arena.numpy().data))
             for _, e in wanted:
                 if e.name not in stored:
                     stored[e.name] = (
@@ -456,7 +456,7 @@ class SealedFile:
                 if e.name in stored:
                     continue
                 buf = torch.empty(e.nbytes, dtype=torch.uint8)
-                regions.append(_Region(e.offset, e.nbytes, buf.numpy()))
+                regions.append(_Region(e.offset, e.nbytes, buf.numpy().data))
                 stored[e.name] = buf.view(torch_dtype(e.dtype)).view(e.shape)
         self.decrypt(regions, threads=threads)
         return {n: stored[e.name] for n, e in wanted}
@@ -518,7 +518,7 @@ class SealedFile:
             else:
                 tmp = torch.empty(e.shape, dtype=d.dtype)
                 post.append((d, tmp))
-                arr = tmp.reshape(-1).view(torch.uint8).numpy()
+                arr = tmp.reshape(-1).view(torch.uint8).numpy().data
             if e.offset in by_range:
                 by_range[e.offset].copies.append(arr)
             else:
@@ -535,7 +535,7 @@ class SealedFile:
             raise
         finally:
             for _, tmp in post:
-                wipe(memoryview(tmp.reshape(-1).view(torch.uint8).numpy()))
+                wipe(tmp.reshape(-1).view(torch.uint8).numpy().data)
         return loaded
 
 
