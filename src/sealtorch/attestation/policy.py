@@ -395,7 +395,7 @@ def check_identity(ident: Identity, claims: Claims) -> list[str]:
         status = claims.tcb_status
         if status == "Revoked":
             r.append("TCB status Revoked is always denied")
-        elif status not in ident.accept_tcb:
+        elif status is None or status not in ident.accept_tcb:
             r.append(
                 f"TCB status {status} is not accepted "
                 f"(accepted: {', '.join(sorted(ident.accept_tcb))})"
@@ -445,9 +445,8 @@ def check_identity(ident: Identity, claims: Claims) -> list[str]:
         if claims.migration_agent and not ident.allow_migration_agent:
             r.append("a migration agent is allowed by the guest policy and the identity "
                      "does not allow it")
-        for comp, want in (ident.min_tcb or {}).items():
-            got = (claims.reported_tcb or {}).get(comp)
-            at_least(f"reported_tcb.{comp}", want, got)
+        for comp, min_v in (ident.min_tcb or {}).items():
+            at_least(f"reported_tcb.{comp}", min_v, (claims.reported_tcb or {}).get(comp))
     elif claims.tee == "sim":
         eq("measurement", ident.measurement, claims.measurement)
         if ident.platform_key is not None and claims.platform_key != ident.platform_key:
