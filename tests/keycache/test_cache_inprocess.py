@@ -264,7 +264,8 @@ def test_outage_serves_until_expiry_then_denies_and_recovers(sim_dir, platform_f
                 kc.file_key(h)
             assert e.cache.leases.snapshot()["state"] == "down"
             e.server.up = True  # the key server is back: service resumes, same cache
-            wait_for(lambda: e.cache.leases.snapshot()["state"] == "ok")
+            wait_for(lambda: e.cache.leases.snapshot()["leases"] != [])
+            assert e.cache.leases.snapshot()["state"] == "ok"
             assert len(kc.file_key(h)) == 32
     finally:
         e.close()

@@ -288,6 +288,8 @@ class LeaseManager:
                 for lease in list(self._leases.values()):
                     self._drop(lease, "revoked")
             self.refreshes += 1
+            self.upstream_ok = True
+            self.last_error = None
 
     def poll(self) -> bool:
         """Fetch and apply the signed status; returns True if a renewal is needed now."""
@@ -296,9 +298,10 @@ class LeaseManager:
         with self._lock:
             models = sorted({m for m, _ in self._leases}) or None
         status = self._up.status(self.cache_id, models)
-        renew = False
         with self._lock:
             self.polls += 1
+            # a lease lost to an outage comes back by attesting again, not by polling
+            renew = "lease_expired" in self._denied.values()
             if status.cache_state == "revoked":
                 for lease in list(self._leases.values()):
                     self._drop(lease, "revoked")
