@@ -34,6 +34,8 @@ def test_sgx_vector(dcap_dir: Path) -> None:
     assert c.report_data == b"Hello, world!".ljust(64, b"\0")
     assert c.report_data == ev.quote[368:432]
     assert c.attributes == bytes.fromhex("0500000000000000e700000000000000")
+    assert c.ppid == bytes.fromhex("d04ec06d4e6d92dc90d0ad3cf5ee2ddf")
+    assert type(c).from_dict(c.to_dict()) == c
 
 
 def test_tdx_vector(dcap_dir: Path) -> None:
@@ -113,6 +115,7 @@ def test_snp_milan_vector(snp_dir: Path) -> None:
     assert c.reported_tcb == {"bootloader": 2, "tee": 0, "snp": 5, "microcode": 0x44}
     assert c.signing_key == "vcek" and c.chip_id == ev.quote[0x1A0:0x1E0]
     assert c.tcb_status is None
+    assert type(c).from_dict(c.to_dict()) == c
 
 
 def test_snp_trustee_vector(snp_dir: Path) -> None:

@@ -34,6 +34,7 @@ class Claims:
     debug: bool  # the TEE is debuggable (memory readable by the host)
     tcb_status: str | None = None  # sgx/tdx: Intel TCB status; snp/sim: None
     advisory_ids: tuple[str, ...] = ()
+    ppid: bytes | None = None  # sgx/tdx: platform provisioning id from the PCK certificate
     # --- sgx ---
     mrenclave: bytes | None = None
     mrsigner: bytes | None = None

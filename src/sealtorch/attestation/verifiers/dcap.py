@@ -157,6 +157,8 @@ def verify(evidence: Evidence, source: CollateralSource, *, now: int) -> Claims:
     rep = out.get("report", {})
     common: dict[str, Any] = {"verified_at": int(now), "tcb_status": status,
                               "advisory_ids": advisories}
+    if isinstance(out.get("ppid"), str) and out["ppid"]:
+        common["ppid"] = bytes.fromhex(out["ppid"])
     if "SgxEnclave" in rep:
         if evidence.tee != "sgx":
             raise VerificationError("quote body type does not match the evidence tee")
