@@ -297,3 +297,32 @@ def test_metrics_and_status(env: Env) -> None:
     assert "dkeycache_lease_remaining_seconds" in text
     assert set(st["leases"][0]) == {"model_id", "key_version", "policy_version",
                                     "remaining_seconds", "releases", "max_releases", "state"}
+
+
+def test_health_listener(sim_dir, platform_fp, sealed) -> None:
+    import httpx
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    e = Env(sim_dir, platform_fp, sealed, health_port=port)
+    try:
+        with e.client(runtime_attester(sim_dir, b"x")) as kc, pytest.raises(ReleaseDenied):
+            kc.file_key(read_header(e.path))
+        r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert r.status_code == 200 and r.json()["state"] == "ok"
+        m = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert 'dkeycache_denials_total{code="policy_denied"} 1.0' in m
+        assert 'dkeycache_health{state="ok"} 1.0' in m
+    finally:
+        e.close()
+
+
+def test_trickled_frame_is_cut_off(env: Env) -> None:
+    env.cache.server._frame_timeout = 0.3
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(env.sock)
+    s.sendall((100).to_bytes(4, "big") + b"{")
+    assert recv_frame(s, deadline=time.monotonic() + 5) is None  # closed by the cache
+    s.close()

@@ -19,6 +19,8 @@ Example::
     allowed_uids = []           # peercred mode: uids allowed to connect (default: own uid)
     health_port = 0             # loopback health/metrics listener; 0 = off
     sim_platform_keys = []      # sim only: registered sim platform keys for local evidence
+    collateral = ""             # SGX local evidence: DCAP collateral file or directory
+    pccs_url = ""               # SGX local evidence: PCCS to fetch collateral from
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ LOCAL_AUTH_MODES = ("auto", "evidence", "peercred")
 _ALLOWED = {
     "keyserver_url", "server_public_key", "ca_cert", "poll_interval", "models", "socket",
     "socket_group", "local_auth", "allowed_uids", "health_port", "sim_platform_keys",
-    "renew_fraction", "retry_min", "retry_max", "request_timeout",
+    "renew_fraction", "retry_min", "retry_max", "request_timeout", "collateral", "pccs_url",
 }
 
 
@@ -61,6 +63,8 @@ class CacheConfig:
     retry_min: float = 0.5
     retry_max: float = 30.0
     request_timeout: float = 10.0
+    collateral: str | None = None
+    pccs_url: str | None = None
     raw: bytes = field(default=b"", repr=False)
 
 
@@ -130,6 +134,12 @@ def parse_config(raw: bytes) -> CacheConfig:
     if not isinstance(simkeys, list) or not all(isinstance(k, str) for k in simkeys):
         raise ConfigError("sim_platform_keys must be a list of strings")
     retry_min = _num(kc, "retry_min", 0.5, 0.01, 60)
+    collateral = kc.get("collateral") or None
+    pccs = kc.get("pccs_url") or None
+    if collateral is not None and not isinstance(collateral, str):
+        raise ConfigError("collateral must be a path to DCAP collateral (file or directory)")
+    if pccs is not None and (not isinstance(pccs, str) or not pccs.startswith("https://")):
+        raise ConfigError("pccs_url must be an https:// URL")
     return CacheConfig(
         keyserver_url=url,
         server_public_key=spk,
@@ -146,6 +156,8 @@ def parse_config(raw: bytes) -> CacheConfig:
         retry_min=retry_min,
         retry_max=_num(kc, "retry_max", 30.0, retry_min, 3600),
         request_timeout=_num(kc, "request_timeout", 10.0, 0.1, 300),
+        collateral=collateral,
+        pccs_url=pccs,
         raw=bytes(raw),
     )
 

@@ -45,11 +45,14 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes | 
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket, *, deadline: float | None = None) -> dict[str, Any] | None:
+def recv_frame(
+    sock: socket.socket, *, deadline: float | None = None, body_timeout: float | None = None
+) -> dict[str, Any] | None:
     """Read one frame; ``None`` on a clean close before a frame started.
 
     ``deadline`` is a :func:`time.monotonic` instant by which the whole frame must have arrived
-    (:class:`TimeoutError` otherwise).
+    (:class:`TimeoutError` otherwise); once its length prefix is in, the rest must also arrive
+    within ``body_timeout`` seconds, so a peer cannot trickle a message in byte by byte.
     """
     head = _recv_exact(sock, _LEN.size, deadline)
     if head is None:
@@ -57,6 +60,9 @@ def recv_frame(sock: socket.socket, *, deadline: float | None = None) -> dict[st
     (length,) = _LEN.unpack(head)
     if length == 0 or length > MAX_FRAME:
         raise ProtocolError(f"local message length out of range (1..{MAX_FRAME} bytes)")
+    if body_timeout is not None:
+        body_deadline = time.monotonic() + body_timeout
+        deadline = body_deadline if deadline is None else min(deadline, body_deadline)
     data = _recv_exact(sock, length, deadline)
     if data is None:
         raise ProtocolError("local peer closed the connection in the middle of a message")

@@ -206,7 +206,8 @@ class LocalServer:
             session = _Session()
             while not self._stop.is_set():
                 try:
-                    req = recv_frame(conn, deadline=time.monotonic() + self._idle)
+                    req = recv_frame(conn, deadline=time.monotonic() + self._idle,
+                                     body_timeout=self._frame_timeout)
                 except TimeoutError:
                     return
                 except ProtocolError as e:

@@ -64,7 +64,8 @@ def make_local_auth(tee: str, config: CacheConfig, attester: Any) -> Any:
         if not keys:  # same sim platform as the cache itself
             keys = [sim.default_dir() / sim.PUBLIC_FILE]
         return EvidenceAuth(VerifierSet(sim_platform_keys=keys))
-    return EvidenceAuth(VerifierSet())
+    return EvidenceAuth(VerifierSet(collateral=config.collateral, pccs_url=config.pccs_url,
+                                    tees=("sgx",)))
 
 
 @dataclass
