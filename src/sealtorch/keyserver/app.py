@@ -370,6 +370,7 @@ def admin_app(ks: KeyServer) -> Starlette:
         with store.tx() as conn:
             store.add_sim_platform(conn, tenant, text)
             audit(conn, tenant, "sim_register", details={"fingerprint": sim.fingerprint(pub)})
+        ks.invalidate_verifier()
         return {"fingerprint": sim.fingerprint(pub)}
 
     async def metrics(request: Request) -> Response:

@@ -68,6 +68,17 @@ async def _serve(servers: list[tuple[_Server, socket.socket]]) -> None:
     await asyncio.gather(*(srv.serve(sockets=[sock]) for srv, sock in servers))
 
 
+def _run(coro: Any) -> None:
+    """Run the event loop (uvloop when installed: it roughly halves per-request overhead)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
 def _make(cfg: ServerConfig) -> KeyServer:
     store, _kek = open_store(cfg)
     return KeyServer(cfg, store, load_signing_key(cfg))
@@ -103,7 +114,7 @@ def run(cfg: ServerConfig) -> None:
             adm_sock.close()
             try:
                 ks = _make(cfg)
-                asyncio.run(_serve([(_Server(_uv_config(release_app(ks), cfg)), rel_sock)]))
+                _run(_serve([(_Server(_uv_config(release_app(ks), cfg)), rel_sock)]))
             finally:
                 os._exit(0)
         children.append(pid)
@@ -115,7 +126,7 @@ def run(cfg: ServerConfig) -> None:
         "server_key_id": ks.server_key_id, "workers": cfg.workers, "sim": cfg.sim,
         "db": "sqlite" if ks.store.is_sqlite else "postgresql"}})
     try:
-        asyncio.run(_serve([(_Server(_uv_config(release_app(ks), cfg)), rel_sock),
+        _run(_serve([(_Server(_uv_config(release_app(ks), cfg)), rel_sock),
                             (_Server(_uv_config(admin_app(ks), cfg)), adm_sock)]))
     finally:
         for pid in children:

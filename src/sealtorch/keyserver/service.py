@@ -75,6 +75,7 @@ class KeyServer:
         self._verifier_lock = threading.Lock()
         self._verifier: Any = None
         self._verifier_sims: tuple[str, ...] | None = None
+        self._sims_checked = 0.0
 
     # --- nonces ---------------------------------------------------------------------------
     def new_nonce(self) -> bytes:
@@ -100,9 +101,18 @@ class KeyServer:
                              "expires_in": self.config.nonce_ttl}, [])
 
     # --- attestation ----------------------------------------------------------------------
+    def invalidate_verifier(self) -> None:
+        """Re-read registered sim platforms on the next release (after a registration)."""
+        self._sims_checked = 0.0
+
     def verifier(self) -> Any:
-        """The VerifierSet, rebuilt when the registered sim platforms change."""
+        """The VerifierSet, rebuilt when the registered sim platforms change (checked at most
+        once a second, and at once after a registration through this process)."""
+        now = time.monotonic()
+        if self._verifier is not None and now - self._sims_checked < 1.0:
+            return self._verifier
         sims = tuple(sorted(self.store.sim_platforms())) if self.config.sim else ()
+        self._sims_checked = now
         with self._verifier_lock:
             if self._verifier is None or sims != self._verifier_sims:
                 self._verifier = attest.build_verifier(self.config, list(sims))
@@ -188,7 +198,7 @@ class KeyServer:
             for row in audit_rows:
                 seq, head = self.store.append_audit(
                     conn, actor=f"cache:{cache_id}", action="release", cache_id=cache_id, **row)
-        state = self._cache_state_summary(cache_id)
+            state = self._cache_state_summary(cache_id, conn)
         return Outcome(200, {"grants": grants, "denials": denials,
                              "audit_head": self._signed_head(seq, head),
                              "cache_id": cache_id, "cache_state": state}, decisions)
@@ -239,14 +249,17 @@ class KeyServer:
             made.append({"grant": sign_grant(self.signing_key, g), "sealed_key": b64e(sealed)})
         return None, "", tenant, made
 
-    def _cache_state_summary(self, cache_id: str) -> str:
-        with self.store.engine.connect() as conn:
-            from sqlalchemy import select
+    def _cache_state_summary(self, cache_id: str, conn: Any = None) -> str:
+        from sqlalchemy import select
 
-            from sealtorch.keyserver.store import cache_approvals
+        from sealtorch.keyserver.store import cache_approvals
 
-            states = {r[0] for r in conn.execute(select(cache_approvals.c.state).where(
-                cache_approvals.c.cache_id == cache_id))}
+        q = select(cache_approvals.c.state).where(cache_approvals.c.cache_id == cache_id)
+        if conn is None:
+            with self.store.engine.connect() as c:
+                states = {r[0] for r in c.execute(q)}
+        else:
+            states = {r[0] for r in conn.execute(q)}
         if "approved" in states:
             return "approved"
         if states == {"revoked"}:

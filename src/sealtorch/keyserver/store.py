@@ -151,6 +151,9 @@ class Store:
             raise ConfigError(f"database URL is not usable ({type(e).__name__})") from e
         if self.is_sqlite:
             self._sqlite_setup()
+        # SQLite has one writer: queue this process's write transactions on a lock instead of
+        # letting threads spin in SQLite's busy handler (which sleeps up to 100 ms per retry)
+        self._write_lock = threading.Lock() if self.is_sqlite else None
         self._key_cache: dict[tuple[bytes, bytes], Secret] = {}
         self._policy_ok: dict[bytes, bool] = {}
         self._lock = threading.Lock()
@@ -180,8 +183,12 @@ class Store:
     def tx(self) -> Iterator[Connection]:
         """One transaction; retried by callers only where documented."""
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            if self._write_lock is not None:
+                with self._write_lock, self.engine.begin() as conn:
+                    yield conn
+            else:
+                with self.engine.begin() as conn:
+                    yield conn
         except OperationalError as e:
             raise StoreError(f"database error ({type(e.orig).__name__}); retry later") from e
 
