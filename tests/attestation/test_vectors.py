@@ -73,6 +73,15 @@ def test_collateral_directory_keyed_by_fmspc_and_ca(dcap_dir: Path, tmp_path: Pa
     assert vs.verify(Evidence("sgx", (dcap_dir / "sgx_quote").read_bytes()), now=SGX_AT)
     with pytest.raises(CollateralError, match="B0C06F000000"):
         vs.verify(Evidence("tdx", (dcap_dir / "tdx_quote").read_bytes()), now=TDX_AT)
+    # files with any name are found by the FMSPC and CA they hold
+    shutil.copy(dcap_dir / "tdx_quote_collateral.json", tmp_path / "tdx.json")
+    shutil.copy(dcap_dir / "tdx_quote_outdated_collateral.json", tmp_path / "old.json")
+    (tmp_path / "junk.json").write_text("{}")
+    vs = VerifierSet(collateral=tmp_path)
+    assert vs.verify(Evidence("tdx", (dcap_dir / "tdx_quote").read_bytes()), now=TDX_AT)
+    with pytest.raises(VerificationError, match="No matching TCB level"):
+        vs.verify(Evidence("tdx", (dcap_dir / "tdx_quote_outdated").read_bytes()),
+                  now=TDX_OUTDATED_AT)
 
 
 def test_collateral_errors(dcap_dir: Path, tmp_path: Path) -> None:

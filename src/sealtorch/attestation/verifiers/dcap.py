@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import dcap_qvl
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from sealtorch.attestation.claims import Claims
 from sealtorch.attestation.evidence import Evidence
 from sealtorch.errors import CollateralError, EvidenceFormatError, VerificationError
 
 MAX_COLLATERAL = 256 * 1024
+MAX_DIR_FILES = 256
 SGX_DEBUG_BIT = 0x02  # ATTRIBUTES.DEBUG: bit 1 of byte 0
 TDX_DEBUG_BIT = 0x01  # TD_ATTRIBUTES.DEBUG: bit 0 of byte 0
 _COLLATERAL_ERRORS = ("expired", "future", "crl", "collateral", "issuer chain", "tcbinfo",
@@ -84,6 +87,7 @@ class CollateralSource:
             )
         if self.path is not None and not self.path.exists():
             raise CollateralError(f"collateral path {self.path} does not exist")
+        self._index: dict[tuple[str, int, int], tuple[str, str]] = {}
 
     def get(self, quote: bytes) -> dcap_qvl.QuoteCollateralV3:
         """Collateral for this quote (by FMSPC and PCK CA when a directory is used)."""
@@ -94,6 +98,9 @@ class CollateralSource:
             p = self.path / f"{fmspc}-{ca}.json"
             if p.is_file():
                 return load_collateral(p)
+            found = self._scan(fmspc, ca)
+            if found is not None:
+                return load_collateral(found)
             if self.pccs_url is None:
                 raise CollateralError(
                     f"no collateral for FMSPC {fmspc} (CA {ca}) in {self.path}; refresh the "
@@ -103,6 +110,43 @@ class CollateralSource:
             return _run(dcap_qvl.get_collateral(self.pccs_url, quote))
         except (ValueError, RuntimeError, OSError) as e:
             raise CollateralError(f"fetching collateral from the PCCS failed: {e}") from None
+
+
+    def _scan(self, fmspc: str, ca: str) -> Path | None:
+        """A collateral file of the directory for (FMSPC, CA), whatever its name."""
+        assert self.path is not None
+        files = sorted(self.path.glob("*.json"))[:MAX_DIR_FILES]
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            ck = (str(f), st.st_mtime_ns, st.st_size)
+            key = self._index.get(ck)
+            if key is None:
+                try:
+                    key = collateral_key(f)
+                except CollateralError:
+                    continue
+                self._index[ck] = key
+            if key == (fmspc, ca):
+                return f
+        return None
+
+
+def collateral_key(path: Path) -> tuple[str, str]:
+    """(FMSPC, PCK CA) that a collateral file is for, read from its TCB info and PCK CRL."""
+    try:
+        if path.stat().st_size > MAX_COLLATERAL:
+            raise CollateralError(f"collateral file {path} is too large")
+        obj = json.loads(path.read_text("utf-8"))
+        fmspc = str(json.loads(obj["tcb_info"])["fmspc"]).upper()
+        crl = x509.load_der_x509_crl(bytes.fromhex(obj["pck_crl"]))
+        cn = crl.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
+        raise CollateralError(f"{path} is not DCAP collateral JSON") from None
+    ca = "processor" if "Processor" in str(cn) else "platform" if "Platform" in str(cn) else "?"
+    return fmspc, ca
 
 
 def as_source(
