@@ -186,3 +186,16 @@ def test_tied_in_file_untied_in_module(tmp_path, mk):
     m2.register_buffer("c", torch.zeros(5))
     reader.load_into(m2, path, key=mk)
     assert torch.equal(m2.a, w) and not m2.a.is_contiguous()
+
+
+def test_large_full_load_uses_its_own_buffer(tmp_path, mk):
+    w = torch.randn(700_000)  # > 1 MiB: the populated anonymous mapping path
+    path = tmp_path / "big.sealed"
+    writer.seal({"w": w, "s": torch.tensor(1.0)}, path, mk, chunk_size=1 << 20)
+    out = reader.load(path, key=mk)
+    import gc
+
+    gc.collect()  # the mapping must stay alive as long as the tensors
+    assert torch.equal(out["w"], w) and out["s"].item() == 1.0
+    out["w"][0] = 5.0  # writable
+    assert out["w"][0].item() == 5.0

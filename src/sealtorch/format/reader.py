@@ -81,6 +81,27 @@ def default_threads() -> int:
     return _cpus() if aead_releases_gil() else 1
 
 
+_POPULATE_MIN = 1 << 20
+
+
+def _plaintext_buffer(n: int) -> torch.Tensor:
+    """A uint8 tensor of ``n`` bytes for decrypted weights.
+
+    Large buffers are a private anonymous mapping, populated in one call (much cheaper than
+    faulting each page in during decryption) and excluded from core dumps where supported.
+    """
+    if n < _POPULATE_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.empty(n, dtype=torch.uint8)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    mm = mmap.mmap(-1, n, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if hasattr(mmap, "MADV_DONTDUMP"):
+        try:
+            mm.madvise(mmap.MADV_DONTDUMP)
+        except OSError:  # pragma: no cover - kernel without MADV_DONTDUMP
+            pass
+    return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
 class _Memory:
     """Exposes ``n`` bytes at a raw address to numpy (the owner must outlive the array)."""
 
@@ -444,7 +465,7 @@ class SealedFile:
         stored: dict[str, torch.Tensor] = {}
         regions: list[_Region] = []
         if names is None:
-            arena = torch.empty(self.header.total_length, dtype=torch.uint8)
+            arena = _plaintext_buffer(self.header.total_length)
             regions.append(_Region(0, self.header.total_length, arena.numpy().data))
             for _, e in wanted:
                 if e.name not in stored:
