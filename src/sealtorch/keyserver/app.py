@@ -153,12 +153,31 @@ def release_app(ks: KeyServer) -> Starlette:
 
 
 def _collateral_info(ks: KeyServer) -> dict[str, Any]:
+    """Collateral files and the earliest ``nextUpdate`` among their TCB info / QE identity
+    (after it, DCAP verification fails until ``dkeyserver collateral import`` refreshes it)."""
+    import datetime
+    import json as _json
+
     d = ks.config.path(ks.config.collateral_dir)
     if not d.is_dir():
         return {"files": 0}
+    earliest: datetime.datetime | None = None
     files = [p for p in d.iterdir() if p.is_file()]
-    return {"files": len(files),
-            "newest_mtime": int(max((p.stat().st_mtime for p in files), default=0))}
+    for p in files:
+        try:
+            obj = _json.loads(p.read_text("utf-8"))
+            for key in ("tcb_info", "qe_identity"):
+                inner = _json.loads(obj[key])
+                body = inner.get("tcbInfo") or inner.get("enclaveIdentity") or inner
+                t = datetime.datetime.fromisoformat(body["nextUpdate"].replace("Z", "+00:00"))
+                earliest = t if earliest is None or t < earliest else earliest
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    out: dict[str, Any] = {"files": len(files)}
+    if earliest is not None:
+        out["next_update"] = earliest.isoformat()
+        out["expired"] = earliest < datetime.datetime.now(datetime.UTC)
+    return out
 
 
 def _model_id(request: Request) -> str:

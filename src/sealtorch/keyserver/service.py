@@ -76,6 +76,7 @@ class KeyServer:
         self._verifier: Any = None
         self._verifier_sims: tuple[str, ...] | None = None
         self._sims_checked = 0.0
+        self._last_purge = time.monotonic()
 
     # --- nonces ---------------------------------------------------------------------------
     def new_nonce(self) -> bytes:
@@ -143,6 +144,9 @@ class KeyServer:
                 seq, head = self.store.append_audit(
                     conn, actor=f"client:{client}", action="release", decision="deny",
                     code=NONCE_INVALID, details={"reason": "nonce already used"})
+        if time.monotonic() - self._last_purge > 60:
+            self._last_purge = time.monotonic()
+            self.store.purge_nonces()  # expired nonces fail their MAC check anyway
         if not fresh:
             return Outcome(403, {"error": {"code": NONCE_INVALID, "message": NONCE_INVALID},
                                  "audit_head": self._signed_head(seq, head)}, [NONCE_INVALID])
