@@ -6,6 +6,8 @@ import itertools
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sealtorch.attestation import binding
 from sealtorch.attestation.claims import Claims
@@ -80,3 +82,14 @@ def test_check_accepts_matching_and_rejects_each_mismatch() -> None:
 def test_bad_inputs_are_specific_errors(args: tuple, msg: str) -> None:
     with pytest.raises(BindingError, match=msg):
         binding.report_data(*args)
+
+_fields = st.tuples(st.sampled_from(["remote", "local"]), st.binary(min_size=32, max_size=32),
+                    st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_fields, _fields)
+def test_distinct_inputs_give_distinct_encodings(a: tuple, b: tuple) -> None:
+    ea = binding.encode(a[0], a[1], 0x20, a[2], a[3])
+    eb = binding.encode(b[0], b[1], 0x20, b[2], b[3])
+    assert (ea == eb) == (a == b)

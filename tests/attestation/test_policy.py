@@ -190,3 +190,13 @@ def test_snp_checks() -> None:
     snp_reasons = [r for r in d.reasons if r.startswith("caches[1]")]
     assert len(snp_reasons) == 4
     assert any("reported_tcb.bootloader is 2" in r for r in snp_reasons)
+
+
+def test_raise_if_denied() -> None:
+    from sealtorch.errors import PolicyDenied
+
+    ident = Identity.from_dict({"tee": "sgx", "mrenclave": MRE})
+    evaluate([ident], sgx_claims()).raise_if_denied()
+    with pytest.raises(PolicyDenied) as ei:
+        evaluate([ident], sgx_claims(debug=True)).raise_if_denied()
+    assert len(ei.value.reasons) == 1 and "debuggable" in ei.value.reasons[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sealtorch.attestation.claims import TCB_STATUSES, Claims
-from sealtorch.errors import PolicyError
+from sealtorch.errors import PolicyDenied, PolicyError
 from sealtorch.protocol.canonical import canonical_json
 
 FORMAT = "sealtorch-policy/v1"
@@ -378,6 +378,11 @@ class Decision:
 
     def __bool__(self) -> bool:
         return self.allowed
+
+    def raise_if_denied(self) -> None:
+        """Raise :class:`PolicyDenied` carrying the reasons when the decision is a denial."""
+        if not self.allowed:
+            raise PolicyDenied("the evidence is not allowed by the policy", list(self.reasons))
 
 
 def _b(v: bytes | None) -> str:

@@ -135,7 +135,7 @@ def parse_report(raw: bytes) -> Report:
     if sk not in (0, 1):
         raise EvidenceFormatError("SNP report is not signed by a VCEK or VLEK")
     cpuid = None
-    if version >= 3:
+    if version >= 3 and any(raw[0x188:0x18B]):  # all-zero CPUID: not reported by firmware
         cpuid = (raw[0x188], raw[0x189], raw[0x18A])
     return Report(
         raw=raw,
