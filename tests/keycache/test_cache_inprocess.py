@@ -326,3 +326,25 @@ def test_trickled_frame_is_cut_off(env: Env) -> None:
     s.sendall((100).to_bytes(4, "big") + b"{")
     assert recv_frame(s, deadline=time.monotonic() + 5) is None  # closed by the cache
     s.close()
+
+
+def test_changed_policy_applies_at_poll(sim_dir, platform_fp, sealed) -> None:
+    """A new policy version (here: another runtime measurement) is picked up by re-attesting."""
+    e = Env(sim_dir, platform_fp, sealed, poll_interval=0.2)
+    try:
+        with e.client() as kc:
+            h = read_header(e.path)
+            kc.file_key(h)
+            other = runtime_attester(sim_dir, b"v2 build")
+            e.server.policy = make_policy(e.cache_att.measurement, other.measurement,
+                                          platform_fp, version=2)
+            e.server.policy_version = 2
+            wait_for(lambda: e.cache.leases.snapshot()["leases"][0]["policy_version"] == 2)
+            with pytest.raises(ReleaseDenied) as ei:
+                kc.file_key(h)
+            assert ei.value.denial == "policy_denied"
+        with e.client(other) as kc2:
+            assert len(kc2.file_key(h)) == 32
+            assert kc2.grant(MODEL).policy_version == 2
+    finally:
+        e.close()

@@ -282,6 +282,8 @@ class LeaseManager:
                     self._drop(lease, result.denials[m])
                 elif m in granted_models and (m, v) not in granted:
                     self._drop(lease, "key_retired")
+                elif m not in granted_models:  # no longer granted (policy or approval changed)
+                    self._drop(lease, "denied")
             for m, code in result.denials.items():
                 self._denied[m] = code
             if result.cache_state == "revoked":
