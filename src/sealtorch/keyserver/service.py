@@ -138,9 +138,9 @@ class KeyServer:
         ok, reason, expires = self.check_nonce(req.nonce)
         if not ok:
             return self._deny_all(NONCE_INVALID, reason, client)
-        with self.store.tx() as conn:  # burned and committed before evidence is verified
-            fresh = self.store.burn_nonce(conn, req.nonce, expires)
-            if not fresh:
+        fresh = self.store.burn_nonce(req.nonce, expires)  # committed before verification
+        if not fresh:
+            with self.store.tx() as conn:
                 seq, head = self.store.append_audit(
                     conn, actor=f"client:{client}", action="release", decision="deny",
                     code=NONCE_INVALID, details={"reason": "nonce already used"})

@@ -453,10 +453,11 @@ class Store:
             return [r[0] for r in conn.execute(select(sim_platforms.c.key))]
 
     # --- nonces, epoch ----------------------------------------------------------------------
-    def burn_nonce(self, conn: Connection, nonce: bytes, expires: int) -> bool:
-        """Record ``nonce`` as used; False if it was used before (by any replica)."""
+    def burn_nonce(self, nonce: bytes, expires: int) -> bool:
+        """Record ``nonce`` as used in its own committed transaction; False if it was used
+        before (by any replica sharing the database)."""
         try:
-            with conn.begin_nested():
+            with self.tx() as conn:
                 conn.execute(insert(consumed_nonces).values(
                     nonce_hash=hashlib.sha256(nonce).digest(), expires=expires))
             return True
