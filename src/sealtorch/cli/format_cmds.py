@@ -149,7 +149,7 @@ def inspect_cmd(path: str, key_file: str | None, as_json: bool) -> None:
         click.echo(f"{k:>15}: {v}")
     signer = info.get("signer") or info.get("signer_unverified")
     if signer:
-        state = "verified" if info.get("signer") else "not verified (no key given)"
+        state = "verified" if info.get("signer") else "unverified: no key given"
         click.echo(f"{'signer':>15}: {signer} ({state})")
     index = info.get("index")
     if index is None:
