@@ -226,6 +226,11 @@ class ModelPolicy:
     max_releases_per_lease: int = 1000
 
     def __post_init__(self) -> None:
+        for name in ("caches", "runtimes", "factories"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for ident in (*self.caches, *self.runtimes):
+            if not isinstance(ident, Identity):
+                raise PolicyError("caches and runtimes must hold Identity objects")
         _int(self.version, "version", 1, 2**53)
         _int(self.lease_seconds, "lease_seconds", 1, MAX_LEASE_SECONDS)
         _int(self.max_releases_per_lease, "max_releases_per_lease", 1, 2**31)
