@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -33,6 +33,7 @@ from sealtorch.protocol import hpke
 from sealtorch.protocol.grant import Grant
 
 log = logging.getLogger("sealtorch.keycache")
+T = TypeVar("T")
 
 
 class Upstream(Protocol):
@@ -140,12 +141,19 @@ class LeaseManager:
 
     # --- queries -------------------------------------------------------------------------
     def acquire(
-        self, model_id: str, key_version: int, *, check: Callable[[Lease], None] | None = None
-    ) -> Lease:
+        self,
+        model_id: str,
+        key_version: int,
+        *,
+        check: Callable[[Lease], None] | None = None,
+        use: Callable[[Lease], T] | None = None,
+    ) -> tuple[Lease, T | None]:
         """The live lease for a model key version, counting one release against its cap.
 
-        ``check`` (e.g. the runtime allow-list) runs before the release is counted. Raises
-        :class:`RevokedError`, :class:`LeaseExpiredError` or :class:`ReleaseDenied`.
+        ``check`` (e.g. the runtime allow-list) runs before the release is counted; ``use``
+        (e.g. file-key derivation) runs under the lock too, so a renewal or revocation cannot
+        wipe the model key while it is being used. Raises :class:`RevokedError`,
+        :class:`LeaseExpiredError` or :class:`ReleaseDenied`.
         """
         with self._lock:
             now = self._clock()
@@ -177,8 +185,9 @@ class LeaseManager:
                 )
             if check is not None:
                 check(lease)
+            result = use(lease) if use is not None else None
             lease.releases += 1
-            return lease
+            return lease, result
 
     def grant_document(self, model_id: str) -> dict[str, Any]:
         """The signed grant of the newest live key version of ``model_id`` (for policy checks)."""

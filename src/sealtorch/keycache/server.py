@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sealtorch._secret import Secret
 from sealtorch.errors import (
     ProtocolError,
     ReleaseDenied,
@@ -241,6 +242,10 @@ class LocalServer:
         except SealtorchError as e:
             self.metrics.denials.labels(e.code).inc()
             return _error(e.code, str(e))
+        except Exception as e:  # a bug must not leak details or kill the connection silently
+            log.error("internal error in local %s request (%s)", op, type(e).__name__)
+            self.metrics.denials.labels("internal_error").inc()
+            return _error("internal_error", "the key cache failed to answer; see its log")
 
     def _op_hello(self, req: dict[str, Any], session: _Session, peer: PeerCred) -> dict[str, Any]:
         session.nonce = secrets.token_bytes(NONCE_LEN)
@@ -303,10 +308,18 @@ class LocalServer:
                     f"the policy of model {mid!r} does not allow this runtime", code
                 )
 
-        lease = self.leases.acquire(mid, header.key_version, check=check)
-        file_key = derive_file_key(lease.key, header)
+        def derive(lease: Lease) -> Secret:
+            file_key = derive_file_key(lease.key, header)
+            try:
+                check_file_key(file_key, header).wipe()
+            except BaseException:
+                file_key.wipe()
+                raise
+            return file_key
+
+        lease, file_key = self.leases.acquire(mid, header.key_version, check=check, use=derive)
+        assert file_key is not None
         try:
-            check_file_key(file_key, header).wipe()
             sealed = hpke.seal(
                 file_key, pk, file_key_info(lease.grant_digest, header.digest(), sid)
             )
