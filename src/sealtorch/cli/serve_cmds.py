@@ -154,3 +154,74 @@ def demo(model: str, workdir: Path | None, keep: bool, weights: Path | None, bat
 
 
 COMMANDS.append(demo)
+
+
+@click.group("gramine")
+def gramine() -> None:
+    """Gramine (SGX) deployment helpers."""
+
+
+@gramine.command("manifest")
+@click.option("--role", required=True, type=click.Choice(["serve", "keycache"]))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", default=None, type=click.Path(path_type=Path),
+              help="absolute path of the role's measured config inside the enclave "
+                   "(default /etc/sealtorch/runtime.toml or /etc/sealtorch/dkeycache.toml); "
+                   "if it exists here it is validated (and a keycache's CA cert is trusted)")
+@click.option("--model", default="/models/model.sealed", show_default=True,
+              type=click.Path(path_type=Path), help="serve: the sealed model path")
+@click.option("--factory", default="sealtorch.models.resnet:resnet50", show_default=True,
+              help="serve: the model factory (must also be on the policy allow-list)")
+@click.option("--socket", "socket_path", default="/run/sealtorch/dkeycache.sock",
+              show_default=True, help="serve: the key cache socket")
+@click.option("--host", default="0.0.0.0", show_default=True, help="serve: listen address")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--enclave-size", default=None, help="e.g. 16G (default by role)")
+@click.option("--max-threads", default=None, type=click.IntRange(4, 4096))
+@click.option("--isvprodid", default=1, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--isvsvn", default=1, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--force", is_flag=True, help="overwrite an existing output file")
+def gramine_manifest(role: str, output: Path, config_path: Path | None, model: Path,
+                     factory: str, socket_path: str, host: str, port: int, max_batch: int,
+                     enclave_size: str | None, max_threads: int | None, isvprodid: int,
+                     isvsvn: int, force: bool) -> None:
+    """Write a Gramine manifest template for ROLE in an SGX enclave with DCAP attestation."""
+    import re
+
+    from sealtorch.errors import ConfigError
+    from sealtorch.runtime.factory import validate_factory
+    from sealtorch.runtime.gramine import ManifestOptions, render_manifest
+
+    if config_path is None:
+        config_path = Path("/etc/sealtorch/runtime.toml" if role == "serve"
+                           else "/etc/sealtorch/dkeycache.toml")
+    config_path = config_path.absolute()
+    if enclave_size is not None and not re.fullmatch(r"[1-9][0-9]{0,4}[MG]", enclave_size):
+        raise ConfigError("--enclave-size must look like 512M or 16G")
+    validate_factory(factory)
+    ca_cert = None
+    if config_path.exists():
+        if role == "serve":
+            from sealtorch.runtime.config import load_runtime_config
+
+            load_runtime_config(config_path)
+        else:
+            from sealtorch.keycache.config import load_config
+
+            cfg = load_config(config_path)
+            ca_cert = Path(cfg.ca_cert).absolute() if cfg.ca_cert else None
+            socket_path = cfg.socket
+    text = render_manifest(ManifestOptions(
+        role=role, config=config_path, model=model.absolute(), factory=factory,
+        socket=socket_path, host=host, port=port, max_batch=max_batch,
+        enclave_size=enclave_size, max_threads=max_threads, isvprodid=isvprodid,
+        isvsvn=isvsvn, ca_cert=ca_cert))
+    if output.exists() and not force:
+        raise ConfigError(f"{output} exists; pass --force to overwrite it")
+    output.write_text(text)
+    click.echo(f"wrote {output} (role {role}); next: gramine-manifest, gramine-sgx-sign, then "
+               "pin the printed MRENCLAVE/MRSIGNER in the model policy", err=True)
+
+
+COMMANDS.append(gramine)
