@@ -348,3 +348,14 @@ def test_changed_policy_applies_at_poll(sim_dir, platform_fp, sealed) -> None:
             assert kc2.grant(MODEL).policy_version == 2
     finally:
         e.close()
+
+
+def test_second_cache_on_same_socket_refused(env: Env) -> None:
+    from sealtorch.errors import ConfigError
+    from sealtorch.keycache.server import LocalServer
+
+    other = LocalServer(env.sock, env.cache.leases, env.cache.server.auth, server_key_id="x")
+    with pytest.raises(ConfigError, match="already listening"):
+        other.bind()
+    with env.client() as kc:  # the running cache is untouched
+        assert len(kc.file_key(read_header(env.path))) == 32

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from sealtorch._secret import Secret
 from sealtorch.errors import (
+    ConfigError,
     ProtocolError,
     ReleaseDenied,
     SealtorchError,
@@ -138,21 +139,35 @@ class LocalServer:
     def bind(self) -> None:
         """Create the socket with mode 0600 (0660 with a configured group) before listening."""
         path = self.socket_path
-        with contextlib.suppress(FileNotFoundError):
-            if not os.path.islink(path) and os.path.exists(path):
-                import stat
+        if os.path.lexists(path):
+            import stat
 
-                if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                    raise ProtocolError(f"{path} exists and is not a socket; refusing to replace")
-            os.unlink(path)
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # a stale socket left by a killed cache
+            else:
+                raise ConfigError(f"another dkeycache is already listening on {path}")
+            finally:
+                probe.close()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177 if self._group is None else 0o117)
         try:
             s.bind(path)
+        except OSError as e:
+            s.close()
+            raise ConfigError(f"cannot create the socket {path} ({e.strerror})") from e
         finally:
             os.umask(old)
         if self._group is not None:
-            os.chown(path, -1, grp.getgrnam(self._group).gr_gid)
+            try:
+                os.chown(path, -1, grp.getgrnam(self._group).gr_gid)
+            except (KeyError, OSError) as e:
+                s.close()
+                raise ConfigError(f"cannot give the socket to group {self._group!r}") from e
             os.chmod(path, 0o660)
         else:
             os.chmod(path, 0o600)
