@@ -49,7 +49,8 @@ def _config(server: RogueKeyServer, sock: str, sim_dir: Path, **extra: Any) -> A
 
 class Env:
     def __init__(self, sim_dir: Path, platform_fp: str, sealed: Any, *, lease_seconds: int = 60,
-                 max_releases: int = 1000, **cfg: Any) -> None:
+                 max_releases: int = 1000, local_auth: Any = None,
+                 runtimes: list[dict[str, Any]] | None = None, **cfg: Any) -> None:
         self.path, self.mk, self.sd = sealed
         self.sim_dir = sim_dir
         self.sock = short_socket()
@@ -61,7 +62,9 @@ class Env:
         self.server.policy = make_policy(self.cache_att.measurement, self.rt_att.measurement,
                                          platform_fp, lease_seconds=lease_seconds,
                                          max_releases=max_releases)
-        self.cache = start_cache(self.config, self.cache_att)
+        if runtimes is not None:
+            self.server.policy["runtimes"] = runtimes
+        self.cache = start_cache(self.config, self.cache_att, local_auth=local_auth)
 
     def client(self, attester: Any = "default") -> KeyCacheClient:
         return KeyCacheClient(self.sock, server_public_key=self.server.public_key_b64,
@@ -359,3 +362,32 @@ def test_second_cache_on_same_socket_refused(env: Env) -> None:
         other.bind()
     with env.client() as kc:  # the running cache is untouched
         assert len(kc.file_key(read_header(env.path))) == 32
+
+
+@pytest.mark.parametrize("allowed_ok", [True, False])
+def test_peercred_mode(sim_dir, platform_fp, sealed, allowed_ok: bool) -> None:
+    """TDX/SNP mode: no per-process evidence, the kernel's peer uid must be allowed."""
+    from sealtorch.keycache.localauth import PeerCredAuth
+
+    uid = os.getuid() if allowed_ok else os.getuid() + 1
+    e = Env(sim_dir, platform_fp, sealed, local_auth=PeerCredAuth("tdx", {uid}),
+            runtimes=[{"tee": "tdx", "mrtd": "ab" * 48}])
+    try:
+        with e.client(None) as kc:
+            if allowed_ok:
+                assert len(kc.file_key(read_header(e.path))) == 32
+                assert kc.auth_mode == "peercred"
+            else:
+                with pytest.raises(ReleaseDenied) as ei:
+                    kc.file_key(read_header(e.path))
+                assert ei.value.denial == "uid_not_allowed"
+    finally:
+        e.close()
+
+
+def test_peercred_refused_outside_tdx_snp() -> None:
+    from sealtorch.errors import ConfigError
+    from sealtorch.keycache.localauth import PeerCredAuth
+
+    with pytest.raises(ConfigError, match="TDX/SNP"):
+        PeerCredAuth("sim", {0})
