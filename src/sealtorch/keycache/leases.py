@@ -361,7 +361,8 @@ class LeaseManager:
             delay = self._backoff(self._failures)
             log.warning("lease renewal failed (%s); retrying in %.2fs", self.last_error, delay)
             self._next_refresh = self._clock() + delay
-            if isinstance(e, ReleaseDenied):
+            if isinstance(e, ReleaseDenied) and e.denial != "nonce_invalid":
+                # the server refused this cache as a whole (evidence, approval, revocation)
                 with self._lock:
                     for lease in list(self._leases.values()):
                         self._drop(lease, e.denial)
