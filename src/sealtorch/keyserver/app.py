@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -89,6 +91,9 @@ def _respond(route: str, out: Outcome, started: float) -> JSONResponse:
 def release_app(ks: KeyServer) -> Starlette:
     """``/v1/challenge``, ``/v1/release``, ``/v1/status``, ``/healthz``, ``/readyz``."""
     limiter = ops.RateLimiter(ks.config.rate_per_client)
+    # a few worker threads are enough (the database serialises writes and the GIL the rest);
+    # more threads only add lock convoys and latency under load
+    threads = anyio.CapacityLimiter(8)
 
     def guarded(route: str, fn: Callable[[dict[str, Any], str], Outcome]) -> Handler:
         async def handler(request: Request) -> Response:
@@ -108,7 +113,7 @@ def release_app(ks: KeyServer) -> Starlette:
                 ops.REQUESTS.labels(route, "400").inc()
                 return _err(400, "bad_request", "request body must be a JSON object")
             try:
-                out = await run_in_threadpool(fn, obj, client)
+                out = await anyio.to_thread.run_sync(fn, obj, client, limiter=threads)
             except ProtocolError as e:
                 await run_in_threadpool(ks.store.count_anonymous, "bad_request")
                 ops.REQUESTS.labels(route, "400").inc()

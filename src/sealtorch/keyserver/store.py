@@ -9,6 +9,7 @@ the KEK, policies only with a KEK MAC; the audit chain is appended in the caller
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -154,6 +155,11 @@ class Store:
         # SQLite has one writer: queue this process's write transactions on a lock instead of
         # letting threads spin in SQLite's busy handler (which sleeps up to 100 ms per retry)
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        self._lock_fd: int | None = None
+        db_path = self.engine.url.database if self.is_sqlite else None
+        if db_path and db_path != ":memory:":
+            # and across worker processes: a kernel file lock wakes the next writer at once
+            self._lock_fd = os.open(db_path + ".writelock", os.O_RDWR | os.O_CREAT, 0o600)
         self._key_cache: dict[tuple[bytes, bytes], Secret] = {}
         self._policy_ok: dict[bytes, bool] = {}
         self._lock = threading.Lock()
@@ -175,16 +181,30 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         for s in self._key_cache.values():
             s.wipe()
         self._key_cache.clear()
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        if self._lock_fd is None:
+            yield
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:
         """One transaction; retried by callers only where documented."""
         try:
             if self._write_lock is not None:
-                with self._write_lock, self.engine.begin() as conn:
+                with self._write_lock, self._file_lock(), self.engine.begin() as conn:
                     yield conn
             else:
                 with self.engine.begin() as conn:
