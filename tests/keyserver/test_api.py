@@ -285,3 +285,32 @@ def test_migrations_idempotent_and_keep_data(tmp_path: Path) -> None:
     os.chmod(tmp_path / "kek", 0o644)
     with pytest.raises(ConfigError, match="chmod"):
         FileKek(tmp_path / "kek")
+
+
+def test_audit_export_and_expired_token(ks: RunningKeyServer, tmp_path: Path) -> None:
+    from sealtorch.errors import AuthError
+    from sealtorch.keyserver.audit import verify_chain
+    from sealtorch.keyserver.bootstrap import open_store
+    from sealtorch.keyserver.config import load_config
+    from sealtorch.protocol.grant import GrantVerifier
+
+    out = tmp_path / "audit.jsonl"
+    keyserver_cli("audit", "export", "--data-dir", str(ks.data_dir), "--out", str(out),
+                  env=ks.env)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    rows, head_doc = lines[:-1], lines[-1]["audit_head"]
+    head = GrantVerifier(ks.signing_public_key).verify_audit_head(head_doc)
+    assert rows and head.seq == rows[-1]["seq"] and head.head == rows[-1]["hash"]
+    assert verify_chain(rows, head_seq=head.seq, head_hash=head.head) == []
+    rows[0]["details"] = rows[0]["details"].replace("}", ',"x":1}')
+    assert any("seq 1" in p and "edited" in p for p in verify_chain(rows))
+    # an expired token is refused
+    store, kek = open_store(load_config(ks.data_dir))
+    try:
+        with store.tx() as c:
+            _, token = store.create_token(c, "default", -1)
+        with pytest.raises(AuthError, match="expired"):
+            store.authenticate(token)
+    finally:
+        store.close()
+        kek.close()

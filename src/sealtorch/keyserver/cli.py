@@ -26,6 +26,9 @@ def _echo(obj: Any) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """The model owner's key server."""
+    from sealtorch._secret import harden_process
+
+    harden_process()  # every subcommand may touch the KEK or key material
 
 
 @cli.command()

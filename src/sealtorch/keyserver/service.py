@@ -126,6 +126,7 @@ class KeyServer:
 
     def _deny_all(self, code: str, reason: str, client: str, *, evidence_digest: str = "",
                   cache_id: str | None = None) -> Outcome:
+        log.info("release denied", extra={"fields": {"code": code, "client": client}})
         with self.store.tx() as conn:
             seq, head = self.store.append_audit(
                 conn, actor=f"client:{client}", action="release", decision="deny", code=code,
@@ -203,6 +204,9 @@ class KeyServer:
                 seq, head = self.store.append_audit(
                     conn, actor=f"cache:{cache_id}", action="release", cache_id=cache_id, **row)
             state = self._cache_state_summary(cache_id, conn)
+        log.info("release decision", extra={"fields": {
+            "cache_id": cache_id, "tee": ident.tee, "grants": len(grants),
+            "denials": sorted({d["code"] for d in denials}), "audit_seq": seq}})
         return Outcome(200, {"grants": grants, "denials": denials,
                              "audit_head": self._signed_head(seq, head),
                              "cache_id": cache_id, "cache_state": state}, decisions)
