@@ -76,14 +76,19 @@ def _plain_model(weights: Path | None) -> Any:
 
     if weights is None:
         return make_resnet50(seed=SEED)
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    sd: Any
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = load_file(str(weights))
-    else:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
+            sd = load_file(str(weights))
+        else:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors/pickle raise many types for a bad file
+        raise ServeError(f"cannot read --weights ({type(e).__name__}); give a ResNet-50 "
+                         "state_dict as .safetensors or .pt") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
     model = resnet50()
     try:
         model.load_state_dict(sd, strict=True)
