@@ -235,3 +235,9 @@ class InferenceInputError(ServeError):
     """An inference request is malformed (bad JSON, wrong name, shape or datatype)."""
 
     code = "bad_request"
+
+
+class OverloadedError(ServeError):
+    """Too many inference requests are waiting; the client should retry later."""
+
+    code = "overloaded"

@@ -179,3 +179,54 @@ def test_batching_is_invisible_in_outputs(sealed_module: torch.nn.Module,
     assert rows == [4, 3]  # 1+2+1 fill the first pass; 3 rows did not fit and went next
     for x, y in zip(xs, outs, strict=True):
         assert torch.equal(y, reference_forward(sealed_resnet.plain, x, 4))
+
+
+def test_unknown_endpoints_and_methods_get_json_errors(server: LocalServer) -> None:
+    with httpx.Client(base_url=server.url) as c:
+        r = c.get("/v2/nothing/here")
+        assert r.status_code == 404 and r.json() == {"error": "no such endpoint"}
+        r = c.get("/v2/models/resnet50/infer")
+        assert r.status_code == 405 and "method not allowed" in r.json()["error"]
+
+
+def test_queue_bound_and_model_failure(sealed_module: torch.nn.Module) -> None:
+    from sealtorch.errors import OverloadedError, ServeError
+
+    model = ServedModel("resnet50", sealed_module, input_shape=SMALL_SHAPE)
+
+    async def overload() -> list[object]:
+        b = Batcher(model, max_batch=1, max_queue_rows=2)
+        await b.start()
+        try:
+            return list(await asyncio.gather(*(b.submit(sample(1, i)) for i in range(3)),
+                                             return_exceptions=True))
+        finally:
+            await b.stop()
+
+    results = asyncio.run(overload())
+    assert isinstance(results[2], OverloadedError)
+    assert all(isinstance(r, torch.Tensor) for r in results[:2])
+
+    class Flaky(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 2:  # the warm-up passes, the first real batch fails
+                raise RuntimeError("boom")
+            return x.flatten(1)[:, :3]
+
+    flaky = ServedModel("flaky", Flaky(), input_shape=(2,))
+    with LocalServer(build_app(flaky, ServeOptions(max_batch=2))) as srv, \
+            httpx.Client(base_url=srv.url) as c:
+        body = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32",
+                            "data": [1.0, 2.0]}]}
+        r = c.post("/v2/models/flaky/infer", json=body)
+        assert r.status_code == 500 and "boom" not in r.text
+        r = c.post("/v2/models/flaky/infer", json=body)
+        assert r.status_code == 200
+        assert r.json()["outputs"][0]["data"] == [1.0, 2.0]
+        assert r.json()["outputs"][0]["shape"] == [1, 2]
+    assert issubclass(OverloadedError, ServeError)

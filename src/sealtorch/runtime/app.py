@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import sealtorch
-from sealtorch.errors import InferenceInputError, ServeError
-from sealtorch.runtime.batcher import Batcher, QueueFullError
+from sealtorch.errors import InferenceInputError, OverloadedError, ServeError
+from sealtorch.runtime.batcher import Batcher
 from sealtorch.runtime.ratelimit import RateLimiter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -253,7 +254,7 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
         try:
             metrics.queue_rows.set(batcher.queued_rows + x.shape[0])
             y = await batcher.submit(x)
-        except QueueFullError as e:
+        except OverloadedError as e:
             return error(503, str(e), endpoint, {"Retry-After": "1"})
         except ServeError as e:
             log.error("inference failed: %s", e)
@@ -299,7 +300,13 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
     ]
     if opts.metrics:
         routes.append(Route("/metrics", metrics_endpoint))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        text = {404: "no such endpoint", 405: "method not allowed on this endpoint"}
+        return error(status, text.get(status, "request failed"), "other")
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error})
     app.state.batcher = batcher
     app.state.model = model
     app.state.metrics = metrics

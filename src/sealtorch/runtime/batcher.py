@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sealtorch.errors import ServeError
+from sealtorch.errors import OverloadedError, ServeError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from sealtorch.runtime.model import ServedModel
+
+log = logging.getLogger("sealtorch.serve")
 
 
 def reference_forward(module: torch.nn.Module, x: torch.Tensor, max_batch: int) -> torch.Tensor:
@@ -50,17 +54,11 @@ class _Item:
         return int(self.x.shape[0])
 
 
-class QueueFullError(ServeError):
-    """Too many rows are waiting; the client should retry later."""
-
-    code = "overloaded"
-
-
 class Batcher:
     """Collects concurrent requests into batches of at most ``max_batch`` rows."""
 
     def __init__(self, model: ServedModel, *, max_batch: int = 8, max_queue_rows: int = 256,
-                 on_batch: object = None) -> None:
+                 on_batch: Callable[[float], object] | None = None) -> None:
         if not 1 <= max_batch <= 1024:
             raise ServeError("max batch must be between 1 and 1024")
         self.model = model
@@ -113,7 +111,7 @@ class Batcher:
         if self._queue is None or not self.ready:
             raise ServeError("the model is not ready")
         if self._queued_rows + x.shape[0] > self.max_queue_rows:
-            raise QueueFullError("too many requests are waiting; retry later")
+            raise OverloadedError("too many requests are waiting; retry later")
         fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._queued_rows += int(x.shape[0])
         await self._queue.put(_Item(x, fut))
@@ -156,20 +154,21 @@ class Batcher:
             live = [it for it in batch if not it.future.done()]
             if not live:
                 continue
-            x = torch.zeros((self.max_batch, *live[0].x.shape[1:]), dtype=live[0].x.dtype)
-            off = 0
-            for it in live:
-                x[off:off + it.rows] = it.x
-                off += it.rows
             try:
+                x = torch.zeros((self.max_batch, *live[0].x.shape[1:]), dtype=live[0].x.dtype)
+                off = 0
+                for it in live:
+                    x[off:off + it.rows] = it.x
+                    off += it.rows
                 y = await loop.run_in_executor(self._pool, self._forward, x)
             except Exception as e:  # the model failed: every waiting request gets the error
+                log.error("inference failed: %s", type(e).__name__)
                 for it in live:
                     if not it.future.done():
                         it.future.set_exception(ServeError(
                             f"inference failed ({type(e).__name__}); see the server log"))
                 continue
-            if callable(self._on_batch):
+            if self._on_batch is not None:
                 self._on_batch(off)
             off = 0
             for it in live:
