@@ -166,7 +166,7 @@ class KeyServer:
             b"sealtorch-cache/v1\x00" + ident.tee.encode() + b"\x00" + ident.platform_id.encode()
         ).hexdigest()[:32]
         now = int(time.time())
-        grants: list[dict[str, Any]] = []
+        pending: list[tuple[Grant, Secret]] = []
         denials: list[dict[str, str]] = []
         decisions: list[str] = []
         with self.store.tx() as conn:
@@ -180,12 +180,11 @@ class KeyServer:
                 code, reason, tenant, made = self._release_one(
                     conn, mid, claims, cache_id, req, ev_digest, epoch, now)
                 if code is None:
-                    grants.extend(made)
+                    pending.extend(made)
                     decisions.append("release")
                     audit_rows.append({"tenant": tenant, "model_id": mid, "decision": "release",
                                        "code": "granted", "details": {
-                                           "key_versions": [g["grant"]["body"]["key_version"]
-                                                            for g in made],
+                                           "key_versions": [g.key_version for g, _ in made],
                                            "evidence": ev_digest}})
                 else:
                     if explicit:  # never list models the caller did not name
@@ -204,6 +203,10 @@ class KeyServer:
                 seq, head = self.store.append_audit(
                     conn, actor=f"cache:{cache_id}", action="release", cache_id=cache_id, **row)
             state = self._cache_state_summary(cache_id, conn)
+        # the decision is committed; signing and sealing happen outside the write transaction
+        grants = [{"grant": sign_grant(self.signing_key, g),
+                   "sealed_key": b64e(hpke.seal(key, req.public_key, g.digest()))}
+                  for g, key in pending]
         log.info("release decision", extra={"fields": {
             "cache_id": cache_id, "tee": ident.tee, "grants": len(grants),
             "denials": sorted({d["code"] for d in denials}), "audit_seq": seq}})
@@ -213,7 +216,7 @@ class KeyServer:
 
     def _release_one(self, conn: Any, mid: str, claims: Any, cache_id: str,
                      req: ReleaseRequest, ev_digest: str, epoch: int, now: int
-                     ) -> tuple[str | None, str, str | None, list[dict[str, Any]]]:
+                     ) -> tuple[str | None, str, str | None, list[tuple[Grant, Secret]]]:
         info = self.store.model_info(conn, mid)
         if info is None:
             return UNKNOWN_MODEL, "no such model", None, []
@@ -246,15 +249,12 @@ class KeyServer:
             return DENIED, f"tampered: {e}", tenant, []
         if not keys:
             return REVOKED, "no active key version", tenant, []
-        made = []
-        for kv, key in keys:
-            g = Grant(tenant=tenant, model_id=mid, key_version=kv, nonce=req.nonce,
-                      requester_key=req.public_key, kem_id=hpke.KEM_ID,
-                      evidence_digest=ev_digest, cache_id=cache_id, policy=policy_doc,
-                      policy_version=policy_version, lease_seconds=lease,
-                      revocation_epoch=epoch, issued_at=now, server_key_id=self.server_key_id)
-            sealed = hpke.seal(key, req.public_key, g.digest())
-            made.append({"grant": sign_grant(self.signing_key, g), "sealed_key": b64e(sealed)})
+        made = [(Grant(tenant=tenant, model_id=mid, key_version=kv, nonce=req.nonce,
+                       requester_key=req.public_key, kem_id=hpke.KEM_ID,
+                       evidence_digest=ev_digest, cache_id=cache_id, policy=policy_doc,
+                       policy_version=policy_version, lease_seconds=lease,
+                       revocation_epoch=epoch, issued_at=now, server_key_id=self.server_key_id),
+                 key) for kv, key in keys]
         return None, "", tenant, made
 
     def _cache_state_summary(self, cache_id: str, conn: Any = None) -> str:
