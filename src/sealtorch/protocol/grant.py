@@ -37,7 +37,8 @@ GRANT_FORMAT = "sealtorch-grant/v1"
 STATUS_FORMAT = "sealtorch-status/v1"
 AUDIT_HEAD_FORMAT = "sealtorch-audit-head/v1"
 NONCE_LEN = 32
-MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+# no "." / ".." path segments, empty segments or trailing "/": ids end up in URL paths
+MODEL_ID_RE = re.compile(r"^(?!.*(?:/\.{1,2}(?:/|$)|//|/$))[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
 _MAX_INT = 2**53
 
 

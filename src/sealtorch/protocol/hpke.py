@@ -49,7 +49,14 @@ def load_public_key(raw: bytes) -> X25519PublicKey:
         )
     if not any(raw):
         raise ProtocolError("HPKE public key is the all-zero point; generate a real key pair")
-    return X25519PublicKey.from_public_bytes(raw)
+    pk = X25519PublicKey.from_public_bytes(raw)
+    try:  # low-order points give an all-zero shared secret: refuse them here, not mid-seal
+        X25519PrivateKey.generate().exchange(pk)
+    except ValueError as e:
+        raise ProtocolError(
+            "HPKE public key is a low-order X25519 point; generate a real key pair"
+        ) from e
+    return pk
 
 
 def seal(plaintext: bytes | bytearray | Secret, public_key: bytes, info: bytes) -> bytes:

@@ -83,12 +83,19 @@ class ReleaseRequest:
             raise ProtocolError("kem_id: only 0x0020 (DHKEM X25519 HKDF-SHA256) is supported")
         return cls(
             evidence=ev,
-            public_key=b64d(obj.get("public_key"), field="public_key",
-                            max_len=hpke.PUBLIC_KEY_LEN, exact_len=hpke.PUBLIC_KEY_LEN),
+            public_key=_x25519(obj.get("public_key")),
             nonce=b64d(obj.get("nonce"), field="nonce", max_len=NONCE_LEN, exact_len=NONCE_LEN),
             models=parse_models(obj.get("models")),
             kem_id=hpke.KEM_ID,
         )
+
+
+def _x25519(value: object) -> bytes:
+    """A raw X25519 public key that HPKE can seal to (refused before any nonce is burned)."""
+    raw = b64d(value, field="public_key", max_len=hpke.PUBLIC_KEY_LEN,
+               exact_len=hpke.PUBLIC_KEY_LEN)
+    hpke.load_public_key(raw)
+    return raw
 
 
 @dataclass(frozen=True)
