@@ -323,7 +323,7 @@ class KeyServer:
         with self.store.engine.connect() as conn:
             info = self.store.model_info(conn, model_id)
             if info is None or info.tenant != tenant:
-                raise StoreError(f"model {model_id!r} not found for this tenant")
+                raise StoreError("model not found for this tenant")
             got = self.store.get_policy(conn, tenant, model_id)
         if got is None:
             return {"allowed": False, "reasons": ["model has no policy"]}

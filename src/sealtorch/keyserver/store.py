@@ -286,7 +286,7 @@ class Store:
     def _model(self, conn: Connection, tenant: str | None, model_id: str) -> Any:
         row = conn.execute(select(models).where(models.c.model_id == model_id)).first()
         if row is None or (tenant is not None and row.tenant != tenant):
-            raise StoreError(f"model {model_id!r} not found for this tenant")
+            raise StoreError("model not found for this tenant")
         return row
 
     def add_model(self, conn: Connection, tenant: str, model_id: str, key: Secret,
@@ -295,7 +295,7 @@ class Store:
             raise StoreError("model keys are 32 bytes")
         existing = conn.execute(select(models).where(models.c.model_id == model_id)).first()
         if existing is not None and existing.tenant != tenant:
-            raise StoreError(f"model id {model_id!r} is taken; choose another id")
+            raise StoreError("this model id is taken by another tenant; choose another id")
         if existing is None:
             conn.execute(insert(models).values(model_id=model_id, tenant=tenant, state="active",
                                                created=_now()))
@@ -306,7 +306,7 @@ class Store:
                     wrapped=self.kek.wrap(key, wrap_aad(tenant, model_id, key_version)),
                     state="active", exportable=exportable, created=_now()))
         except IntegrityError as e:
-            raise StoreError(f"model {model_id!r} already has key version {key_version}") from e
+            raise StoreError("the model already has this key version; rotate instead") from e
 
     def next_key_version(self, conn: Connection, model_id: str) -> int:
         v = conn.execute(select(func.max(key_versions.c.key_version)).where(
@@ -334,7 +334,7 @@ class Store:
             key_versions.c.model_id == model_id, key_versions.c.key_version == key_version
         ).values(state=state))
         if not r.rowcount:
-            raise StoreError(f"model {model_id!r} has no key version {key_version}")
+            raise StoreError("the model has no such key version (not found)")
         self.bump_epoch(conn)
 
     def set_model_state(self, conn: Connection, tenant: str, model_id: str, state: str) -> None:
@@ -440,7 +440,7 @@ class Store:
     def set_approval(self, conn: Connection, tenant: str, cache_id: str, state: str) -> None:
         if conn.execute(select(caches.c.cache_id).where(caches.c.cache_id == cache_id)
                         ).first() is None:
-            raise StoreError(f"cache {cache_id!r} has not enrolled")
+            raise StoreError("cache not found: it has not enrolled yet")
         r = conn.execute(update(cache_approvals).where(
             cache_approvals.c.tenant == tenant, cache_approvals.c.cache_id == cache_id
         ).values(state=state, updated=_now()))
