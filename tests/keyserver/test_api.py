@@ -314,3 +314,17 @@ def test_audit_export_and_expired_token(ks: RunningKeyServer, tmp_path: Path) ->
     finally:
         store.close()
         kek.close()
+
+
+def test_slow_body_is_cut_off(ks: RunningKeyServer) -> None:
+    import socket
+
+    host, port = "127.0.0.1", int(ks.url.rsplit(":", 1)[1])
+    ctx = ssl.create_default_context(cafile=str(ks.ca_cert_path))
+    with ctx.wrap_socket(socket.create_connection((host, port)), server_hostname=host) as s:
+        s.sendall(b"POST /v1/release HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n{")
+        s.settimeout(60)
+        data = b""
+        while chunk := s.recv(4096):  # the server answers 408 and closes
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408")

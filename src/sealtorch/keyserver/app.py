@@ -51,18 +51,27 @@ def _err(status: int, code: str, message: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status)
 
 
+#: a whole request body must arrive within this many seconds (slow-client deadline)
+BODY_DEADLINE = 10.0
+
+
 async def read_body(request: Request) -> bytes:
-    """The request body, refusing more than :data:`MAX_BODY` bytes without buffering it all."""
+    """The request body, refusing more than :data:`MAX_BODY` bytes without buffering it all and
+    cutting off clients that do not deliver it within :data:`BODY_DEADLINE` seconds."""
     cl = request.headers.get("content-length")
     if cl is not None and (not cl.isdigit() or int(cl) > MAX_BODY):
         raise _TooLarge
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY:
-            raise _TooLarge
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(BODY_DEADLINE):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > MAX_BODY:
+                    raise _TooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _TooSlow from None
     return b"".join(chunks)
 
 
@@ -71,6 +80,19 @@ class _TooLargeError(Exception):
 
 
 _TooLarge = _TooLargeError()
+
+
+class _TooSlowError(Exception):
+    pass
+
+
+_TooSlow = _TooSlowError()
+
+
+def _too_slow() -> JSONResponse:
+    r = _err(408, "too_slow", f"request body not received within {BODY_DEADLINE:.0f} s")
+    r.headers["connection"] = "close"
+    return r
 
 
 def _client(request: Request) -> str:
@@ -104,6 +126,10 @@ def release_app(ks: KeyServer) -> Starlette:
                 return _err(429, "rate_limited", "too many requests; slow down")
             try:
                 obj = parse_json_body(await read_body(request))
+            except _TooSlowError:
+                await anyio.to_thread.run_sync(ks.store.count_anonymous, "too_slow")
+                ops.REQUESTS.labels(route, "408").inc()
+                return _too_slow()
             except _TooLargeError:
                 await run_in_threadpool(ks.store.count_anonymous, "too_large")
                 ops.REQUESTS.labels(route, "413").inc()
@@ -214,6 +240,8 @@ def admin_app(ks: KeyServer) -> Starlette:
                 result = await run_in_threadpool(fn, request, tenant, token_id, obj)
             except _TooLargeError:
                 return _err(413, "too_large", f"request body larger than {MAX_BODY} bytes")
+            except _TooSlowError:
+                return _too_slow()
             except (ProtocolError, PolicyError) as e:
                 return _err(400, e.code, str(e))
             except StoreError as e:
