@@ -42,7 +42,8 @@ def run_cli(group: click.Group, args: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except SealtorchError as e:
-        click.echo(f"error [{e.code}]: {e}", err=True)
+        code = getattr(e, "denial", None) or e.code
+        click.echo(f"error [{code}]: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
