@@ -97,6 +97,12 @@ def test_status_and_audit_head_domain_separation() -> None:
     assert v.verify_status(doc, nonce=nonce, cache_id="ab" * 16) == st
     with pytest.raises(GrantError):
         v.verify_status(doc, nonce=os.urandom(32))
+    # a revoked entry (policy version 0) after a higher version was seen is not a rollback
+    n2 = os.urandom(32)
+    st2 = Status(nonce=n2, cache_id="ab" * 16, revocation_epoch=4, cache_state="approved",
+                 models={"m1": ModelStatus("revoked", (), 0)}, issued_at=6,
+                 server_key_id=key_id(server))
+    assert v.verify_status(sign_status(server, st2), nonce=n2).models["m1"].state == "revoked"
     head = sign_audit_head(server, AuditHead(7, "11" * 32, 1, key_id(server)))
     assert v.verify_audit_head(head).seq == 7
     with pytest.raises(GrantError):  # an audit head is not a status document

@@ -299,8 +299,9 @@ class KeyServer:
                     rows = []
                 active = info.state == "active" and rows and appr != "revoked" and (
                     appr == "approved" or self.config.auto_approve)
-                out[mid] = ModelStatus("active" if active else "revoked",
-                                       tuple(rows) if active else (), pv)
+                # nothing about a model is revealed unless it is active for this cache
+                out[mid] = (ModelStatus("active", tuple(rows), pv) if active
+                            else ModelStatus("revoked", (), 0))
         cache_state = self._cache_state_summary(req.cache_id)
         st = Status(nonce=req.nonce, cache_id=req.cache_id, revocation_epoch=epoch,
                     cache_state=cache_state, models=out, issued_at=int(time.time()),

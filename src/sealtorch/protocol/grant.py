@@ -313,7 +313,8 @@ class GrantVerifier:
         if not hmac.compare_digest(status.server_key_id, self.server_key_id):
             raise GrantError("status document names another server key id")
         for m, s in status.models.items():
-            self._check_policy_version(m, s.policy_version, record=True)
+            if s.state == "active":  # revoked entries carry no policy version (0)
+                self._check_policy_version(m, s.policy_version, record=True)
         return status
 
     def verify_audit_head(self, doc: object) -> AuditHead:
