@@ -105,6 +105,10 @@ def run(cfg: ServerConfig) -> None:
         warnings.warn("dkeyserver: sim attestation is ENABLED; it protects nothing",
                       RuntimeWarning, stacklevel=2)
         log.warning("sim attestation is ENABLED: development only, protects nothing")
+    if cfg.auto_approve:
+        warnings.warn("dkeyserver: auto_approve is ON: any attested cache is admitted without "
+                      "'cache approve' (demo/tests only)", RuntimeWarning, stacklevel=2)
+        log.warning("auto_approve is ON: caches are admitted without approval (demo/tests only)")
     rel_sock = _bind(cfg.release_host, cfg.release_port)
     adm_sock = _bind(cfg.admin_host, cfg.admin_port)
     children: list[int] = []
