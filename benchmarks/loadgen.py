@@ -145,6 +145,8 @@ class Rig:
         self.dep.env["SEALTORCH_KS_RATE_PER_CLIENT"] = "1000000"
         self.want_serve = serve
         self.serve_proc: subprocess.Popen[bytes] | None = None
+        self.keyserver_proc: subprocess.Popen[bytes] | None = None
+        self.cache_proc: subprocess.Popen[bytes] | None = None
         self.serve_url = ""
         self.sealed = workdir / "model.sealed"
         self.model_key = b""
@@ -160,7 +162,11 @@ class Rig:
 
         dep = self.dep
         dep.init_keyserver()
+        cfg = dep.ks_dir / "config.toml"  # fixed ports, so a restarted server is found again
+        cfg.write_text(cfg.read_text().replace("release_port = 0", f"release_port = {_free_port()}")
+                       .replace("admin_port = 0", f"admin_port = {_free_port()}"))
         dep.start_keyserver()
+        self.keyserver_proc = dep.procs[-1]
         platform = dep.init_sim_platform()
         mk = generate_model_key(MODEL)
         self.model_key = bytes(mk.key)
@@ -182,6 +188,7 @@ class Rig:
                          {**ident, "measurement": sim.measure("runtime").hex()}],
             "factories": [FACTORY]}})
         dep.start_cache()
+        self.cache_proc = dep.procs[-1]
         if self.want_serve:
             self.start_serve()
         return self
@@ -215,11 +222,37 @@ class Rig:
 
     @property
     def keyserver_pid(self) -> int:
-        return self.dep.procs[0].pid
+        assert self.keyserver_proc is not None
+        return self.keyserver_proc.pid
 
     @property
     def cache_pid(self) -> int:
-        return self.dep.procs[1].pid
+        assert self.cache_proc is not None
+        return self.cache_proc.pid
+
+    # --- faults --------------------------------------------------------------------------
+    @staticmethod
+    def _kill9(proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def kill9_keyserver(self) -> None:
+        self._kill9(self.keyserver_proc)
+
+    def restart_keyserver(self) -> None:
+        self.dep.start_keyserver()
+        self.keyserver_proc = self.dep.procs[-1]
+
+    def kill9_cache(self) -> None:
+        self._kill9(self.cache_proc)
+
+    def restart_cache(self) -> None:
+        self.dep.start_cache()
+        self.cache_proc = self.dep.procs[-1]
+
+    def kill9_serve(self) -> None:
+        self._kill9(self.serve_proc)
 
     def stop(self) -> None:
         if self.serve_proc is not None and self.serve_proc.poll() is None:
