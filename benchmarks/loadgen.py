@@ -137,13 +137,15 @@ def _code(r: Any) -> str:
 class Rig:
     """A LocalDeployment with one sealed ResNet-50, its policy, a cache and (opt.) serve."""
 
-    def __init__(self, workdir: Path, *, serve: bool = True) -> None:
+    def __init__(self, workdir: Path, *, serve: bool = True, cache_health_port: int = 0
+                 ) -> None:
         from sealtorch.runtime.world import LocalDeployment
 
         self.workdir = workdir
         self.dep = LocalDeployment(workdir)
         self.dep.env["SEALTORCH_KS_RATE_PER_CLIENT"] = "1000000"
         self.want_serve = serve
+        self.cache_health_port = cache_health_port
         self.serve_proc: subprocess.Popen[bytes] | None = None
         self.keyserver_proc: subprocess.Popen[bytes] | None = None
         self.cache_proc: subprocess.Popen[bytes] | None = None
@@ -174,7 +176,12 @@ class Rig:
         seal(make_resnet50(seed=0), self.sealed, mk)
         dep.admin("POST", "/v1/admin/models", {"model_id": MODEL, "key_version": 1,
                                                "key": base64.b64encode(self.model_key).decode()})
-        cache_meas = sim.measure("dkeycache", dep.write_cache_config())
+        cache_cfg = dep.write_cache_config()
+        if self.cache_health_port:
+            cache_cfg += f"health_port = {self.cache_health_port}\n".encode()
+            (self.workdir / "dkeycache.toml").write_bytes(cache_cfg)
+            dep.cache_config = cache_cfg
+        cache_meas = sim.measure("dkeycache", cache_cfg)
         self.runtime_cfg = render_runtime_config(dep.server_public_key_b64)
         (self.workdir / "runtime.toml").write_bytes(self.runtime_cfg)
         ident = {"tee": "sim", "platform_key": platform}
