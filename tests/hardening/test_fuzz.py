@@ -48,3 +48,25 @@ def test_parser_raises_only_sealtorch_errors(name: str) -> None:
 
     check()
     record("fuzz", engine="hypothesis", target=name, executions=runs[0], findings=0)
+
+
+@pytest.mark.slow
+def test_fuzz_harnesses_run_for_a_bounded_budget() -> None:
+    """fuzz/run.py: every harness (atheris if installed, else the mutation loop) for a budget;
+    executions and findings are printed and recorded. ``SEALTORCH_LONG=1``: 60 s per target."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    seconds = 60 if LONG else 1
+    run = Path(__file__).resolve().parents[2] / "fuzz" / "run.py"
+    p = subprocess.run([sys.executable, str(run), "--seconds", str(seconds), "--json"],
+                       capture_output=True, text=True, timeout=len(TARGETS) * (seconds + 60))
+    out = json.loads(p.stdout)
+    print(json.dumps(out, indent=1))
+    for t in out["targets"]:
+        record("fuzz", engine=t["engine"], target=t["target"], executions=t["executions"],
+               findings=t["findings"], seconds=seconds)
+        assert t["executions"] > 0, t
+    assert out["findings"] == 0 and p.returncode == 0, out
