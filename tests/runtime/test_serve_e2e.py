@@ -61,13 +61,26 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, sealed_resnet: Sealed):
         dep.stop()
 
 
+SERVE_THREADS = 2  # CPU kernels' rounding depends on the thread count: pin it on both sides
+
+
+def _reference(plain: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The plaintext model's output computed with the server's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(SERVE_THREADS)
+    try:
+        return reference_forward(plain, x, MAX_BATCH)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _serve(dep: LocalDeployment, sealed: Path, *, factory: str = FACTORY,
            config: str = "runtime.toml", port: int = 0) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-I", "-m", "sealtorch", "serve", str(sealed), "--factory", factory,
          "--keycache", dep.socket, "--config", str(dep.workdir / config), "--attester", "sim",
          "--port", str(port), "--max-batch", str(MAX_BATCH), "--input-shape", SHAPE,
-         "--name", "resnet50", "--rate", "1000"],
+         "--name", "resnet50", "--rate", "1000", "--threads", str(SERVE_THREADS)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dep.env,
         start_new_session=True)
 
@@ -122,7 +135,7 @@ def test_serve_through_the_cache(deployment: LocalDeployment, sealed_resnet: Sea
         for i, x in good.items():
             assert answers[i].status_code == 200, answers[i].text
             got = output_tensor(answers[i].json())
-            assert torch.equal(got, reference_forward(sealed_resnet.plain, x, MAX_BATCH)), i
+            assert torch.equal(got, _reference(sealed_resnet.plain, x)), i
         metrics = httpx.get(url + "/metrics").text
         assert "sealtorch_serve_batch_rows_count" in metrics
         assert httpx.get(url + "/v2/health/live").json() == {"live": True}
