@@ -39,7 +39,7 @@ class Secret:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:  # never pickle a secret by accident
+    def __reduce__(self) -> str | tuple[object, ...]:  # never pickle a secret by accident
         raise TypeError("Secret objects cannot be pickled")
 
     def __bytes__(self) -> bytes:
