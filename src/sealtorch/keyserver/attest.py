@@ -96,10 +96,22 @@ def parse_policy(doc: dict[str, Any]) -> tuple[Any, int]:
     return pol, int(pol.version)
 
 
-def evaluate(doc: dict[str, Any], claims: Any, config: ServerConfig
+_BY_TEXT: dict[str, Any] = {}
+
+
+def evaluate(doc: dict[str, Any], claims: Any, config: ServerConfig, *, text: str | None = None
              ) -> tuple[bool, list[str], int]:
-    """(allowed, reasons, lease_seconds) of ``claims`` against the policy's cache allow-list."""
-    pol, _ = parse_policy(doc)
+    """(allowed, reasons, lease_seconds) of ``claims`` against the policy's cache allow-list.
+
+    ``text`` is the stored canonical JSON of ``doc`` (already MAC-checked): parsed policies
+    are memoised by it, which skips re-encoding ``doc`` on every release."""
+    pol = _BY_TEXT.get(text) if text is not None else None
+    if pol is None:
+        pol, _ = parse_policy(doc)
+        if text is not None:
+            if len(_BY_TEXT) > 4096:
+                _BY_TEXT.clear()
+            _BY_TEXT[text] = pol
     decision = pol.evaluate_cache(claims)
     lease = int(getattr(pol, "lease_seconds", None) or config.lease_seconds)
     return bool(decision.allowed), [str(r) for r in decision.reasons], lease

@@ -8,6 +8,7 @@ codes are short; reasons go only to the audit log.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -15,8 +16,9 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -50,6 +52,7 @@ REVOKED = "revoked"
 UNKNOWN_MODEL = "unknown_model"
 
 _NONCE_TAG = b"sealtorch-nonce/v1\x00"
+T = TypeVar("T")
 
 
 @dataclass
@@ -124,85 +127,61 @@ class KeyServer:
         return sign_audit_head(self.signing_key,
                                AuditHead(seq, head, int(time.time()), self.server_key_id))
 
-    def _deny_all(self, code: str, reason: str, client: str, *, evidence_digest: str = "",
-                  cache_id: str | None = None) -> Outcome:
-        log.info("release denied", extra={"fields": {"code": code, "client": client}})
-        with self.store.tx() as conn:
-            seq, head = self.store.append_audit(
+    async def _write(self, op: Callable[[Any], T]) -> T:
+        """Run ``op`` in the next group-commit batch; returns once that batch has committed."""
+        return await asyncio.wrap_future(self.store.committer().submit(op))
+
+    def _audit_deny_op(self, code: str, reason: str, client: str, evidence_digest: str,
+                       cache_id: str | None) -> Callable[[Any], tuple[int, str]]:
+        def op(conn: Any) -> tuple[int, str]:
+            return self.store.append_audit(
                 conn, actor=f"client:{client}", action="release", decision="deny", code=code,
                 cache_id=cache_id, details={"reason": reason, "evidence": evidence_digest})
+        return op
+
+    async def _deny_all(self, code: str, reason: str, client: str, *, evidence_digest: str = "",
+                        cache_id: str | None = None) -> Outcome:
+        log.info("release denied", extra={"fields": {"code": code, "client": client}})
+        seq, head = await self._write(
+            self._audit_deny_op(code, reason, client, evidence_digest, cache_id))
         return Outcome(403, {"error": {"code": code, "message": code},
                              "audit_head": self._signed_head(seq, head)}, [code])
 
     # --- release --------------------------------------------------------------------------
-    def release(self, req: ReleaseRequest, client: str) -> Outcome:
+    async def release(self, req: ReleaseRequest, client: str) -> Outcome:
+        """One release, run on the event loop; its two durable writes (the nonce burn, then
+        the decision with its audit entries) go through the group-commit writer, and the
+        answer is built only after each has committed."""
         ok, reason, expires = self.check_nonce(req.nonce)
         if not ok:
-            return self._deny_all(NONCE_INVALID, reason, client)
-        fresh = self.store.burn_nonce(req.nonce, expires)  # committed before verification
-        if not fresh:
-            with self.store.tx() as conn:
-                seq, head = self.store.append_audit(
-                    conn, actor=f"client:{client}", action="release", decision="deny",
-                    code=NONCE_INVALID, details={"reason": "nonce already used"})
+            return await self._deny_all(NONCE_INVALID, reason, client)
+        nonce = req.nonce
+        fresh = await self._write(lambda conn: self.store.burn_nonce_in(conn, nonce, expires))
+        if not fresh:  # committed before verification: a reused nonce never gets further
+            return await self._deny_all(NONCE_INVALID, "nonce already used", client)
         if time.monotonic() - self._last_purge > 60:
             self._last_purge = time.monotonic()
-            self.store.purge_nonces()  # expired nonces fail their MAC check anyway
-        if not fresh:
-            return Outcome(403, {"error": {"code": NONCE_INVALID, "message": NONCE_INVALID},
-                                 "audit_head": self._signed_head(seq, head)}, [NONCE_INVALID])
+            await asyncio.to_thread(self.store.purge_nonces)  # expired ones fail the MAC anyway
         ev_digest = ""
         try:
             evidence = attest.parse_evidence(req.evidence)
             ev_digest = evidence.digest().hex()
-            claims = self.verifier().verify(evidence)
+            if evidence.tee == "sim":  # ~0.1 ms: cheaper inline than a thread hop
+                claims = self.verifier().verify(evidence)
+            else:  # DCAP/SNP verification takes milliseconds: keep the event loop free
+                claims = await asyncio.to_thread(self.verifier().verify, evidence)
             attest.check_binding(claims, nonce=req.nonce, public_key=req.public_key,
                                  audience=self.audience)
         except SealtorchError as e:
-            return self._deny_all(EVIDENCE_INVALID, f"{e.code}: {e}", client,
-                                  evidence_digest=ev_digest)
+            return await self._deny_all(EVIDENCE_INVALID, f"{e.code}: {e}", client,
+                                        evidence_digest=ev_digest)
         ident = attest.identity(claims)
         cache_id = hashlib.sha256(
             b"sealtorch-cache/v1\x00" + ident.tee.encode() + b"\x00" + ident.platform_id.encode()
         ).hexdigest()[:32]
         now = int(time.time())
-        pending: list[tuple[Grant, Secret]] = []
-        denials: list[dict[str, str]] = []
-        decisions: list[str] = []
-        with self.store.tx() as conn:
-            self.store.enrol_cache(conn, cache_id, ident.tee, ident.platform_id,
-                                   b64e(req.public_key), ident.measurement)
-            epoch = self.store.epoch(conn)
-            explicit = req.models is not None
-            model_ids = req.models if req.models is not None else self.store.all_model_ids(conn)
-            audit_rows: list[dict[str, Any]] = []
-            for mid in model_ids:
-                code, reason, tenant, made = self._release_one(
-                    conn, mid, claims, cache_id, req, ev_digest, epoch, now)
-                if code is None:
-                    pending.extend(made)
-                    decisions.append("release")
-                    audit_rows.append({"tenant": tenant, "model_id": mid, "decision": "release",
-                                       "code": "granted", "details": {
-                                           "key_versions": [g.key_version for g, _ in made],
-                                           "evidence": ev_digest}})
-                else:
-                    if explicit:  # never list models the caller did not name
-                        denials.append({"model_id": mid, "code": code})
-                        decisions.append(code)
-                    if explicit:
-                        audit_rows.append({"tenant": tenant, "model_id": mid, "decision": "deny",
-                                           "code": code, "details": {"reason": reason,
-                                                                     "evidence": ev_digest}})
-            if not audit_rows:
-                audit_rows.append({"tenant": None, "model_id": None, "decision": "deny",
-                                   "code": DENIED, "details": {"reason": "no models granted",
-                                                               "evidence": ev_digest}})
-            seq, head = 0, ""
-            for row in audit_rows:
-                seq, head = self.store.append_audit(
-                    conn, actor=f"cache:{cache_id}", action="release", cache_id=cache_id, **row)
-            state = self._cache_state_summary(cache_id, conn)
+        pending, denials, decisions, seq, head, state = await self._write(
+            lambda conn: self._decide(conn, req, claims, ident, cache_id, ev_digest, now))
         # the decision is committed; signing and sealing happen outside the write transaction
         grants = [{"grant": sign_grant(self.signing_key, g),
                    "sealed_key": b64e(hpke.seal(key, req.public_key, g.digest()))}
@@ -214,36 +193,78 @@ class KeyServer:
                              "audit_head": self._signed_head(seq, head),
                              "cache_id": cache_id, "cache_state": state}, decisions)
 
+    def _decide(self, conn: Any, req: ReleaseRequest, claims: Any, ident: attest.Identity,
+                cache_id: str, ev_digest: str, now: int) -> tuple[
+                    list[tuple[Grant, Secret]], list[dict[str, str]], list[str], int, str, str]:
+        """The decision transaction (a group-commit operation): enrol the cache, decide each
+        model and append the audit entries; returns what the answer needs. No side effects
+        outside the database, so the writer may re-run it alone."""
+        pending: list[tuple[Grant, Secret]] = []
+        denials: list[dict[str, str]] = []
+        decisions: list[str] = []
+        self.store.enrol_cache_raw(conn, cache_id, ident.tee, ident.platform_id,
+                                   b64e(req.public_key), ident.measurement)
+        epoch = self.store.epoch_locked(conn)
+        explicit = req.models is not None
+        model_ids = req.models if req.models is not None else self.store.all_model_ids(conn)
+        audit_rows: list[dict[str, Any]] = []
+        for mid in model_ids:
+            code, reason, tenant, made = self._release_one(
+                conn, mid, claims, cache_id, req, ev_digest, epoch, now)
+            if code is None:
+                pending.extend(made)
+                decisions.append("release")
+                audit_rows.append({"tenant": tenant, "model_id": mid, "decision": "release",
+                                   "code": "granted", "details": {
+                                       "key_versions": [g.key_version for g, _ in made],
+                                       "evidence": ev_digest}})
+            elif explicit:  # never list (or audit per model) models the caller did not name
+                denials.append({"model_id": mid, "code": code})
+                decisions.append(code)
+                audit_rows.append({"tenant": tenant, "model_id": mid, "decision": "deny",
+                                   "code": code, "details": {"reason": reason,
+                                                             "evidence": ev_digest}})
+        if not audit_rows:
+            audit_rows.append({"tenant": None, "model_id": None, "decision": "deny",
+                               "code": DENIED, "details": {"reason": "no models granted",
+                                                           "evidence": ev_digest}})
+        seq, head = 0, ""
+        for row in audit_rows:
+            seq, head = self.store.append_audit(
+                conn, actor=f"cache:{cache_id}", action="release", cache_id=cache_id, **row)
+        state = self._state_from(self.store.cache_states(conn, cache_id))
+        return pending, denials, decisions, seq, head, state
+
     def _release_one(self, conn: Any, mid: str, claims: Any, cache_id: str,
                      req: ReleaseRequest, ev_digest: str, epoch: int, now: int
                      ) -> tuple[str | None, str, str | None, list[tuple[Grant, Secret]]]:
-        info = self.store.model_info(conn, mid)
-        if info is None:
+        row = self.store.release_row(conn, mid, cache_id)
+        if row is None:
             return UNKNOWN_MODEL, "no such model", None, []
-        tenant = info.tenant
-        approval = self.store.approval(conn, tenant, cache_id)
+        tenant, model_state, approval, policy_version, policy_text, policy_mac = row
         if approval == "revoked":
             return REVOKED, "cache revoked by tenant", tenant, []
         if approval != "approved" and not self.config.auto_approve:
             return NOT_APPROVED, "cache not approved by this model's tenant", tenant, []
-        if info.state != "active":
+        if model_state != "active":
             return REVOKED, "model revoked", tenant, []
+        if policy_text is None:
+            return DENIED, "model has no policy", tenant, []
         try:
-            got = self.store.get_policy(conn, tenant, mid)
+            policy_doc = self.store.checked_policy(tenant, mid, policy_version, policy_text,
+                                                   policy_mac)
         except TamperError as e:
             log.error("tamper detected: %s", e)
             return DENIED, f"tampered: {e}", tenant, []
-        if got is None:
-            return DENIED, "model has no policy", tenant, []
-        policy_doc, policy_version = got
         try:
-            allowed, reasons, lease = attest.evaluate(policy_doc, claims, self.config)
+            allowed, reasons, lease = attest.evaluate(policy_doc, claims, self.config,
+                                                      text=policy_text)
         except SealtorchError as e:
             return DENIED, f"policy error {e.code}: {e}", tenant, []
         if not allowed:
             return DENIED, "; ".join(reasons)[:2000] or "policy denied", tenant, []
         try:
-            keys = self.store.active_keys(conn, tenant, mid)
+            keys = self.store.active_keys_raw(conn, tenant, mid)
         except TamperError as e:
             log.error("tamper detected: %s", e)
             return DENIED, f"tampered: {e}", tenant, []
@@ -252,10 +273,18 @@ class KeyServer:
         made = [(Grant(tenant=tenant, model_id=mid, key_version=kv, nonce=req.nonce,
                        requester_key=req.public_key, kem_id=hpke.KEM_ID,
                        evidence_digest=ev_digest, cache_id=cache_id, policy=policy_doc,
-                       policy_version=policy_version, lease_seconds=lease,
+                       policy_version=int(policy_version), lease_seconds=lease,
                        revocation_epoch=epoch, issued_at=now, server_key_id=self.server_key_id),
                  key) for kv, key in keys]
         return None, "", tenant, made
+
+    def _state_from(self, states: set[str]) -> str:
+        """The cache's summary state from every tenant's approval of it."""
+        if "approved" in states:
+            return "approved"
+        if states == {"revoked"}:
+            return "revoked"
+        return "approved" if self.config.auto_approve else "pending"
 
     def _cache_state_summary(self, cache_id: str, conn: Any = None) -> str:
         from sqlalchemy import select
@@ -268,11 +297,7 @@ class KeyServer:
                 states = {r[0] for r in c.execute(q)}
         else:
             states = {r[0] for r in conn.execute(q)}
-        if "approved" in states:
-            return "approved"
-        if states == {"revoked"}:
-            return "revoked"
-        return "approved" if self.config.auto_approve else "pending"
+        return self._state_from(states)
 
     # --- status ---------------------------------------------------------------------------
     def status(self, req: StatusRequest) -> Outcome:

@@ -13,12 +13,14 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Boolean,
@@ -125,6 +127,26 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 TOKEN_PREFIX = "stk_"  # noqa: S105 - a public prefix, not a secret
 
+T = TypeVar("T")
+
+#: key in ``Connection.info`` under which a group-commit batch keeps its per-batch state
+_BATCH = "sealtorch_batch"
+
+
+_STATE_SQLITE = "SELECT audit_seq, audit_head, revocation_epoch FROM server_state WHERE id = 1"
+_STATE_PG = _STATE_SQLITE + " FOR UPDATE"
+
+
+class _BatchState:
+    """What one group-commit transaction caches: the audit head it is extending (written back
+    once, just before COMMIT) and the revocation epoch (read once, under the row lock)."""
+
+    __slots__ = ("audit", "epoch")
+
+    def __init__(self) -> None:
+        self.audit: tuple[int, str] | None = None
+        self.epoch: int | None = None
+
 
 def _now() -> int:
     return int(time.time())
@@ -163,6 +185,7 @@ class Store:
         self._key_cache: dict[tuple[bytes, bytes], Secret] = {}
         self._policy_ok: dict[bytes, bool] = {}
         self._lock = threading.Lock()
+        self._committer: GroupCommitter | None = None
 
     def _sqlite_setup(self) -> None:
         @event.listens_for(self.engine, "connect")
@@ -180,6 +203,9 @@ class Store:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
+            self._committer = None
         self.engine.dispose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -365,18 +391,7 @@ class Store:
         rows = conn.execute(select(key_versions.c.key_version, key_versions.c.wrapped).where(
             key_versions.c.model_id == model_id, key_versions.c.state == "active"
         ).order_by(key_versions.c.key_version)).all()
-        out = []
-        for kv, blob in rows:
-            aad = wrap_aad(tenant, model_id, kv)
-            ck = (bytes(blob), aad)
-            with self._lock:
-                s = self._key_cache.get(ck)
-            if s is None:
-                s = self.kek.unwrap(bytes(blob), aad)
-                with self._lock:
-                    self._key_cache[ck] = s
-            out.append((kv, s))
-        return out
+        return self._unwrap_rows(tenant, model_id, rows)
 
     def all_model_ids(self, conn: Connection) -> list[str]:
         return [r[0] for r in conn.execute(select(models.c.model_id).order_by(models.c.model_id))]
@@ -499,19 +514,156 @@ class Store:
     def append_audit(self, conn: Connection, *, actor: str, action: str, decision: str,
                      code: str, tenant: str | None = None, model_id: str | None = None,
                      cache_id: str | None = None, details: Any = None) -> tuple[int, str]:
-        """Append one chained entry in ``conn``'s transaction; returns the new (seq, hash)."""
-        st = conn.execute(select(server_state.c.audit_seq, server_state.c.audit_head)
-                          .where(server_state.c.id == 1).with_for_update()).one()
-        entry = {"seq": st.audit_seq + 1, "ts": _now(), "tenant": tenant, "actor": actor[:128],
+        """Append one chained entry in ``conn``'s transaction; returns the new (seq, hash).
+
+        Inside a group-commit batch the head is kept in memory and written back once before the
+        batch commits (same transaction, so the chain and its head stay atomic)."""
+        batch: _BatchState | None = conn.info.get(_BATCH)
+        if batch is not None and batch.audit is not None:
+            seq, prev = batch.audit
+        else:
+            seq, prev = self._lock_state(conn, batch)
+        entry = {"seq": seq + 1, "ts": _now(), "tenant": tenant, "actor": actor[:128],
                  "action": action, "model_id": model_id, "cache_id": cache_id,
                  "decision": decision, "code": code,
                  "details": canonical_json(details if details is not None else {}).decode(),
-                 "prev_hash": st.audit_head}
+                 "prev_hash": prev}
         entry["hash"] = audit_chain.entry_hash(entry)
-        conn.execute(insert(audit_log).values(**entry))
-        conn.execute(update(server_state).where(server_state.c.id == 1).values(
-            audit_seq=entry["seq"], audit_head=entry["hash"]))
+        cur = self._cursor(conn)
+        cur.execute(self._sql(
+            "INSERT INTO audit_log (seq, ts, tenant, actor, action, model_id, cache_id, decision,"
+            " code, details, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            (entry["seq"], entry["ts"], tenant, entry["actor"], action, model_id, cache_id,
+             decision, code, entry["details"], prev, entry["hash"]))
+        if batch is not None:
+            batch.audit = (entry["seq"], entry["hash"])
+        else:
+            self._write_audit_head(conn, entry["seq"], entry["hash"])
         return entry["seq"], entry["hash"]
+
+    # --- raw DBAPI helpers for the release hot path ------------------------------------------
+    def _sql(self, text: str) -> str:
+        """``?`` placeholders for sqlite3, ``%s`` for psycopg (our SQL has no literal ``?``)."""
+        return text if self.is_sqlite else text.replace("?", "%s")
+
+    @staticmethod
+    def _cursor(conn: Connection) -> Any:
+        """A DBAPI cursor on ``conn``'s connection, inside its current transaction."""
+        return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+    def _lock_state(self, conn: Connection, batch: _BatchState | None) -> tuple[int, str]:
+        """Read (and on PostgreSQL row-lock) the server state; fills the batch caches."""
+        cur = self._cursor(conn)
+        cur.execute(_STATE_SQLITE if self.is_sqlite else _STATE_PG)
+        seq, head, epoch = cur.fetchone()
+        if batch is not None:
+            batch.audit = (int(seq), str(head))
+            batch.epoch = int(epoch)
+        return int(seq), str(head)
+
+    def _write_audit_head(self, conn: Connection, seq: int, head: str) -> None:
+        self._cursor(conn).execute(self._sql(
+            "UPDATE server_state SET audit_seq = ?, audit_head = ? WHERE id = 1"), (seq, head))
+
+    def epoch_locked(self, conn: Connection) -> int:
+        """The revocation epoch, read under the server-state row lock (once per batch)."""
+        batch: _BatchState | None = conn.info.get(_BATCH)
+        if batch is not None and batch.epoch is not None:
+            return batch.epoch
+        if batch is not None:
+            self._lock_state(conn, batch)
+            assert batch.epoch is not None
+            return batch.epoch
+        return self.epoch(conn)
+
+    def burn_nonce_in(self, conn: Connection, nonce: bytes, expires: int) -> bool:
+        """Record ``nonce`` as used in ``conn``'s transaction; False if it was used before."""
+        cur = self._cursor(conn)
+        cur.execute(self._sql("INSERT INTO consumed_nonces (nonce_hash, expires) VALUES (?, ?)"
+                              " ON CONFLICT DO NOTHING"),
+                    (hashlib.sha256(nonce).digest(), expires))
+        return cur.rowcount == 1
+
+    def enrol_cache_raw(self, conn: Connection, cache_id: str, tee: str, platform_id: str,
+                        public_key: str, measurement: str) -> None:
+        """:meth:`enrol_cache` in at most two plain statements (release hot path)."""
+        now = _now()
+        cur = self._cursor(conn)
+        cur.execute(self._sql("UPDATE caches SET public_key = ?, measurement = ?, last_seen = ?"
+                              " WHERE cache_id = ?"),
+                    (public_key, measurement[:256], now, cache_id))
+        if cur.rowcount == 0:
+            cur.execute(self._sql(
+                "INSERT INTO caches (cache_id, tee, platform_id, public_key, measurement,"
+                " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                (cache_id, tee, platform_id[:128], public_key, measurement[:256], now, now))
+
+    def release_row(self, conn: Connection, model_id: str, cache_id: str) -> tuple[Any, ...] | None:
+        """One query for everything a release decision reads about a model:
+        (tenant, model state, this cache's approval by the tenant, policy version, policy text,
+        policy MAC), or None for an unknown model."""
+        cur = self._cursor(conn)
+        cur.execute(self._sql(
+            "SELECT m.tenant, m.state, a.state, p.version, p.policy, p.mac FROM models m"
+            " LEFT JOIN cache_approvals a ON a.tenant = m.tenant AND a.cache_id = ?"
+            " LEFT JOIN policies p ON p.model_id = m.model_id WHERE m.model_id = ?"),
+            (cache_id, model_id))
+        row = cur.fetchone()
+        return tuple(row) if row is not None else None
+
+    def checked_policy(self, tenant: str, model_id: str, version: int, text: str, mac: bytes
+                       ) -> dict[str, Any]:
+        """The stored policy document after its KEK MAC check (TamperError if edited).
+
+        Verified (text, MAC) pairs are remembered by a digest of the exact bytes, so only a
+        changed row is checked again."""
+        data = self._policy_mac_input(tenant, model_id, int(version), text)
+        ck = hashlib.sha256(data + bytes(mac)).digest()
+        if not self._policy_ok.get(ck):
+            if not verify_mac(self.kek, data, bytes(mac)):
+                raise TamperError(
+                    f"policy row of model {model_id!r} fails its KEK MAC (edited in the database);"
+                    " set the policy again through the admin API"
+                )
+            self._policy_ok[ck] = True
+        doc: dict[str, Any] = json.loads(text)
+        return doc
+
+    def active_keys_raw(self, conn: Connection, tenant: str, model_id: str
+                        ) -> list[tuple[int, Secret]]:
+        """:meth:`active_keys` with one plain statement (release hot path)."""
+        cur = self._cursor(conn)
+        cur.execute(self._sql("SELECT key_version, wrapped FROM key_versions WHERE model_id = ?"
+                              " AND state = 'active' ORDER BY key_version"), (model_id,))
+        return self._unwrap_rows(tenant, model_id, cur.fetchall())
+
+    def _unwrap_rows(self, tenant: str, model_id: str, rows: Any) -> list[tuple[int, Secret]]:
+        out = []
+        for kv, blob in rows:
+            aad = wrap_aad(tenant, model_id, int(kv))
+            ck = (bytes(blob), aad)
+            with self._lock:
+                s = self._key_cache.get(ck)
+            if s is None:
+                s = self.kek.unwrap(bytes(blob), aad)
+                with self._lock:
+                    self._key_cache[ck] = s
+            out.append((int(kv), s))
+        return out
+
+    def cache_states(self, conn: Connection, cache_id: str) -> set[str]:
+        """Every tenant's approval state of ``cache_id``."""
+        cur = self._cursor(conn)
+        cur.execute(self._sql("SELECT state FROM cache_approvals WHERE cache_id = ?"),
+                    (cache_id,))
+        return {str(r[0]) for r in cur.fetchall()}
+
+    def committer(self) -> GroupCommitter:
+        """This store's group-commit writer (started on first use)."""
+        with self._lock:
+            if self._committer is None:
+                self._committer = GroupCommitter(self)
+            return self._committer
 
     def audit_head(self) -> tuple[int, str]:
         with self.engine.connect() as conn:
@@ -542,3 +694,104 @@ class Store:
                                                                   count=1))
                 except IntegrityError:
                     pass
+
+
+class GroupCommitter:
+    """Group commit: one writer thread runs the queued write operations of concurrent requests
+    in a single transaction per batch and resolves each request's future only after that
+    transaction has committed.
+
+    Durability is unchanged (every nonce burn and audit entry is committed, SQLite
+    ``synchronous=FULL``, before its answer is released); what is shared is the transaction
+    overhead and the fsync. An operation is a callable taking the batch's connection; it must
+    not keep side effects outside the database, because if one operation raises, the batch is
+    rolled back and every operation is re-run alone in its own transaction (so one failure
+    never fails or commits on behalf of its neighbours)."""
+
+    MAX_BATCH = 256
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._q: queue.SimpleQueue[tuple[Callable[[Connection], Any], Future[Any]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._loop, name="dkeyserver-writer",
+                                        daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def submit(self, op: Callable[[Connection], T]) -> Future[T]:
+        """Queue ``op``; the future resolves after the batch holding it committed."""
+        fut: Future[T] = Future()
+        if self._closed:
+            fut.set_exception(StoreError("the key server is shutting down; retry later"))
+            return fut
+        self._q.put((op, fut))
+        return fut
+
+    def run(self, op: Callable[[Connection], T]) -> T:
+        """Run ``op`` in the next batch and wait for its committed result."""
+        return self.submit(op).result()
+
+    def close(self) -> None:
+        """Finish the queued operations, then stop the writer thread."""
+        if not self._closed:
+            self._closed = True
+            self._q.put(None)
+            self._thread.join(30)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _transaction(self, ops: list[tuple[Callable[[Connection], Any], Future[Any]]]
+                     ) -> list[Any]:
+        store = self._store
+        with store.tx() as conn:
+            state = _BatchState()
+            conn.info[_BATCH] = state
+            try:
+                results = [op(conn) for op, _ in ops]
+                if state.audit is not None:
+                    store._write_audit_head(conn, *state.audit)
+            finally:
+                conn.info.pop(_BATCH, None)
+        return results
+
+    def _run_batch(self, batch: list[tuple[Callable[[Connection], Any], Future[Any]]]) -> None:
+        live = [(op, f) for op, f in batch if f.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = self._transaction(live)
+        except StoreError as e:  # the database itself failed: nobody's writes committed
+            for _, f in live:
+                f.set_exception(e)
+            return
+        except Exception as e:
+            if len(live) == 1:
+                live[0][1].set_exception(e)
+                return
+            for op, f in live:  # isolate the failing operation
+                try:
+                    f.set_result(self._transaction([(op, f)])[0])
+                except Exception as e1:
+                    f.set_exception(e1)
+            return
+        for (_, f), r in zip(live, results, strict=True):
+            f.set_result(r)
