@@ -88,7 +88,7 @@ def _wait_status(sock: str, pred: Any, timeout: float = 30) -> dict[str, Any]:
 
 
 class World:
-    def __init__(self, tmp: Path, sealed: Any) -> None:
+    def __init__(self, tmp: Path, sealed: Any, extra_cfg: str = "") -> None:
         self.tmp = tmp
         self.path, self.mk, sd = sealed
         h = hashlib.sha256()
@@ -111,6 +111,7 @@ class World:
             f'ca_cert = "{self.ks.ca_cert_path}"\n'
             f'socket = "{self.sock}"\n'
             "poll_interval = 0.5\nretry_min = 0.1\nretry_max = 0.5\nrequest_timeout = 5\n"
+            + extra_cfg
         ).encode()
         self.cfg = tmp / "dkeycache.toml"
         self.cfg.write_bytes(cfg)
@@ -131,11 +132,12 @@ class World:
                   str(self.cfg), "--attester", "sim"], self.env, self.tmp / "cache.log")
         ready = p.read()
         assert ready["event"] == "ready" and ready["tee"] == "sim"
+        self.ready = ready
         self.procs.append(p)
         return p
 
-    def runtime(self, measure_config: str = "") -> Proc:
-        p = Proc([sys.executable, str(HERE / "runtime_proc.py"), self.sock, self.pub,
+    def runtime(self, measure_config: str = "", address: str | None = None) -> Proc:
+        p = Proc([sys.executable, str(HERE / "runtime_proc.py"), address or self.sock, self.pub,
                   str(self.path), measure_config], self.env, self.tmp / "runtime.log")
         assert p.read()["ready"]
         self.procs.append(p)

@@ -20,27 +20,6 @@ def _shape(value: str) -> tuple[int, ...]:
     return dims
 
 
-def make_runtime_attester(name: str, config_raw: bytes) -> object:
-    """The runtime's attester; sim only when named, measuring the ``serve`` role and config."""
-    from sealtorch.errors import AttesterUnavailableError, ConfigError
-
-    if name not in ATTESTERS:
-        raise ConfigError(f"--attester must be one of {', '.join(ATTESTERS)}")
-    if name == "sim":
-        from sealtorch.attestation import sim
-        from sealtorch.attestation.attesters.sim import SimAttester
-
-        return SimAttester(sim.default_dir() / sim.KEY_FILE, sim.measure("serve", config_raw),
-                           role="serve")
-    from sealtorch.attestation import attesters
-
-    att = attesters.detect()
-    if name != "auto" and att.tee != name:
-        raise AttesterUnavailableError(
-            f"--attester {name} was asked for but this machine offers {att.tee}")
-    return att
-
-
 @click.command("serve")
 @click.argument("sealed", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--factory", required=True,
@@ -75,6 +54,7 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
     import uvicorn
 
     from sealtorch._secret import harden_process
+    from sealtorch.attestation import attesters
     from sealtorch.format.header import read_header
     from sealtorch.keycache.client import KeyCacheClient
     from sealtorch.runtime.app import ServeOptions, build_app
@@ -92,7 +72,8 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
     config = load_runtime_config(config_path)
     header = read_header(sealed)
     client = KeyCacheClient(socket_path, server_public_key=config.server_public_key,
-                            attester=make_runtime_attester(attester, config.raw))
+                            attester=attesters.select(attester, role="serve",
+                                                       config_bytes=config.raw))
     try:
         allowed = client.policy(header.model_id).factories
         module = build_sealed(sealed, factory, key_provider=client, allowed_factories=allowed,

@@ -33,40 +33,41 @@ def serve(config_path: str, attester: str, socket_path: str | None,
     import logging
 
     from sealtorch.keycache.config import load_config
+    from sealtorch.keycache.decisions import DECISION_LOGGER
     from sealtorch.keycache.service import make_attester, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
                         "%(message)s")
+    # local decisions are one bare JSON object per line on stderr (for log shippers)
+    decisions = logging.getLogger(DECISION_LOGGER)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    decisions.addHandler(handler)
+    decisions.propagate = False
     config = load_config(config_path)
     run(config, make_attester(attester, config), socket_path=socket_path,
         models=_models(models))
 
 
 @cli.command("status")
-@click.option("--socket", "socket_path", default=None, help="socket of the cache")
+@click.option("--socket", "socket_path", default=None,
+              help="socket of the cache, or tcp://127.0.0.1:PORT (its tcp_listen)")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="read the socket path from this config file")
 @click.option("--json", "as_json", is_flag=True, help="print the raw JSON")
 def status(socket_path: str | None, config_path: str | None, as_json: bool) -> None:
-    """Show the cache's health and leases (exit 1 unless healthy or degraded)."""
-    import socket as _socket
-
+    """Show the cache's health, leases and recent local decisions (exit 1 when down)."""
     from sealtorch.errors import ServiceUnavailableError
+    from sealtorch.keycache.address import connect, parse_endpoint
     from sealtorch.keycache.framing import call
 
     if socket_path is None:
         from sealtorch.keycache.config import CacheConfig, load_config
 
         socket_path = load_config(config_path).socket if config_path else CacheConfig.socket
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s = connect(parse_endpoint(socket_path), 5)
     try:
-        s.settimeout(5)
-        s.connect(socket_path)
         ans = call(s, {"op": "status"}, timeout=5)
-    except OSError as e:
-        raise ServiceUnavailableError(
-            f"cannot reach dkeycache at {socket_path} ({type(e).__name__})"
-        ) from e
     finally:
         s.close()
     health = ans.get("health")
@@ -84,6 +85,18 @@ def status(socket_path: str | None, config_path: str | None, as_json: bool) -> N
                        f"releases {ls['releases']}/{cap}")
         for m, code in health["denied"].items():
             click.echo(f"  {m}: {code}")
+        dec = health.get("decisions") or {}
+        counts = dec.get("counts", {})
+        click.echo(f"local decisions: {counts.get('allow', 0)} allowed, "
+                   f"{counts.get('deny', 0)} denied; most recent:")
+        for d in (dec.get("recent") or [])[-10:]:
+            what = f"{d['model_id']} v{d['key_version']}" if d.get("model_id") else "-"
+            rt = d.get("runtime") or {}
+            who = rt.get("mrenclave") or rt.get("measurement") or rt.get("mrtd") or "-"
+            click.echo(f"  {d['time']} {d['op']} {d['decision']} {d['code'] or ''} {what} "
+                       f"runtime {str(who)[:16]} via {d['peer'].get('transport')}")
+            for r in d.get("reasons") or []:
+                click.echo(f"      {r}")
     if health["state"] == "down":
         raise SystemExit(1)
 

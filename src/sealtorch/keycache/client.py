@@ -30,6 +30,8 @@ from sealtorch.errors import (
 )
 from sealtorch.format.header import Header
 from sealtorch.format.keys import check_file_key
+from sealtorch.keycache.address import connect as connect_endpoint
+from sealtorch.keycache.address import parse_endpoint
 from sealtorch.keycache.framing import call
 from sealtorch.keycache.server import LOCAL_PROTOCOL, cache_audience, file_key_info
 from sealtorch.protocol import hpke
@@ -59,7 +61,11 @@ def _raise_for(answer: dict[str, Any], what: str) -> None:
 
 
 class KeyCacheClient:
-    """A :class:`KeyProvider` backed by dkeycache over its Unix socket.
+    """A :class:`KeyProvider` backed by dkeycache over its Unix socket or loopback TCP.
+
+    ``socket_path`` is the cache's Unix socket path, or ``tcp://127.0.0.1:PORT`` for a cache
+    with ``tcp_listen`` (SGX: Gramine's Unix sockets do not cross enclaves); only loopback
+    addresses are accepted.
 
     ``server_public_key`` is the pinned dkeyserver release-signing key (from the runtime's own
     measured configuration); ``attester`` produces the runtime's local evidence (needed on SGX
@@ -75,6 +81,7 @@ class KeyCacheClient:
         timeout: float = 10.0,
     ) -> None:
         self.socket_path = socket_path
+        self._endpoint = parse_endpoint(socket_path)
         self._pub = load_public_key(server_public_key)
         self._server_key_id = key_id(self._pub)
         self._attester = attester
@@ -92,17 +99,7 @@ class KeyCacheClient:
 
     # --- connection and session ----------------------------------------------------------
     def _connect(self) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self._timeout)
-        try:
-            s.connect(self.socket_path)
-        except OSError as e:
-            s.close()
-            raise ServiceUnavailableError(
-                f"cannot connect to the key cache at {self.socket_path} ({type(e).__name__}); "
-                "is dkeycache running and is this user allowed to use its socket?"
-            ) from e
-        return s
+        return connect_endpoint(self._endpoint, self._timeout)
 
     def connect(self) -> None:
         """Open the session now (otherwise the first fetch does it)."""

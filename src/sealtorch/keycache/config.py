@@ -21,6 +21,8 @@ Example::
     sim_platform_keys = []      # sim only: registered sim platform keys for local evidence
     collateral = ""             # SGX local evidence: DCAP collateral file or directory
     pccs_url = ""               # SGX local evidence: PCCS to fetch collateral from
+    tcp_listen = ""             # optional loopback TCP listener, e.g. "127.0.0.1:7001" (SGX:
+                                # Gramine's Unix sockets do not cross enclaves); evidence only
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sealtorch.errors import ConfigError
+from sealtorch.keycache.address import TcpAddress, parse_tcp
 from sealtorch.protocol.grant import MODEL_ID_RE
 from sealtorch.protocol.signing import load_public_key
 
@@ -41,6 +44,7 @@ _ALLOWED = {
     "keyserver_url", "server_public_key", "ca_cert", "poll_interval", "models", "socket",
     "socket_group", "local_auth", "allowed_uids", "health_port", "sim_platform_keys",
     "renew_fraction", "retry_min", "retry_max", "request_timeout", "collateral", "pccs_url",
+    "tcp_listen",
 }
 
 
@@ -65,6 +69,7 @@ class CacheConfig:
     request_timeout: float = 10.0
     collateral: str | None = None
     pccs_url: str | None = None
+    tcp_listen: TcpAddress | None = None
     raw: bytes = field(default=b"", repr=False)
 
 
@@ -140,6 +145,16 @@ def parse_config(raw: bytes) -> CacheConfig:
         raise ConfigError("collateral must be a path to DCAP collateral (file or directory)")
     if pccs is not None and (not isinstance(pccs, str) or not pccs.startswith("https://")):
         raise ConfigError("pccs_url must be an https:// URL")
+    tcp_raw = kc.get("tcp_listen", "")
+    tcp = None
+    if tcp_raw != "":
+        tcp = parse_tcp(tcp_raw, what="tcp_listen", allow_port_zero=True)
+        if mode == "peercred":
+            raise ConfigError(
+                "tcp_listen cannot be combined with local_auth = \"peercred\": TCP has no peer "
+                "credentials; use local_auth = \"evidence\" (SGX) or drop tcp_listen (TDX/SNP "
+                "VMs use the Unix socket)"
+            )
     return CacheConfig(
         keyserver_url=url,
         server_public_key=spk,
@@ -158,6 +173,7 @@ def parse_config(raw: bytes) -> CacheConfig:
         request_timeout=_num(kc, "request_timeout", 10.0, 0.1, 300),
         collateral=collateral,
         pccs_url=pccs,
+        tcp_listen=tcp,
         raw=bytes(raw),
     )
 

@@ -35,7 +35,7 @@ class EvidenceAuth:
 
     def authenticate(
         self, evidence: object, *, nonce: bytes, public_key: bytes, audience: bytes,
-        peer: PeerCred,
+        peer: PeerCred | None,
     ) -> Any:
         from sealtorch.attestation import binding
         from sealtorch.attestation.evidence import Evidence
@@ -46,11 +46,11 @@ class EvidenceAuth:
                       public_key=public_key, audience=audience)
         return claims
 
-    def check_runtime(self, policy: Any, claims: Any) -> str | None:
+    def check_runtime(self, policy: Any, claims: Any) -> tuple[str | None, tuple[str, ...]]:
         from sealtorch.attestation.policy import evaluate
 
-        decision = evaluate(policy.runtimes, claims)
-        return None if decision.allowed else "policy_denied"
+        decision = evaluate(policy.runtimes, claims, what="runtimes")
+        return (None, ()) if decision.allowed else ("policy_denied", decision.reasons)
 
 
 class PeerCredAuth:
@@ -69,12 +69,14 @@ class PeerCredAuth:
 
     def authenticate(
         self, evidence: object, *, nonce: bytes, public_key: bytes, audience: bytes,
-        peer: PeerCred,
+        peer: PeerCred | None,
     ) -> Any:
-        if peer.uid not in self._uids:
+        if peer is None or peer.uid not in self._uids:
             raise ReleaseDenied("this user may not use the key cache", "uid_not_allowed")
         return None
 
-    def check_runtime(self, policy: Any, claims: Any) -> str | None:
+    def check_runtime(self, policy: Any, claims: Any) -> tuple[str | None, tuple[str, ...]]:
         tees = {i.tee for i in policy.runtimes}
-        return None if self._tee in tees else "policy_denied"
+        if self._tee in tees:
+            return None, ()
+        return "policy_denied", (f"runtimes: no identity of this VM's TEE type {self._tee}",)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of dkeycache: local requests, denials by code, lease state.
+"""Prometheus metrics of dkeycache: local requests, decisions, denials by code, lease state.
 
 A private registry per cache, so tests and several caches in one process do not collide. Labels
 carry model ids and public codes only, never key material or request contents.
@@ -56,6 +56,10 @@ class CacheMetrics:
         self.denials = Counter(
             "dkeycache_denials", "Local requests denied, by public code", ["code"],
             registry=self.registry,
+        )
+        self.decisions = Counter(
+            "dkeycache_local_decisions", "Local session/file-key decisions, by outcome",
+            ["op", "decision"], registry=self.registry,
         )
         self.registry.register(_LeaseCollector(snapshot))
 

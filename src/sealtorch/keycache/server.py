@@ -1,11 +1,13 @@
-"""dkeycache's local release service on a Unix domain socket.
+"""dkeycache's local release service on a Unix domain socket (and optionally loopback TCP).
 
 Per connection, one session: the runtime asks for a fresh nonce (``hello``), proves itself
 (``session``: evidence bound with role ``local`` to that nonce, its ephemeral HPKE key and the
 cache's key; or, in a TDX/SNP VM, the peer's ``SO_PEERCRED`` uid), then asks for file keys
 (``file_key``: model id + raw public header). Each answer carries the server's signed grant and
 the file key HPKE-sealed to the session key; nothing secret crosses the socket in plaintext.
-Wire format: docs/keycache.md.
+The optional loopback TCP listener (for SGX, where Gramine's Unix sockets do not cross enclaves)
+speaks the same protocol and accepts evidence-based sessions only. Every connect/session/file-key
+outcome is recorded by a :class:`DecisionLog`. Wire format: docs/keycache.md.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from sealtorch.errors import (
 )
 from sealtorch.format.header import MAX_HEADER_BYTES, parse_header
 from sealtorch.format.keys import check_file_key, derive_file_key
+from sealtorch.keycache.address import TcpAddress
+from sealtorch.keycache.decisions import DecisionContext, DecisionLog, runtime_identity
 from sealtorch.keycache.framing import recv_frame, send_frame
 from sealtorch.keycache.leases import Lease, LeaseManager
 from sealtorch.keycache.metrics import CacheMetrics
@@ -73,6 +77,13 @@ def peer_cred(sock: socket.socket) -> PeerCred:
     return PeerCred(pid, uid, gid)
 
 
+def peer_info(peer: PeerCred | None) -> dict[str, Any]:
+    """What the decision log says about the connecting process (kernel facts only)."""
+    if peer is None:
+        return {"transport": "tcp"}
+    return {"transport": "unix", "pid": peer.pid, "uid": peer.uid}
+
+
 class LocalAuthenticator(Protocol):
     """How the cache decides who a local runtime is and whether a policy allows it."""
 
@@ -80,23 +91,35 @@ class LocalAuthenticator(Protocol):
 
     def authenticate(
         self, evidence: object, *, nonce: bytes, public_key: bytes, audience: bytes,
-        peer: PeerCred,
+        peer: PeerCred | None,
     ) -> Any:
-        """Verify the runtime; returns its claims (or ``None`` in peercred mode)."""
+        """Verify the runtime (``peer`` is ``None`` on TCP); returns its claims (or ``None``)."""
         ...
 
-    def check_runtime(self, policy: Any, claims: Any) -> str | None:
-        """``None`` if the ModelPolicy's runtime allow-list admits ``claims``, else a code."""
+    def check_runtime(self, policy: Any, claims: Any) -> tuple[str | None, tuple[str, ...]]:
+        """``(None, ())`` if the policy's runtime allow-list admits ``claims``, else a denial
+        code and the reasons (for the decision log, never for the runtime)."""
         ...
 
 
 class _Session:
-    __slots__ = ("claims", "nonce", "public_key")
+    __slots__ = ("claims", "nonce", "peer", "public_key", "runtime")
 
-    def __init__(self) -> None:
+    def __init__(self, peer: PeerCred | None) -> None:
+        self.peer = peer  # None on TCP
         self.nonce: bytes | None = None
         self.public_key: bytes | None = None
         self.claims: Any = None
+        self.runtime: dict[str, Any] | None = None  # identity claims for the decision log
+
+
+def _is_loopback_peer(addr: Any) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(addr[0]).is_loopback
+    except (ValueError, TypeError, IndexError):
+        return False
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -104,7 +127,7 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 class LocalServer:
-    """Accepts local runtimes on ``socket_path`` and serves file keys from the lease manager."""
+    """Accepts local runtimes on ``socket_path`` (and ``tcp``) and serves file keys from leases."""
 
     def __init__(
         self,
@@ -119,8 +142,18 @@ class LocalServer:
         idle_timeout: float = 300.0,
         frame_timeout: float = 10.0,
         max_connections: int = 64,
+        tcp: TcpAddress | None = None,
+        decisions: DecisionLog | None = None,
     ) -> None:
+        if tcp is not None and auth.mode != "evidence":
+            raise ConfigError(
+                "the TCP listener accepts evidence-based local auth only (TCP has no peer "
+                "credentials); drop tcp_listen or use local_auth = \"evidence\""
+            )
         self.socket_path = socket_path
+        self.tcp = tcp
+        self.tcp_address: TcpAddress | None = None  # the bound address (real port)
+        self.decisions = decisions or DecisionLog()
         self.leases = leases
         self.auth = auth
         self.server_key_id = server_key_id
@@ -131,8 +164,9 @@ class LocalServer:
         self._frame_timeout = frame_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
         self._sock: socket.socket | None = None
+        self._tcp_sock: socket.socket | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.audience = cache_audience(leases.public_key)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -173,53 +207,97 @@ class LocalServer:
             os.chmod(path, 0o600)
         s.listen(128)
         self._sock = s
+        if self.tcp is not None:
+            try:
+                self._bind_tcp(self.tcp)
+            except BaseException:
+                self._sock.close()
+                self._sock = None
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+
+    def _bind_tcp(self, addr: TcpAddress) -> None:
+        """Listen on the loopback address (the config already refused anything else)."""
+        t = socket.socket(addr.family, socket.SOCK_STREAM)
+        try:
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            t.bind((addr.host, addr.port))
+            t.listen(128)
+        except OSError as e:
+            t.close()
+            raise ConfigError(f"cannot listen on {addr} ({e.strerror})") from e
+        self._tcp_sock = t
+        self.tcp_address = TcpAddress(addr.host, t.getsockname()[1])
 
     def serve_forever(self) -> None:
-        """Accept connections until :meth:`stop`; each connection runs in its own thread."""
+        """Accept Unix-socket connections until :meth:`stop` (one thread per connection)."""
         assert self._sock is not None, "call bind() first"
-        self._sock.settimeout(0.5)
+        self._accept_loop(self._sock, tcp=False)
+
+    def _accept_loop(self, lsock: socket.socket, *, tcp: bool) -> None:
+        lsock.settimeout(0.5)
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, addr = lsock.accept()
             except TimeoutError:
                 continue
             except OSError:
                 if self._stop.is_set():
                     break
                 raise
+            if tcp and not _is_loopback_peer(addr):
+                conn.close()  # cannot happen on a loopback bind; refuse if it ever does
+                continue
             if not self._slots.acquire(blocking=False):
                 conn.close()  # too many connections; the client retries
                 continue
-            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve_conn, args=(conn, tcp), daemon=True).start()
 
     def start(self) -> None:
-        """Bind and serve in a background thread."""
+        """Bind and serve in background threads (one per listener)."""
         if self._sock is None:
             self.bind()
-        self._thread = threading.Thread(target=self.serve_forever, name="dkeycache-local",
-                                        daemon=True)
-        self._thread.start()
+        assert self._sock is not None
+        listeners = [(self._sock, False, "dkeycache-local")]
+        if self._tcp_sock is not None:
+            listeners.append((self._tcp_sock, True, "dkeycache-tcp"))
+        for lsock, tcp, name in listeners:
+            t = threading.Thread(target=self._accept_loop, args=(lsock,), kwargs={"tcp": tcp},
+                                 name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for t in self._threads:
+            t.join(timeout=5)
+        if self._tcp_sock is not None:
+            self._tcp_sock.close()
         if self._sock is not None:
             self._sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
 
     # --- one connection ------------------------------------------------------------------
-    def _serve_conn(self, conn: socket.socket) -> None:
+    def _serve_conn(self, conn: socket.socket, tcp: bool = False) -> None:
         try:
-            peer = peer_cred(conn)
-            if self.auth.mode == "peercred" and peer.uid not in self._uids:
+            peer: PeerCred | None = None
+            if tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                peer = peer_cred(conn)
+            if self.auth.mode == "peercred" and (peer is None or peer.uid not in self._uids):
                 self.metrics.denials.labels("uid_not_allowed").inc()
+                self.decisions.record(
+                    DecisionContext("connect", peer_info(peer),
+                                    reasons=["the peer's uid is not in allowed_uids"]),
+                    allowed=False, code="uid_not_allowed")
                 with contextlib.suppress(OSError):
                     send_frame(conn, _error("uid_not_allowed",
                                             "this user may not use the key cache"))
                 return
-            session = _Session()
+            session = _Session(peer)
             while not self._stop.is_set():
                 try:
                     req = recv_frame(conn, deadline=time.monotonic() + self._idle,
@@ -233,7 +311,7 @@ class LocalServer:
                     return
                 if req is None:
                     return
-                answer = self._handle(req, session, peer)
+                answer = self._handle(req, session)
                 conn.settimeout(self._frame_timeout)
                 send_frame(conn, answer)
         except OSError:
@@ -242,30 +320,42 @@ class LocalServer:
             conn.close()
             self._slots.release()
 
-    def _handle(self, req: dict[str, Any], session: _Session, peer: PeerCred) -> dict[str, Any]:
+    def _handle(self, req: dict[str, Any], session: _Session) -> dict[str, Any]:
         op = req.get("op")
         if not isinstance(op, str) or op not in _OPS:
             self.metrics.requests.labels("invalid").inc()
             self.metrics.denials.labels("protocol_error").inc()
             return _error("protocol_error", f"op must be one of {', '.join(sorted(_OPS))}")
         self.metrics.requests.labels(op).inc()
+        ctx = DecisionContext(op, peer_info(session.peer), runtime=session.runtime)
+        code: str | None = None
         try:
-            return getattr(self, f"_op_{op}")(req, session, peer)
+            answer: dict[str, Any] = getattr(self, f"_op_{op}")(req, session, ctx)
         except ReleaseDenied as e:
-            self.metrics.denials.labels(e.denial).inc()
-            return _error(e.denial, str(e))
+            code, answer = e.denial, _error(e.denial, str(e))
         except SealtorchError as e:
-            self.metrics.denials.labels(e.code).inc()
-            return _error(e.code, str(e))
+            code, answer = e.code, _error(e.code, str(e))
+            if not ctx.reasons:
+                ctx.reasons.append(str(e))  # our own message: never key material or input
         except Exception as e:  # a bug must not leak details or kill the connection silently
             log.error("internal error in local %s request (%s)", op, type(e).__name__)
-            self.metrics.denials.labels("internal_error").inc()
-            return _error("internal_error", "the key cache failed to answer; see its log")
+            code = "internal_error"
+            answer = _error(code, "the key cache failed to answer; see its log")
+            ctx.reasons.append(f"internal error ({type(e).__name__})")
+        if code is not None:
+            self.metrics.denials.labels(code).inc()
+        if op in _DECISION_OPS:
+            self.metrics.decisions.labels(op, "deny" if code else "allow").inc()
+            self.decisions.record(ctx, allowed=code is None, code=code)
+        return answer
 
-    def _op_hello(self, req: dict[str, Any], session: _Session, peer: PeerCred) -> dict[str, Any]:
+    def _op_hello(
+        self, req: dict[str, Any], session: _Session, ctx: DecisionContext
+    ) -> dict[str, Any]:
         session.nonce = secrets.token_bytes(NONCE_LEN)
         session.public_key = None
         session.claims = None
+        session.runtime = None
         return {
             "ok": True,
             "protocol": LOCAL_PROTOCOL,
@@ -277,20 +367,24 @@ class LocalServer:
         }
 
     def _op_session(
-        self, req: dict[str, Any], session: _Session, peer: PeerCred
+        self, req: dict[str, Any], session: _Session, ctx: DecisionContext
     ) -> dict[str, Any]:
         nonce = session.nonce
         session.nonce = None  # one-time: burned before the evidence is looked at
+        session.public_key = session.claims = session.runtime = None
+        ctx.runtime = None
         if nonce is None:
             raise ProtocolError("send hello first: a session needs a fresh nonce from the cache")
         pk = b64d(req.get("public_key"), field="public_key", max_len=hpke.PUBLIC_KEY_LEN,
                   exact_len=hpke.PUBLIC_KEY_LEN)
         hpke.load_public_key(pk)
         claims = self.auth.authenticate(
-            req.get("evidence"), nonce=nonce, public_key=pk, audience=self.audience, peer=peer
+            req.get("evidence"), nonce=nonce, public_key=pk, audience=self.audience,
+            peer=session.peer,
         )
         session.public_key = pk
         session.claims = claims
+        session.runtime = ctx.runtime = runtime_identity(claims)
         session.nonce = nonce  # kept as the session id bound into every sealed answer
         return {"ok": True, "auth": self.auth.mode}
 
@@ -307,18 +401,20 @@ class LocalServer:
         return mid
 
     def _op_file_key(
-        self, req: dict[str, Any], session: _Session, peer: PeerCred
+        self, req: dict[str, Any], session: _Session, ctx: DecisionContext
     ) -> dict[str, Any]:
         pk, sid = self._need_session(session)
-        mid = self._model_id(req)
+        mid = ctx.model_id = self._model_id(req)
         raw = b64d(req.get("header"), field="header", max_len=MAX_HEADER_BYTES)
         header = parse_header(raw)
         if header.model_id != mid:
             raise ProtocolError("the header names another model id than model_id")
+        ctx.key_version = header.key_version
 
         def check(lease: Lease) -> None:
-            code = self.auth.check_runtime(lease.policy, session.claims)
+            code, reasons = self.auth.check_runtime(lease.policy, session.claims)
             if code is not None:
+                ctx.reasons.extend(reasons)
                 raise ReleaseDenied(
                     f"the policy of model {mid!r} does not allow this runtime", code
                 )
@@ -342,12 +438,24 @@ class LocalServer:
             file_key.wipe()
         return {"ok": True, "grant": lease.document, "sealed_key": b64e(sealed)}
 
-    def _op_policy(self, req: dict[str, Any], session: _Session, peer: PeerCred) -> dict[str, Any]:
+    def _op_policy(
+        self, req: dict[str, Any], session: _Session, ctx: DecisionContext
+    ) -> dict[str, Any]:
         self._need_session(session)
         return {"ok": True, "grant": self.leases.grant_document(self._model_id(req))}
 
-    def _op_status(self, req: dict[str, Any], session: _Session, peer: PeerCred) -> dict[str, Any]:
-        return {"ok": True, "health": self.leases.snapshot()}
+    def _op_status(
+        self, req: dict[str, Any], session: _Session, ctx: DecisionContext
+    ) -> dict[str, Any]:
+        return {"ok": True, "health": self.status_snapshot()}
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """Lease health plus the recent local decisions (``dkeycache status``, ``/healthz``)."""
+        snap = self.leases.snapshot()
+        snap["decisions"] = self.decisions.summary()
+        return snap
 
 
 _OPS = frozenset({"hello", "session", "file_key", "policy", "status"})
+#: operations whose outcome is a decision about a runtime (logged and kept in the ring)
+_DECISION_OPS = frozenset({"session", "file_key"})

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from sealtorch.errors import AttesterUnavailableError, ConfigError
+from sealtorch.errors import ConfigError
 from sealtorch.keycache.config import CacheConfig
 from sealtorch.keycache.health import HealthServer
 from sealtorch.keycache.leases import LeaseManager
@@ -19,31 +19,14 @@ from sealtorch.keycache.metrics import CacheMetrics
 from sealtorch.keycache.server import LocalServer
 
 log = logging.getLogger("sealtorch.keycache")
-ATTESTERS = ("auto", "sgx", "tdx", "snp", "sim")
 
 
 def make_attester(name: str, config: CacheConfig) -> Any:
-    """The cache's attester; sim is never chosen automatically and measures the config file."""
-    if name not in ATTESTERS:
-        raise ConfigError(f"--attester must be one of {', '.join(ATTESTERS)}")
-    if name == "sim":
-        from sealtorch.attestation import sim
-        from sealtorch.attestation.attesters.sim import SimAttester
-
-        key = sim.default_dir() / sim.KEY_FILE
-        return SimAttester(key, sim.measure("dkeycache", config.raw), role="dkeycache")
+    """The cache's attester (:func:`sealtorch.attestation.attesters.select`, role ``dkeycache``,
+    measuring the config file bytes for sim)."""
     from sealtorch.attestation import attesters
 
-    att: Any
-    if name == "auto":
-        att = attesters.detect()
-    elif name == "sgx":
-        att = attesters.GramineAttester()
-    else:
-        att = attesters.TsmAttester(tee=name)
-    if att.tee == "sim" or (name != "auto" and att.tee != name):
-        raise AttesterUnavailableError(f"the {name} attester is not available here")
-    return att
+    return attesters.select(name, role="dkeycache", config_bytes=config.raw)
 
 
 def make_local_auth(tee: str, config: CacheConfig, attester: Any) -> Any:
@@ -113,20 +96,27 @@ def start_cache(
         poll_interval=config.poll_interval, renew_fraction=config.renew_fraction,
         retry_min=config.retry_min, retry_max=config.retry_max,
     )
-    leases.step()  # enrol and attest at start (an outage here is retried by the loop)
     auth = local_auth or make_local_auth(attester.tee, config, attester)
+    if config.tcp_listen is not None and auth.mode != "evidence":
+        raise ConfigError(
+            "tcp_listen needs evidence-based local auth, but this cache would use peer "
+            "credentials (TDX/SNP): TCP has none; drop tcp_listen (a VM's Unix socket works) "
+            "or set local_auth = \"evidence\""
+        )
+    leases.step()  # enrol and attest at start (an outage here is retried by the loop)
     metrics = CacheMetrics(leases.snapshot)
     server = LocalServer(
         socket_path or config.socket, leases, auth,
         server_key_id=key_id(load_public_key(config.server_public_key)), metrics=metrics,
         socket_group=config.socket_group,
         allowed_uids=config.allowed_uids,
+        tcp=config.tcp_listen,
     )
     server.start()
     leases.start()
     health = None
     if config.health_port:
-        health = HealthServer(config.health_port, leases.snapshot, metrics.render)
+        health = HealthServer(config.health_port, server.status_snapshot, metrics.render)
         health.start()
     return Cache(config, leases, server, health)
 
@@ -144,6 +134,7 @@ def run(config: CacheConfig, attester: Any, *, socket_path: str | None,
     ready = {
         "event": "ready",
         "socket": cache.server.socket_path,
+        "tcp": str(cache.server.tcp_address) if cache.server.tcp_address else None,
         "health_port": cache.health.port if cache.health else None,
         "tee": attester.tee,
         "state": cache.leases.snapshot()["state"],

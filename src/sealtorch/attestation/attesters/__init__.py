@@ -12,9 +12,15 @@ from sealtorch.attestation.attesters import gramine, tsm
 from sealtorch.attestation.attesters.base import Attester, check_report_data
 from sealtorch.attestation.attesters.gramine import GramineAttester
 from sealtorch.attestation.attesters.tsm import TsmAttester
-from sealtorch.errors import AttesterUnavailableError
+from sealtorch.errors import AttesterUnavailableError, ConfigError
 
-__all__ = ["Attester", "GramineAttester", "TsmAttester", "check_report_data", "detect"]
+__all__ = [
+    "KINDS", "Attester", "GramineAttester", "TsmAttester", "check_report_data", "detect",
+    "select",
+]
+
+#: the ``--attester`` choices of every role
+KINDS = ("auto", "sgx", "tdx", "snp", "sim")
 
 
 def detect(
@@ -32,3 +38,29 @@ def detect(
         f"{t}); run inside an SGX enclave or a TDX/SNP guest, or choose the sim attester "
         "explicitly for development"
     )
+
+
+def select(kind: str, *, role: str, config_bytes: bytes = b"") -> Attester:
+    """The attester a role asked for by name (``--attester``); the one place that maps names.
+
+    ``auto`` is :func:`detect` (never sim); ``sgx``/``tdx``/``snp`` must be present here; ``sim``
+    must be named explicitly and measures ``role`` with its measured config bytes.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"--attester must be one of {', '.join(KINDS)}")
+    if kind == "sim":
+        from sealtorch.attestation import sim
+        from sealtorch.attestation.attesters.sim import SimAttester
+
+        return SimAttester(sim.default_dir() / sim.KEY_FILE, sim.measure(role, config_bytes),
+                           role=role)
+    att: Attester
+    if kind == "auto":
+        att = detect()
+    elif kind == "sgx":
+        att = GramineAttester()
+    else:
+        att = TsmAttester(tee=kind)
+    if att.tee == "sim" or (kind != "auto" and att.tee != kind):
+        raise AttesterUnavailableError(f"the {kind} attester is not available here")
+    return att
