@@ -61,19 +61,27 @@ def _cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: first cryptography release whose AES-GCM calls run without the GIL. pyca/cryptography#15361
+#: ("Release the GIL in one-shot AEAD encrypt/decrypt", merged 2026-07-30) shipped in 50.0.0.
+#: Measured here with a spinner thread during one 128 MiB call: AESGCM.decrypt_into/encrypt_into
+#: block it for the whole call on 48.0.0 and 49.0.0 and not at all on 50.0.0 and 50.0.2; so does
+#: the streaming GCM ``update_into`` on 48.0.0 (blocks) and 50.0.2 (does not).
+AEAD_NOGIL_VERSION = (50, 0)
+
+
 def aead_releases_gil() -> bool:
     """Whether the installed ``cryptography`` runs AES-GCM without holding the GIL.
 
-    Releases up to 48.x hold it for the whole operation (pyca/cryptography#15359, merged after
-    48.0.0, detaches it), so there extra threads only add contention.
+    Older releases hold it for the whole operation, so there extra threads only add contention.
     """
     import cryptography
 
+    parts = cryptography.__version__.split(".")
     try:
-        major = int(cryptography.__version__.split(".")[0])
-    except ValueError:  # pragma: no cover
+        version = (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
+    except ValueError:  # pragma: no cover - unparseable dev build: be conservative
         return False
-    return major >= 49
+    return version >= AEAD_NOGIL_VERSION
 
 
 def default_threads() -> int:
