@@ -66,12 +66,15 @@ def test_status_without_cache_fails_cleanly(tmp_path) -> None:
     assert r.returncode == 2 and "unavailable" in r.stderr
 
 
-def test_bench_keycache_json() -> None:
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_bench_keycache_json(transport: str) -> None:
     r = subprocess.run([sys.executable, "-m", "sealtorch", "bench", "keycache", "--json",
-                        "--fetches", "60", "--sessions", "2", "--concurrency", "4"],
+                        "--fetches", "60", "--sessions", "2", "--concurrency", "4",
+                        "--transport", transport],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
+    assert res["transport"] == transport
     for k in ("fetch_p50_ms", "fetch_p99_ms", "session_setup_ms", "requests_per_s_1",
               "requests_per_s_concurrent"):
         assert res[k] > 0

@@ -5,7 +5,8 @@ derivation and commitment check) runs in a child process; its upstream is an in-
 that issues real signed grants, because the key server is not on the measured path of a local
 fetch (``sealtorch bench keyserver`` covers it). Runtimes are real :class:`KeyCacheClient`s that
 verify every relayed grant. Reports session set-up time, fetch p50/p99 on an established
-session and requests/s with 1 and 16 concurrent clients.
+session and requests/s with 1 and 16 concurrent clients, over the Unix socket or (``--transport
+tcp``) the loopback TCP listener that SGX deployments use between enclaves.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class _SigningUpstream:
 
 
 def _cache_child(work: str, sock: str, signing_key_raw: bytes, model_key: bytes,
-                 policy: dict[str, Any], cfg: bytes, ready: Any, stop: Any) -> None:
+                 policy: dict[str, Any], cfg: bytes, ready: Any, stop: Any,
+                 tcp_port: Any) -> None:
     """Child process: run a real cache until ``stop`` is set."""
     warnings.simplefilter("ignore", RuntimeWarning)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -89,6 +91,8 @@ def _cache_child(work: str, sock: str, signing_key_raw: bytes, model_key: bytes,
                           policy)
     att = SimAttester(Path(work) / sim.KEY_FILE, sim.measure("dkeycache", cfg), role="dkeycache")
     cache = start_cache(config, att, upstream=up, socket_path=sock)
+    if cache.server.tcp_address is not None:
+        tcp_port.value = cache.server.tcp_address.port
     ready.set()
     stop.wait()
     cache.stop()
@@ -99,8 +103,14 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def run(fetches: int = 2000, sessions: int = 20, concurrency: int = 16) -> dict[str, Any]:
-    """Run the benchmark and return its figures (milliseconds and requests/s)."""
+def run(fetches: int = 2000, sessions: int = 20, concurrency: int = 16,
+        transport: str = "unix") -> dict[str, Any]:
+    """Run the benchmark and return its figures (milliseconds and requests/s).
+
+    ``transport`` is ``unix`` (the socket) or ``tcp`` (the cache's loopback TCP listener).
+    """
+    if transport not in ("unix", "tcp"):
+        raise ValueError("transport must be 'unix' or 'tcp'")
     import multiprocessing as mp
 
     import torch
@@ -123,7 +133,8 @@ def run(fetches: int = 2000, sessions: int = 20, concurrency: int = 16) -> dict[
     pub = b64e(sk.public_key().public_bytes(serialization.Encoding.Raw,
                                             serialization.PublicFormat.Raw))
     cfg = (f'[keycache]\nkeyserver_url = "https://127.0.0.1:1"\nserver_public_key = "{pub}"\n'
-           f'socket = "{sock}"\npoll_interval = 3600\n').encode()
+           f'socket = "{sock}"\npoll_interval = 3600\n'
+           + ('tcp_listen = "127.0.0.1:0"\n' if transport == "tcp" else "")).encode()
     fp = sim.fingerprint(sim.load_platform_key(Path(work) / sim.KEY_FILE).public_key())
     rt = SimAttester(Path(work) / sim.KEY_FILE, sim.measure("runtime"), role="runtime")
     ident = {"tee": "sim", "platform_key": fp}
@@ -137,17 +148,19 @@ def run(fetches: int = 2000, sessions: int = 20, concurrency: int = 16) -> dict[
 
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
+    tcp_port = ctx.Value("i", 0)
     raw_sk = sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                               serialization.NoEncryption())
     child = ctx.Process(target=_cache_child, args=(work, sock, raw_sk, bytes(mk.key), policy,
-                                                   cfg, ready, stop), daemon=True)
+                                                   cfg, ready, stop, tcp_port), daemon=True)
     child.start()
     try:
         if not ready.wait(120):
             raise RuntimeError("benchmark cache did not start")
+        address = sock if transport == "unix" else f"tcp://127.0.0.1:{tcp_port.value}"
 
         def client() -> KeyCacheClient:
-            return KeyCacheClient(sock, server_public_key=pub, attester=rt)
+            return KeyCacheClient(address, server_public_key=pub, attester=rt)
 
         setup: list[float] = []
         for _ in range(sessions):
@@ -186,6 +199,7 @@ def run(fetches: int = 2000, sessions: int = 20, concurrency: int = 16) -> dict[
         child.join(15)
     return {
         "fetches": fetches,
+        "transport": transport,
         "session_setup_ms": round(statistics.median(setup), 3),
         "fetch_p50_ms": round(_pct(one, 0.50), 3),
         "fetch_p99_ms": round(_pct(one, 0.99), 3),
@@ -203,13 +217,18 @@ def run(fetches: int = 2000, sessions: int = 20, concurrency: int = 16) -> dict[
 @click.option("--fetches", default=2000, show_default=True, help="fetches per measurement")
 @click.option("--sessions", default=20, show_default=True, help="session set-ups to time")
 @click.option("--concurrency", default=16, show_default=True, help="concurrent clients")
+@click.option("--transport", default="unix", show_default=True,
+              type=click.Choice(["unix", "tcp"]),
+              help="Unix socket, or the loopback TCP listener (tcp_listen, for SGX)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def command(fetches: int, sessions: int, concurrency: int, as_json: bool) -> None:
+def command(fetches: int, sessions: int, concurrency: int, transport: str,
+            as_json: bool) -> None:
     """Key fetch p50/p99 and requests/s through dkeycache (1 and N clients), session set-up."""
-    res = run(fetches=fetches, sessions=sessions, concurrency=concurrency)
+    res = run(fetches=fetches, sessions=sessions, concurrency=concurrency, transport=transport)
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
         return
+    click.echo(f"transport           {transport}")
     click.echo(f"session set-up      {res['session_setup_ms']:.2f} ms (median)")
     click.echo(f"fetch, 1 client     p50 {res['fetch_p50_ms']:.3f} ms  p99 "
                f"{res['fetch_p99_ms']:.3f} ms  {res['requests_per_s_1']:.0f} req/s")

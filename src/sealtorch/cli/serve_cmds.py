@@ -25,7 +25,8 @@ def _shape(value: str) -> tuple[int, ...]:
 @click.option("--factory", required=True,
               help="package.module:function building the module; must be on the policy's "
                    "'factories' allow-list")
-@click.option("--keycache", "socket_path", required=True, help="dkeycache Unix socket")
+@click.option("--keycache", "socket_path", required=True,
+              help="dkeycache Unix socket, or tcp://127.0.0.1:PORT (its tcp_listen, SGX)")
 @click.option("--config", "config_path", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="the runtime's measured config ([runtime] server_public_key)")

@@ -89,8 +89,9 @@ class DecisionLog:
                 self.allowed += 1
             else:
                 self.denied += 1
-        log.log(logging.INFO if allowed else logging.WARNING, "%s",
-                json.dumps(entry, sort_keys=True, separators=(",", ":")))
+        level = logging.INFO if allowed else logging.WARNING
+        if log.isEnabledFor(level):
+            log.log(level, "%s", json.dumps(entry, sort_keys=True, separators=(",", ":")))
         return entry
 
     def recent(self) -> list[dict[str, Any]]:
