@@ -75,6 +75,9 @@ def details(rows: list[dict[str, Any]]) -> str:
                        f" (`{r['code']}`){' x' + str(r['tried']) if 'tried' in r else ''} |")
         elif r["kind"] == "fault":
             extra = {k: v for k, v in r.items() if k not in ("kind", "name", "survived")}
+            if isinstance(extra.get("outcomes"), dict):  # drop temp paths from log lines
+                extra["outcomes"] = {k: v for k, v in extra["outcomes"].items()
+                                     if not k.endswith("_log")}
             out.append(f"| fault | {r['name']} | {'survived' if r['survived'] else 'FAILED'}: "
                        f"{json.dumps(extra, sort_keys=True)[:400]} |")
     return "\n".join(out)
