@@ -72,12 +72,61 @@ def _pg_database() -> tuple[str, Any]:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", drop
 
 
+class _Http:
+    """A minimal HTTP/1.1 keep-alive client over one TLS connection (asyncio streams): the load
+    generator must cost the shared CPU as little as possible, so it pre-serialises requests
+    and parses only the status line and Content-Length of each answer."""
+
+    def __init__(self, host: str, port: int, ctx: Any) -> None:
+        self.host, self.port, self.ctx = host, port, ctx
+        self.reader: Any = None
+        self.writer: Any = None
+
+    async def _open(self) -> None:
+        import asyncio
+
+        self.reader, self.writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.ctx, server_hostname=self.host)
+
+    async def request(self, method: bytes, path: bytes, body: bytes = b"") -> tuple[int, bytes]:
+        if self.writer is None:
+            await self._open()
+        self.writer.write(b"%s %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                          b"content-length: %d\r\n\r\n%s" % (method, path, self.host.encode(),
+                                                             len(body), body))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length, close = 0, False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+            elif name == b"transfer-encoding":
+                raise ValueError("chunked answers are not expected from dkeyserver")
+        data = await self.reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 async def _load(url: str, ca: Path, pub: bytes, platform_key: Path, measurement: bytes,
-                concurrency: int, seconds: float) -> tuple[list[float], int]:
+                concurrency: int, seconds: float, mode: str = "release"
+                ) -> tuple[list[float], int, float]:
+    """``concurrency`` keep-alive connections each looping challenge + release (``mode``
+    ``release``) or ``GET /healthz`` (``mode`` ``ceiling``: the bare HTTPS request rate)
+    for ``seconds``; returns (latencies, errors, client CPU seconds)."""
     import asyncio
     import base64
-
-    import httpx
+    import json as _json
+    from urllib.parse import urlsplit
 
     from sealtorch.attestation import binding
     from sealtorch.attestation.attesters.sim import SimAttester
@@ -87,62 +136,92 @@ async def _load(url: str, ca: Path, pub: bytes, platform_key: Path, measurement:
 
     att = SimAttester(platform_key, measurement, role="dkeycache")
     audience = bytes.fromhex(key_id(pub))
+    ctx = tls_client_context(ca)
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", int(u.port or 443)
     lat: list[float] = []
     errors = 0
+    cpu0 = time.process_time()
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, verify=tls_client_context(ca), timeout=30,
-                                 limits=limits) as h:
 
-        async def worker() -> None:
-            nonlocal errors
+    async def worker() -> None:
+        nonlocal errors
+        h = _Http(host, port, ctx)
+        try:
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
                 try:
-                    r = await h.post("/v1/challenge", json={})
-                    n = base64.b64decode(r.json()["nonce"])
+                    if mode == "ceiling":
+                        st, _ = await h.request(b"GET", b"/healthz")
+                        if st != 200:
+                            errors += 1
+                            continue
+                        lat.append(time.perf_counter() - t0)
+                        continue
+                    st, data = await h.request(b"POST", b"/v1/challenge", b"{}")
+                    n = base64.b64decode(_json.loads(data)["nonce"])
                     _, pk = hpke.generate_keypair()
                     ev = att.attest(binding.report_data("remote", n, hpke.KEM_ID, pk, audience))
-                    r = await h.post("/v1/release", json={
+                    body = _json.dumps({
                         "evidence": ev.to_dict(), "public_key": base64.b64encode(pk).decode(),
-                        "nonce": base64.b64encode(n).decode(), "models": ["bench-model"]})
-                    if r.status_code != 200 or len(r.json()["grants"]) != 1:
+                        "nonce": base64.b64encode(n).decode(), "models": ["bench-model"]},
+                        separators=(",", ":")).encode()
+                    st, data = await h.request(b"POST", b"/v1/release", body)
+                    if st != 200 or len(_json.loads(data)["grants"]) != 1:
                         errors += 1
                         continue
-                except (httpx.HTTPError, ValueError, KeyError):
+                except (OSError, ValueError, KeyError, asyncio.IncompleteReadError):
                     errors += 1
+                    await h.close()
                     continue
                 lat.append(time.perf_counter() - t0)
+        finally:
+            await h.close()
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return lat, errors
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat, errors, time.process_time() - cpu0
 
 
-CLIENTS_PER_PROCESS = 16  # one asyncio httpx client degrades badly beyond ~16 connections
+def _arun(coro: Any) -> Any:
+    """Run ``coro`` on uvloop when available (cheaper client), else asyncio."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+#: concurrent connections per load-generator process (the raw client is cheap; fewer
+#: processes leave more of the shared cores to the server)
+CLIENTS_PER_PROCESS = 64
 
 
 def _client_process(args: tuple[Any, ...], q: Any) -> None:
-    import asyncio
     import warnings
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)
-    q.put(asyncio.run(_load(*args)))
+    q.put(_arun(_load(*args)))
 
 
 def _load_processes(url: str, ca: Path, pub: bytes, platform_key: Path, measurement: bytes,
-                    concurrency: int, seconds: float) -> tuple[list[float], int]:
-    """Spread ``concurrency`` clients over processes of at most 16 concurrent requests each."""
-    import asyncio
+                    concurrency: int, seconds: float, mode: str = "release"
+                    ) -> tuple[list[float], int, float]:
+    """Spread ``concurrency`` clients over processes of at most
+    :data:`CLIENTS_PER_PROCESS` connections each; returns (latencies, errors, client CPU s)."""
     import multiprocessing as mp
 
     nproc = -(-concurrency // CLIENTS_PER_PROCESS)
     if nproc == 1:
-        return asyncio.run(_load(url, ca, pub, platform_key, measurement, concurrency, seconds))
+        return _arun(_load(url, ca, pub, platform_key, measurement, concurrency, seconds,
+                           mode))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     shares = [concurrency // nproc + (1 if i < concurrency % nproc else 0) for i in range(nproc)]
     procs = [ctx.Process(target=_client_process,
-                         args=((url, ca, pub, platform_key, measurement, c, seconds), q))
+                         args=((url, ca, pub, platform_key, measurement, c, seconds, mode), q))
              for c in shares]
     for p in procs:
         p.start()
@@ -150,12 +229,34 @@ def _load_processes(url: str, ca: Path, pub: bytes, platform_key: Path, measurem
     for p in procs:
         p.join(30)
     lat = [x for r in results for x in r[0]]
-    return lat, sum(r[1] for r in results)
+    return lat, sum(r[1] for r in results), sum(r[2] for r in results)
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its child processes (server workers), from
+    /proc; 0.0 where /proc is not available."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            kids = (t / "children").read_text().split()
+            pids.extend(int(k) for k in kids)
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[str, Any]:
     """Start a server, load it, return the figures."""
-    import asyncio
     import base64
     import os
     import warnings
@@ -177,8 +278,11 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             args += ["--db", url]
         subprocess.run([*_SERVER, *args], check=True, capture_output=True)
         log = open(Path(tmp) / "server.log", "wb")
+        # every simulated cache connects from 127.0.0.1: lift the per-client rate limit (500
+        # requests/s per address by default) so that it measures the server, not the limiter
+        env = {**os.environ, "SEALTORCH_KS_RATE_PER_CLIENT": "1000000"}
         proc = subprocess.Popen([*_SERVER, "serve", "--data-dir", str(d)], stdout=log,
-                                stderr=log)
+                                stderr=log, env=env)
         try:
             while not (d / "run.json").exists():
                 if proc.poll() is not None:
@@ -211,10 +315,19 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
                 ).raise_for_status()
             pub = serialization.load_pem_public_key((d / "signing.pub").read_bytes())
             raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            asyncio.run(_load(rel, ca, raw, pk_path, meas, min(concurrency, 16), 0.5))  # warm-up
+            _arun(_load(rel, ca, raw, pk_path, meas, min(concurrency, 16), 0.5))  # warm-up
+            # the server's bare HTTPS ceiling (GET /healthz, no database, no crypto) at the
+            # same concurrency: a release costs two requests, so half of it is the bound
+            c0 = time.perf_counter()
+            clat, _, _ = _load_processes(rel, ca, raw, pk_path, meas, concurrency,
+                                         min(2.0, seconds), "ceiling")
+            ceiling = len(clat) / (time.perf_counter() - c0)
+            s_cpu0 = _proc_cpu(proc.pid)
             t0 = time.perf_counter()
-            lat, errors = _load_processes(rel, ca, raw, pk_path, meas, concurrency, seconds)
+            lat, errors, client_cpu = _load_processes(rel, ca, raw, pk_path, meas,
+                                                      concurrency, seconds)
             elapsed = time.perf_counter() - t0
+            server_cpu = _proc_cpu(proc.pid) - s_cpu0
             micro = _micro(pk_path, meas)
         finally:
             proc.terminate()
@@ -227,9 +340,16 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
 
+    n = max(len(lat), 1)
+    rate = len(lat) / elapsed
     return {"db": db, "concurrency": concurrency, "workers": workers, "seconds": elapsed,
-            "releases": len(lat), "releases_per_s": len(lat) / elapsed, "p50_ms": pct(0.50),
-            "p99_ms": pct(0.99), "errors": errors, **micro}
+            "releases": len(lat), "releases_per_s": rate, "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99), "errors": errors,
+            "server_cpu_ms_per_release": server_cpu / n * 1000,
+            "client_cpu_ms_per_release": client_cpu / n * 1000,
+            "http_ceiling_requests_per_s": ceiling,
+            "ratio_to_http_ceiling": rate / (ceiling / 2) if ceiling else float("nan"),
+            **micro}
 
 
 @click.command("keyserver")
@@ -247,5 +367,9 @@ def command(db: str, concurrency: int, seconds: float, workers: int, as_json: bo
     click.echo(f"dkeyserver ({db}, {workers} worker(s), concurrency {concurrency}): "
                f"{res['releases_per_s']:.0f} releases/s, p50 {res['p50_ms']:.1f} ms, "
                f"p99 {res['p99_ms']:.1f} ms, errors {res['errors']}")
+    click.echo(f"  CPU per release: server {res['server_cpu_ms_per_release']:.2f} ms, load "
+               f"generator {res['client_cpu_ms_per_release']:.2f} ms; bare HTTPS ceiling "
+               f"{res['http_ceiling_requests_per_s']:.0f} requests/s (a release is 2 requests): "
+               f"releases at {res['ratio_to_http_ceiling']:.2f}x of that ceiling")
     click.echo(f"  one evidence verification {res['verify_evidence_us']:.0f} us, one HPKE seal "
                f"{res['hpke_seal_us']:.0f} us, one grant signature {res['grant_sign_us']:.0f} us")

@@ -4,6 +4,8 @@ and rate limits, and never echo input in error bodies."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import time
@@ -95,11 +97,8 @@ def _too_slow() -> JSONResponse:
     return r
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
-def _respond(route: str, out: Outcome, started: float) -> JSONResponse:
+def _count(route: str, out: Outcome, started: float) -> None:
+    """Metrics of one answered request."""
     ops.REQUESTS.labels(route, str(out.status)).inc()
     ops.LATENCY.labels(route).observe(time.perf_counter() - started)
     for d in out.decisions:
@@ -107,10 +106,81 @@ def _respond(route: str, out: Outcome, started: float) -> JSONResponse:
             ops.RELEASES.inc()
         else:
             ops.DENIALS.labels(d).inc()
-    return JSONResponse(out.body, status_code=out.status)
 
 
-def release_app(ks: KeyServer) -> Starlette:
+def _json_bytes(obj: Any) -> bytes:
+    """The exact encoding Starlette's JSONResponse uses (compact, UTF-8, no NaN)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode("utf-8")
+
+
+class _ClientGoneError(Exception):
+    pass
+
+
+async def _read_raw_body(scope: dict[str, Any], receive: Any) -> bytes:
+    """:func:`read_body` on raw ASGI messages: at most :data:`MAX_BODY` bytes (refused early
+    by Content-Length), all of it within :data:`BODY_DEADLINE` seconds."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY):
+            raise _TooLarge
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async with asyncio.timeout(BODY_DEADLINE):
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise _ClientGoneError
+                chunk = msg.get("body", b"")
+                total += len(chunk)
+                if total > MAX_BODY:
+                    raise _TooLarge
+                chunks.append(chunk)
+                if not msg.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise _TooSlow from None
+    return b"".join(chunks)
+
+
+Answer = tuple[int, Any, bool]  # status, JSON body, close the connection
+
+
+class _FastPost:
+    """Raw ASGI for the hot ``POST`` routes of the release listener (challenge, release,
+    status): one body read, one handler, one JSON answer, without the Starlette request,
+    response, router and middleware layers that a release would otherwise cross twice.
+    Every other request (health, readiness, 404/405) goes to the Starlette app."""
+
+    def __init__(self, fallback: Starlette, routes: dict[str, Callable[..., Awaitable[Answer]]]
+                 ) -> None:
+        self.fallback = fallback
+        self.routes = routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        handler = (self.routes.get(scope["path"])
+                   if scope["type"] == "http" and scope["method"] == "POST" else None)
+        if handler is None:
+            await self.fallback(scope, receive, send)
+            return
+        try:
+            status, body, close = await handler(scope, receive)
+        except _ClientGoneError:
+            return
+        except Exception:
+            log.exception("unexpected failure on %s", scope["path"])
+            status, body, close = 500, error_body("internal", "internal server error"), False
+        data = _json_bytes(body)
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(data)).encode("ascii"))]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+def release_app(ks: KeyServer) -> Any:
     """``/v1/challenge``, ``/v1/release``, ``/v1/status``, ``/healthz``, ``/readyz``."""
     limiter = ops.RateLimiter(ks.config.rate_per_client)
     # a few worker threads are enough (the database serialises writes and the GIL the rest);
@@ -118,29 +188,31 @@ def release_app(ks: KeyServer) -> Starlette:
     threads = anyio.CapacityLimiter(8)
 
     def guarded(route: str, fn: Callable[[dict[str, Any], str], Any], *,
-                mode: str = "thread") -> Handler:
+                mode: str = "thread") -> Callable[..., Awaitable[Answer]]:
         """Wrap ``fn``: rate limit, bounded body, strict JSON, public error codes. ``mode``:
         ``thread`` (blocking database work), ``inline`` (cheap, CPU only) or ``async``."""
-        async def handler(request: Request) -> Response:
+        async def handler(scope: dict[str, Any], receive: Any) -> Answer:
             started = time.perf_counter()
-            client = _client(request)
+            client = scope["client"][0] if scope.get("client") else "unknown"
             if not limiter.allow(client):
                 ops.REQUESTS.labels(route, "429").inc()
-                return _err(429, "rate_limited", "too many requests; slow down")
+                return 429, error_body("rate_limited", "too many requests; slow down"), False
             try:
-                obj = parse_json_body(await read_body(request))
+                obj = parse_json_body(await _read_raw_body(scope, receive))
             except _TooSlowError:
                 await anyio.to_thread.run_sync(ks.store.count_anonymous, "too_slow")
                 ops.REQUESTS.labels(route, "408").inc()
-                return _too_slow()
+                return 408, error_body(
+                    "too_slow", f"request body not received within {BODY_DEADLINE:.0f} s"), True
             except _TooLargeError:
                 await run_in_threadpool(ks.store.count_anonymous, "too_large")
                 ops.REQUESTS.labels(route, "413").inc()
-                return _err(413, "too_large", f"request body larger than {MAX_BODY} bytes")
+                return 413, error_body(
+                    "too_large", f"request body larger than {MAX_BODY} bytes"), False
             except ProtocolError:
                 await run_in_threadpool(ks.store.count_anonymous, "bad_request")
                 ops.REQUESTS.labels(route, "400").inc()
-                return _err(400, "bad_request", "request body must be a JSON object")
+                return 400, error_body("bad_request", "request body must be a JSON object"), False
             try:
                 if mode == "async":
                     out = await fn(obj, client)
@@ -151,12 +223,14 @@ def release_app(ks: KeyServer) -> Starlette:
             except ProtocolError as e:
                 await run_in_threadpool(ks.store.count_anonymous, "bad_request")
                 ops.REQUESTS.labels(route, "400").inc()
-                return _err(400, "bad_request", str(e))
+                return 400, error_body("bad_request", str(e)), False
             except StoreError:
                 log.exception("store failure on %s", route)
                 ops.REQUESTS.labels(route, "503").inc()
-                return _err(503, "unavailable", "the key server could not complete the request")
-            return _respond(route, out, started)
+                return 503, error_body(
+                    "unavailable", "the key server could not complete the request"), False
+            _count(route, out, started)
+            return out.status, out.body, False
 
         return handler
 
@@ -182,14 +256,23 @@ def release_app(ks: KeyServer) -> Starlette:
         return JSONResponse({"status": "ready", "server_key_id": ks.server_key_id,
                              "collateral": _collateral_info(ks)})
 
-    return Starlette(routes=[
-        Route("/v1/challenge", guarded("challenge", do_challenge, mode="inline"),
-              methods=["POST"]),
-        Route("/v1/release", guarded("release", do_release, mode="async"), methods=["POST"]),
-        Route("/v1/status", guarded("status", do_status), methods=["POST"]),
+    fallback = Starlette(routes=[
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        # the POST routes are served by _FastPost; these entries only give other methods 405
+        Route("/v1/challenge", _never, methods=["POST"]),
+        Route("/v1/release", _never, methods=["POST"]),
+        Route("/v1/status", _never, methods=["POST"]),
     ])
+    return _FastPost(fallback, {
+        "/v1/challenge": guarded("challenge", do_challenge, mode="inline"),
+        "/v1/release": guarded("release", do_release, mode="async"),
+        "/v1/status": guarded("status", do_status),
+    })
+
+
+async def _never(request: Request) -> Response:  # pragma: no cover - shadowed by _FastPost
+    return _err(500, "internal", "internal server error")
 
 
 def _collateral_info(ks: KeyServer) -> dict[str, Any]:

@@ -19,6 +19,13 @@ REQUESTS = Counter("dkeyserver_requests_total", "HTTP requests by route and stat
 LATENCY = Histogram("dkeyserver_request_seconds", "Request latency by route", ["route"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
                     registry=REGISTRY)
+COMMIT_BATCH = Histogram("dkeyserver_commit_batch_size",
+                         "Write operations committed together by the group-commit writer",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY)
+COMMIT_SECONDS = Histogram("dkeyserver_commit_seconds",
+                           "Duration of one group-commit transaction (statements + COMMIT)",
+                           buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064,
+                                    0.128, 0.256), registry=REGISTRY)
 AUDIT_SEQ = Gauge("dkeyserver_audit_seq", "Last audit sequence number", registry=REGISTRY)
 
 

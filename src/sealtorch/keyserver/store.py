@@ -774,11 +774,16 @@ class GroupCommitter:
         return results
 
     def _run_batch(self, batch: list[tuple[Callable[[Connection], Any], Future[Any]]]) -> None:
+        from sealtorch.keyserver import ops as _ops
+
         live = [(op, f) for op, f in batch if f.set_running_or_notify_cancel()]
         if not live:
             return
+        started = time.perf_counter()
         try:
             results = self._transaction(live)
+            _ops.COMMIT_BATCH.observe(len(live))
+            _ops.COMMIT_SECONDS.observe(time.perf_counter() - started)
         except StoreError as e:  # the database itself failed: nobody's writes committed
             for _, f in live:
                 f.set_exception(e)
