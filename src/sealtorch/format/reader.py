@@ -11,19 +11,19 @@ error is raised.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import mmap
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -45,7 +45,7 @@ from sealtorch.errors import (
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
 from sealtorch.format import signing
-from sealtorch.format.dtypes import torch_dtype
+from sealtorch.format.dtypes import NAME_TO_DTYPE, torch_dtype
 from sealtorch.format.index import Entry, Index, parse_index
 from sealtorch.format.keyfile import ModelKey, read_key_file
 from sealtorch.format.writer import INDEX_NONCE_BYTES, chunk_aad, chunk_nonce, public_index_mac
@@ -89,7 +89,32 @@ def default_threads() -> int:
     return _cpus() if aead_releases_gil() else 1
 
 
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of at least ``workers`` decryption threads, reused across loads.
+
+    Starting threads for every load costs about as much as decrypting a megabyte. A new pool
+    replaces the old one after a fork (its threads do not exist in the child) or when more
+    threads are asked for; the old pool's threads exit once it is no longer referenced.
+    """
+    global _POOL
+    with _POOL_LOCK:
+        cur = _POOL
+        if cur is not None and cur[0] == os.getpid() and cur[1] >= workers:
+            return cur[2]
+        size = max(workers, cur[1] if cur is not None else 0)
+        pool = ThreadPoolExecutor(size, thread_name_prefix="sealtorch-decrypt")
+        _POOL = (os.getpid(), size, pool)
+        return pool
+
+
 _POPULATE_MIN = 1 << 20
+#: pieces of a chunk at least this large are decrypted straight into their tensor; smaller
+#: ones are batched through a scratch buffer (one GIL release per run instead of per piece)
+_DIRECT_MIN = 64 << 10
 
 
 def _plaintext_buffer(n: int) -> torch.Tensor:
@@ -110,23 +135,15 @@ def _plaintext_buffer(n: int) -> torch.Tensor:
     return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
-class _Memory:
-    """Exposes ``n`` bytes at a raw address to numpy (the owner must outlive the array)."""
+def _raw_bytes(ptr: int, nbytes: int) -> memoryview:
+    """A writable ``B`` memoryview of ``nbytes`` at ``ptr`` (the owner must outlive it).
 
-    __slots__ = ("__array_interface__",)
-
-    def __init__(self, ptr: int, n: int) -> None:
-        self.__array_interface__ = {
-            "data": (ptr, False),
-            "shape": (n,),
-            "typestr": "|u1",
-            "version": 3,
-        }
+    Five times cheaper than going through numpy, which matters once per tensor per load.
+    """
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(ptr)).cast("B")
 
 
-def _bytes_of(t: torch.Tensor, nbytes: int) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no copy, no autograd)."""
-    return np.asarray(_Memory(t.data_ptr(), nbytes)).data
+_TORCH_DTYPES = {name: torch_dtype(name) for name in NAME_TO_DTYPE}
 
 
 @dataclass
@@ -330,6 +347,8 @@ class SealedFile:
     ) -> None:
         """Decrypt the chunks that ``regions`` need (or ``chunks``) into the regions.
 
+        The calling thread and ``threads - 1`` threads of a process-wide pool take chunks in
+        file order from one shared iterator (no per-chunk futures, no thread start-up per load).
         On any failure, every region is zeroed and :class:`IntegrityError` is raised.
         """
         h = self.header
@@ -344,100 +363,114 @@ class SealedFile:
         digest = h.digest()
         view = self.view
         key = self.keys.chunk_key.view()
-        local = threading.local()
+        last = h.chunk_count - 1
         failed = threading.Event()
+        errors: list[BaseException] = []
+        work = iter(todo)  # list_iterator.__next__ is atomic under the GIL
 
-        def task(i: int) -> None:
-            if failed.is_set():
-                return
+        def chunk(aead: AESGCM, scratch: memoryview, i: int) -> None:
             n = h.chunk_plain_length(i)
             off = h.chunk_offset(i)
             start = i * cs
             ct = view[off : off + n + hdr.TAG_BYTES]
-            aad = chunk_aad(digest, i, i == h.chunk_count - 1)
+            aad = chunk_aad(digest, i, i == last)
             nonce = chunk_nonce(i)
-            regs = per_chunk.get(i, [])
-            aead = getattr(local, "aead", None)
-            if aead is None:
-                aead = local.aead = AESGCM(key)
-            try:
-                if len(regs) == 1 and regs[0].start <= start and regs[0].end >= start + n:
-                    r = regs[0]
-                    aead.decrypt_into(nonce, ct, aad, r.arr[start - r.start : start - r.start + n])
-                    for c in r.copies:
-                        c[start - r.start : start - r.start + n] = r.arr[
-                            start - r.start : start - r.start + n
-                        ]
-                    return
-                scratch = getattr(local, "scratch", None)
-                if scratch is None:
-                    scratch = local.scratch = bytearray(cs)
-                if not regs:  # verification only
-                    try:
-                        aead.decrypt_into(nonce, ct, aad, memoryview(scratch)[:n])
-                    finally:
-                        wipe(memoryview(scratch)[:n])
-                    return
-                dec = Cipher(algorithms.AES(key), modes.GCM(nonce, bytes(ct[n:]))).decryptor()
-                dec.authenticate_additional_data(aad)
-                pos = start
-                used = 0
+            regs = per_chunk.get(i, ())
+            if len(regs) == 1 and regs[0].start <= start and regs[0].end >= start + n:
+                r = regs[0]
+                a = start - r.start
+                aead.decrypt_into(nonce, ct, aad, r.arr[a : a + n])
+                for c in r.copies:
+                    c[a : a + n] = r.arr[a : a + n]
+                return
+            if not regs:  # verification only
                 try:
-                    for r in regs:
-                        a, b = max(r.start, start), min(r.end, start + n)
-                        if a > pos:  # bytes no destination wants (padding, other tensors)
-                            dec.update_into(
-                                ct[pos - start : a - start], memoryview(scratch)[: a - pos]
-                            )
-                            used = max(used, a - pos)
-                        dec.update_into(ct[a - start : b - start], r.arr[a - r.start : b - r.start])
-                        pos = b
-                    if pos < start + n:
-                        end = start + n
-                        dec.update_into(ct[pos - start : n], memoryview(scratch)[: end - pos])
-                        used = max(used, end - pos)
-                    dec.finalize()
+                    aead.decrypt_into(nonce, ct, aad, scratch[:n])
                 finally:
-                    if used:
-                        wipe(memoryview(scratch)[:used])
-                for r in regs:
-                    a, b = max(r.start, start), min(r.end, start + n)
+                    wipe(scratch[:n])
+                return
+            # The chunk spans several destinations (or gaps): one streaming GCM pass. Large
+            # pieces are decrypted straight into their tensor; runs of small pieces (and gaps)
+            # go through the scratch buffer in one call and are copied out, because every
+            # update_into call releases and retakes the GIL, which costs more than a small copy.
+            dec = Cipher(algorithms.AES(key), modes.GCM(nonce, bytes(ct[n:]))).decryptor()
+            dec.authenticate_additional_data(aad)
+            pieces: list[tuple[int, int, _Region | None]] = []
+            pos = start
+            for r in regs:
+                a, b = max(r.start, start), min(r.end, start + n)
+                if a > pos:  # bytes no destination wants (padding, other tensors)
+                    pieces.append((pos, a, None))
+                pieces.append((a, b, r))
+                pos = b
+            if pos < start + n:
+                pieces.append((pos, start + n, None))
+            run: list[tuple[int, int, _Region | None]] = []
+            used_lo, used_hi = n, 0
+            try:
+                for k, (a, b, r) in enumerate(pieces):
+                    if r is not None and b - a >= _DIRECT_MIN:
+                        dec.update_into(ct[a - start : b - start], r.arr[a - r.start : b - r.start])
+                        continue
+                    run.append((a, b, r))
+                    if k + 1 < len(pieces):
+                        na, nb, nr = pieces[k + 1]
+                        if nr is None or nb - na < _DIRECT_MIN:
+                            continue  # the next piece joins this run
+                    lo, hi = run[0][0] - start, b - start
+                    dec.update_into(ct[lo:hi], scratch[lo:hi])
+                    used_lo, used_hi = min(used_lo, lo), max(used_hi, hi)
+                    for ra, rb, rr in run:
+                        if rr is not None:
+                            rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - start : rb - start]
+                    run.clear()
+                dec.finalize()
+            finally:
+                if used_hi > used_lo:
+                    wipe(scratch[used_lo:used_hi])
+            for r in regs:
+                if r.copies:
+                    a, b = max(r.start, start) - r.start, min(r.end, start + n) - r.start
                     for c in r.copies:
-                        c[a - r.start : b - r.start] = r.arr[a - r.start : b - r.start]
-            except InvalidTag:
+                        c[a:b] = r.arr[a:b]
+
+        def worker() -> None:
+            aead = AESGCM(key)
+            scratch = memoryview(bytearray(cs))
+            try:
+                while not failed.is_set():
+                    i = next(work, None)
+                    if i is None:
+                        return
+                    try:
+                        chunk(aead, scratch, i)
+                    except InvalidTag:
+                        raise IntegrityError(
+                            f"chunk {i} of {h.chunk_count} failed authentication: the file was "
+                            "modified, truncated, reordered or spliced; no tensors were loaded"
+                        ) from None
+            except BaseException as e:
                 failed.set()
-                raise IntegrityError(
-                    f"chunk {i} of {h.chunk_count} failed authentication: the file was modified, "
-                    "truncated, reordered or spliced; no tensors were loaded"
-                ) from None
-            except BaseException:
-                failed.set()
-                raise
+                errors.append(e)
 
         nthreads = max(1, min(threads or default_threads(), len(todo)))
-        error: BaseException | None = None
+        futures: list[Future[None]] = []
         try:
-            if nthreads == 1:
-                for i in todo:
-                    task(i)
-            else:
-                with ThreadPoolExecutor(nthreads, thread_name_prefix="sealtorch-decrypt") as ex:
-                    futures: list[Future[None]] = [ex.submit(task, i) for i in todo]
-                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                    if any(f.exception() for f in done):
-                        failed.set()
-                        for f in futures:
-                            f.cancel()
-                    wait(futures)
-                    for f in futures:
-                        if not f.cancelled() and f.exception() is not None:
-                            error = f.exception()
-                            break
-        except BaseException as e:
-            error = e
-        if error is not None:
+            if nthreads > 1:
+                pool = _pool(nthreads - 1)
+                futures = [pool.submit(worker) for _ in range(nthreads - 1)]
+            worker()  # the calling thread works too
+        except BaseException as e:  # e.g. the pool could not start a thread
+            failed.set()
+            errors.append(e)
+        finally:
+            for f in futures:  # not started yet (pool busy with another load): nothing left
+                f.cancel()
+            wait(futures)
+        if errors:
             for r in regions:
                 r.zero()
+            error = next((e for e in errors if isinstance(e, IntegrityError)), errors[0])
             if isinstance(error, IntegrityError):
                 raise error.with_traceback(None)
             raise error
@@ -516,16 +549,20 @@ class SealedFile:
         by_storage: dict[tuple[int, int], int] = {}
         post: list[tuple[torch.Tensor, torch.Tensor]] = []  # (non-contiguous target, temp)
         loaded = []
-        for name, t in state.items():
-            if name not in file_names:
-                continue
-            e = idx.resolve(name)
-            if t.dtype != torch_dtype(e.dtype) or tuple(t.shape) != e.shape:
+        entries, aliases = idx.entries, idx.aliases
+        for name, t in state.items():  # one pass, ~2 µs per tensor (ResNet-50 has 320)
+            e = entries.get(name)
+            if e is None:
+                target = aliases.get(name)
+                if target is None:
+                    continue
+                e = entries[target]
+            if t.dtype is not _TORCH_DTYPES[e.dtype] or t.shape != e.shape:
                 raise IndexError_(
                     f"tensor {name!r}: the file holds {e.dtype}{list(e.shape)} but the module "
                     f"has {t.dtype}{list(t.shape)}"
                 )
-            if t.device.type != "cpu":
+            if not t.is_cpu:
                 raise InputError(
                     "load_into writes CPU tensors only; keep the module on CPU (moving weights "
                     "to a GPU needs an explicit unsafe_ opt-in, see sealtorch.load)"
@@ -533,8 +570,7 @@ class SealedFile:
             loaded.append(name)
             if e.nbytes == 0:
                 continue
-            d = t.detach()
-            ptr = (d.data_ptr(), e.nbytes)
+            ptr = (t.data_ptr(), e.nbytes)
             if ptr in by_storage:
                 if by_storage[ptr] != e.offset:
                     raise IndexError_(
@@ -542,11 +578,11 @@ class SealedFile:
                     )
                 continue
             by_storage[ptr] = e.offset
-            if d.is_contiguous():
-                arr = _bytes_of(d, e.nbytes)  # `state` keeps the tensor alive meanwhile
+            if t.is_contiguous():
+                arr = _raw_bytes(ptr[0], e.nbytes)  # `state` keeps the tensor alive meanwhile
             else:
-                tmp = torch.empty(e.shape, dtype=d.dtype)
-                post.append((d, tmp))
+                tmp = torch.empty(e.shape, dtype=t.dtype)
+                post.append((t.detach(), tmp))
                 arr = tmp.reshape(-1).view(torch.uint8).numpy().data
             if e.offset in by_range:
                 by_range[e.offset].copies.append(arr)
