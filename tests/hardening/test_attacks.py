@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealtorch._secret import Secret
 from sealtorch.attestation import sim
@@ -223,9 +224,8 @@ def test_fake_cache_cannot_hand_a_runtime_an_attacker_key(world: World, sealed_f
     genuine = world.release_ok().grants[0]  # a real grant, as a host could capture it
     cache_pk = genuine.grant.requester_key
     attacker_key = os.urandom(32)
-    attacker_sk = __import__("cryptography.hazmat.primitives.asymmetric.ed25519",
-                             fromlist=["x"]).Ed25519PrivateKey.generate()
-    server_kid = key_id(world.ks.client().verifier._pub)
+    attacker_sk = Ed25519PrivateKey.generate()
+    server_kid = key_id(world.ks.signing_public_key)
 
     def wrong_key_with_genuine_grant(req: Any, rpk: bytes, nonce: bytes) -> dict[str, Any]:
         mk = ModelKey(MODEL, 1, Secret(attacker_key), "x")

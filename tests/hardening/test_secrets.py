@@ -20,6 +20,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from tests.servers import keyserver_cli
 
+from sealtorch._secret import Secret
 from sealtorch.attestation import sim
 from sealtorch.attestation.attesters.sim import SimAttester
 from sealtorch.format.header import read_header
@@ -69,8 +70,7 @@ def test_no_secret_in_logs_errors_metrics_or_files(tmp_path: Path) -> None:
         dep = rig.dep
         ks_dir = dep.ks_dir
         header = read_header(rig.sealed)
-        mk = ModelKey(lg.MODEL, 1, __import__("sealtorch._secret", fromlist=["x"]).Secret(
-            rig.model_key), "x")
+        mk = ModelKey(lg.MODEL, 1, Secret(rig.model_key), "x")
         secrets["model key"] = rig.model_key
         secrets["file key"] = bytes(derive_file_key(mk.key, header))
         secrets["KEK"] = (ks_dir / "kek.bin").read_bytes()
