@@ -315,6 +315,9 @@ def test_health_listener(sim_dir, platform_fp, sealed) -> None:
             kc.file_key(read_header(e.path))
         r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert r.status_code == 200 and r.json()["state"] == "ok"
+        dec = r.json()["decisions"]
+        assert dec["counts"] == {"allow": 1, "deny": 1}  # the session, then the file key
+        assert dec["recent"][-1]["code"] == "policy_denied" and dec["recent"][-1]["reasons"]
         m = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert 'dkeycache_denials_total{code="policy_denied"} 1.0' in m
         assert 'dkeycache_health{state="ok"} 1.0' in m

@@ -335,8 +335,6 @@ class LocalServer:
             code, answer = e.denial, _error(e.denial, str(e))
         except SealtorchError as e:
             code, answer = e.code, _error(e.code, str(e))
-            if not ctx.reasons:
-                ctx.reasons.append(str(e))  # our own message: never key material or input
         except Exception as e:  # a bug must not leak details or kill the connection silently
             log.error("internal error in local %s request (%s)", op, type(e).__name__)
             code = "internal_error"
@@ -344,6 +342,8 @@ class LocalServer:
             ctx.reasons.append(f"internal error ({type(e).__name__})")
         if code is not None:
             self.metrics.denials.labels(code).inc()
+            if not ctx.reasons:  # our own fixed message: never key material or input
+                ctx.reasons.append(answer["error"]["message"])
         if op in _DECISION_OPS:
             self.metrics.decisions.labels(op, "deny" if code else "allow").inc()
             self.decisions.record(ctx, allowed=code is None, code=code)
