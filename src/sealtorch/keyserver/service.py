@@ -129,7 +129,7 @@ class KeyServer:
 
     async def _write(self, op: Callable[[Any], T]) -> T:
         """Run ``op`` in the next group-commit batch; returns once that batch has committed."""
-        return await asyncio.wrap_future(self.store.committer().submit(op))
+        return await self.store.committer().run_async(op)
 
     def _audit_deny_op(self, code: str, reason: str, client: str, evidence_digest: str,
                        cache_id: str | None) -> Callable[[Any], tuple[int, str]]:
@@ -184,7 +184,7 @@ class KeyServer:
             lambda conn: self._decide(conn, req, claims, ident, cache_id, ev_digest, now))
         # the decision is committed; signing and sealing happen outside the write transaction
         grants = [{"grant": sign_grant(self.signing_key, g),
-                   "sealed_key": b64e(hpke.seal(key, req.public_key, g.digest()))}
+                   "sealed_key": b64e(hpke.seal(key, req.recipient(), g.digest()))}
                   for g, key in pending]
         log.info("release decision", extra={"fields": {
             "cache_id": cache_id, "tee": ident.tee, "grants": len(grants),

@@ -706,31 +706,46 @@ class GroupCommitter:
     overhead and the fsync. An operation is a callable taking the batch's connection; it must
     not keep side effects outside the database, because if one operation raises, the batch is
     rolled back and every operation is re-run alone in its own transaction (so one failure
-    never fails or commits on behalf of its neighbours)."""
+    never fails or commits on behalf of its neighbours). Event-loop waiters of one batch are
+    woken together, with one cross-thread call per loop instead of one per request."""
 
     MAX_BATCH = 256
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._q: queue.SimpleQueue[tuple[Callable[[Connection], Any], Future[Any]] | None] = (
-            queue.SimpleQueue())
+        self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="dkeyserver-writer",
                                         daemon=True)
         self._closed = False
         self._thread.start()
 
-    def submit(self, op: Callable[[Connection], T]) -> Future[T]:
-        """Queue ``op``; the future resolves after the batch holding it committed."""
-        fut: Future[T] = Future()
+    def _put(self, op: Callable[[Connection], Any], waiter: Any = None) -> Future[Any]:
+        fut: Future[Any] = Future()
         if self._closed:
             fut.set_exception(StoreError("the key server is shutting down; retry later"))
-            return fut
-        self._q.put((op, fut))
+        else:
+            self._q.put((op, fut, waiter))
         return fut
+
+    def submit(self, op: Callable[[Connection], T]) -> Future[T]:
+        """Queue ``op``; the future resolves after the batch holding it committed."""
+        return self._put(op)
 
     def run(self, op: Callable[[Connection], T]) -> T:
         """Run ``op`` in the next batch and wait for its committed result."""
         return self.submit(op).result()
+
+    async def run_async(self, op: Callable[[Connection], T]) -> T:
+        """Run ``op`` in the next batch; resumes the calling task after the commit."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        fut = self._put(op, (loop, waiter))
+        if fut.done():  # refused at once (shutting down)
+            return fut.result()
+        await waiter
+        return fut.result()
 
     def close(self) -> None:
         """Finish the queued operations, then stop the writer thread."""
@@ -756,27 +771,40 @@ class GroupCommitter:
                     break
                 batch.append(nxt)
             self._run_batch(batch)
+            self._wake(batch)
             if stop:
                 return
 
-    def _transaction(self, ops: list[tuple[Callable[[Connection], Any], Future[Any]]]
-                     ) -> list[Any]:
+    @staticmethod
+    def _wake(batch: list[_Item]) -> None:
+        """Wake every event-loop waiter of ``batch``: one thread-safe call per loop."""
+        by_loop: dict[Any, list[Any]] = {}
+        for _, _, waiter in batch:
+            if waiter is not None:
+                by_loop.setdefault(waiter[0], []).append(waiter[1])
+        for loop, waiters in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_release_waiters, waiters)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+    def _transaction(self, ops: list[_Item]) -> list[Any]:
         store = self._store
         with store.tx() as conn:
             state = _BatchState()
             conn.info[_BATCH] = state
             try:
-                results = [op(conn) for op, _ in ops]
+                results = [op(conn) for op, _, _ in ops]
                 if state.audit is not None:
                     store._write_audit_head(conn, *state.audit)
             finally:
                 conn.info.pop(_BATCH, None)
         return results
 
-    def _run_batch(self, batch: list[tuple[Callable[[Connection], Any], Future[Any]]]) -> None:
+    def _run_batch(self, batch: list[_Item]) -> None:
         from sealtorch.keyserver import ops as _ops
 
-        live = [(op, f) for op, f in batch if f.set_running_or_notify_cancel()]
+        live = [it for it in batch if it[1].set_running_or_notify_cancel()]
         if not live:
             return
         started = time.perf_counter()
@@ -785,18 +813,28 @@ class GroupCommitter:
             _ops.COMMIT_BATCH.observe(len(live))
             _ops.COMMIT_SECONDS.observe(time.perf_counter() - started)
         except StoreError as e:  # the database itself failed: nobody's writes committed
-            for _, f in live:
-                f.set_exception(e)
+            for it in live:
+                it[1].set_exception(e)
             return
         except Exception as e:
             if len(live) == 1:
                 live[0][1].set_exception(e)
                 return
-            for op, f in live:  # isolate the failing operation
+            for it in live:  # isolate the failing operation
                 try:
-                    f.set_result(self._transaction([(op, f)])[0])
+                    it[1].set_result(self._transaction([it])[0])
                 except Exception as e1:
-                    f.set_exception(e1)
+                    it[1].set_exception(e1)
             return
-        for (_, f), r in zip(live, results, strict=True):
-            f.set_result(r)
+        for it, r in zip(live, results, strict=True):
+            it[1].set_result(r)
+
+
+#: a queued write: the operation, its result future, and (loop, asyncio future) to wake
+_Item = tuple[Callable[[Connection], Any], Future[Any], Any]
+
+
+def _release_waiters(waiters: list[Any]) -> None:
+    for w in waiters:
+        if not w.done():
+            w.set_result(None)

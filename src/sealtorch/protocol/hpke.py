@@ -59,11 +59,13 @@ def load_public_key(raw: bytes) -> X25519PublicKey:
     return pk
 
 
-def seal(plaintext: bytes | bytearray | Secret, public_key: bytes, info: bytes) -> bytes:
-    """Encrypt ``plaintext`` to ``public_key`` (raw X25519); returns ``enc || ciphertext``."""
+def seal(plaintext: bytes | bytearray | Secret, public_key: bytes | X25519PublicKey,
+         info: bytes) -> bytes:
+    """Encrypt ``plaintext`` to ``public_key`` (raw X25519 bytes, or a key already checked by
+    :func:`load_public_key`); returns ``enc || ciphertext``."""
     if not info:
         raise ProtocolError("HPKE info must bind the message to its context (grant digest)")
-    pk = load_public_key(public_key)
+    pk = public_key if isinstance(public_key, X25519PublicKey) else load_public_key(public_key)
     data = bytes(plaintext)
     try:
         return SUITE.encrypt(data, pk, info=info)

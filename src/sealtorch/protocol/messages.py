@@ -7,8 +7,10 @@ echoing its value. See ``docs/keyserver.md`` for the wire format.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from sealtorch.errors import ProtocolError
 from sealtorch.protocol import hpke
@@ -67,6 +69,13 @@ class ReleaseRequest:
     nonce: bytes
     models: list[str] | None
     kem_id: int = hpke.KEM_ID
+    #: ``public_key`` as checked by :func:`hpke.load_public_key` at parse time (reused when
+    #: sealing, so the low-order check runs once per request)
+    checked_key: X25519PublicKey | None = field(default=None, compare=False, repr=False)
+
+    def recipient(self) -> bytes | X25519PublicKey:
+        """What to seal to: the checked key object when parsed here, else the raw bytes."""
+        return self.checked_key if self.checked_key is not None else self.public_key
 
     def to_json(self) -> dict[str, Any]:
         return {"evidence": self.evidence, "public_key": b64e(self.public_key),
@@ -81,21 +90,22 @@ class ReleaseRequest:
         kem_id = obj.get("kem_id", hpke.KEM_ID)
         if kem_id != hpke.KEM_ID or isinstance(kem_id, bool):
             raise ProtocolError("kem_id: only 0x0020 (DHKEM X25519 HKDF-SHA256) is supported")
+        raw, key = _x25519(obj.get("public_key"))
         return cls(
             evidence=ev,
-            public_key=_x25519(obj.get("public_key")),
+            public_key=raw,
             nonce=b64d(obj.get("nonce"), field="nonce", max_len=NONCE_LEN, exact_len=NONCE_LEN),
             models=parse_models(obj.get("models")),
             kem_id=hpke.KEM_ID,
+            checked_key=key,
         )
 
 
-def _x25519(value: object) -> bytes:
+def _x25519(value: object) -> tuple[bytes, X25519PublicKey]:
     """A raw X25519 public key that HPKE can seal to (refused before any nonce is burned)."""
     raw = b64d(value, field="public_key", max_len=hpke.PUBLIC_KEY_LEN,
                exact_len=hpke.PUBLIC_KEY_LEN)
-    hpke.load_public_key(raw)
-    return raw
+    return raw, hpke.load_public_key(raw)
 
 
 @dataclass(frozen=True)
