@@ -1,18 +1,27 @@
 """`sealtorch bench load`: sealed loading against plain loading and raw AES-GCM, in one run.
 
-Measured (best of ``--repeat``, files in the page cache; ``--threads`` forces one thread count
-on everything, else each side uses its default): plain ``safetensors.torch.load_file`` +
-``load_state_dict``; plain ``torch.load(weights_only=True)`` + ``load_state_dict``;
-``sealtorch.load_into``; ``sealtorch.load``; and raw AES-256-GCM ``decrypt_into`` of the same
-chunks into one preallocated buffer with the decrypt thread count. Ratios:
-``sealed_over_plain`` = load_into time / safetensors time (target <= 1.10 on ResNet-50) and
-``sealed_over_raw_aes`` = sealed throughput / raw AES throughput (target >= 0.85).
+Measured (files in the page cache; ``--threads`` forces one thread count on everything, else
+each side uses its default): plain ``safetensors.torch.load_file`` + ``load_state_dict``; plain
+``torch.load(weights_only=True)`` + ``load_state_dict``; ``sealtorch.load_into``;
+``sealtorch.load``; and raw AES-256-GCM ``decrypt_into`` of the same chunks into one
+preallocated buffer with the same thread count (the calling thread plus ``threads - 1`` pool
+threads taking chunks from one iterator, as the loader does).
+
+The machine may be shared, so every method runs ``--repeat`` times, interleaved round by round
+(the order rotates each round, so no method always follows the same one), and the report gives
+each method's median, min and max. Ratios come from the medians: ``sealed_over_plain`` =
+load_into / safetensors time (target <= 1.10 on ResNet-50) and ``sealed_over_raw_aes`` = sealed
+throughput / raw AES throughput (target >= 0.85); ``paired_ratios`` gives the median of the
+per-round ratios as a cross-check. The 1-minute load average at the start and the end says how
+busy the machine was.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,15 +47,8 @@ def _synthetic(size_mb: int) -> Any:
     return m
 
 
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        gc.collect()
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-        del out
-    return best
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
 
 
 def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dict[str, Any]:
@@ -63,6 +65,7 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
     from sealtorch.format.header import TAG_BYTES
     from sealtorch.format.writer import chunk_aad, chunk_nonce
 
+    load_start = os.getloadavg()[0]
     if threads is not None:  # explicit: everyone gets the same count
         torch.set_num_threads(threads)
     nthreads = threads or reader.default_threads()  # sealtorch's own default otherwise
@@ -114,14 +117,19 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
                 dest.data[i * cs : i * cs + n],
             )
 
-        pool = ThreadPoolExecutor(nthreads) if nthreads > 1 else None
+        pool = ThreadPoolExecutor(nthreads - 1) if nthreads > 1 else None
 
         def raw_aes() -> None:
-            if pool is None:
-                for i in range(h.chunk_count):
+            work = iter(range(h.chunk_count))
+
+            def drain() -> None:
+                for i in work:  # threads share one iterator, like the loader
                     one(i)
-            else:
-                list(pool.map(one, range(h.chunk_count)))
+
+            futures = [pool.submit(drain) for _ in range(nthreads - 1)] if pool else []
+            drain()
+            for f in futures:
+                f.result()
 
         phases: dict[str, Callable[[], object]] = {
             "plain_safetensors": plain_safetensors,
@@ -132,13 +140,24 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
         }
         for fn in phases.values():  # warm-up: first-touch allocations, thread start-up
             fn()
-        times = {name: float("inf") for name in phases}
-        for _ in range(repeat):  # interleaved, so machine noise hits every phase alike
-            for name, fn in phases.items():
-                times[name] = min(times[name], _best(fn, 1))
+        samples: dict[str, list[float]] = {name: [] for name in phases}
+        order = list(phases)
+        for r in range(repeat):  # interleaved, so machine noise hits every phase alike
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                gc.collect()
+                t = time.perf_counter()
+                out = phases[name]()
+                samples[name].append(time.perf_counter() - t)
+                del out
         if pool is not None:
             pool.shutdown()
         sf.close()
+    load_end = os.getloadavg()[0]
+    times = {k: _median(v) for k, v in samples.items()}
+    sealed, plain = samples["sealed_load_into"], samples["plain_safetensors"]
+    raw = samples["raw_aes_decrypt_into"]
+    paired_plain = _median([s / p for s, p in zip(sealed, plain, strict=True)])
+    paired_aes = _median([a / s for a, s in zip(raw, sealed, strict=True)])
     gb = nbytes / 1e9
     return {
         "model": model,
@@ -149,10 +168,19 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
         "repeat": repeat,
         "cryptography": cryptography.__version__,
         "torch": torch.__version__,
+        "cpus": reader._cpus(),
+        "loadavg_start": round(load_start, 2),
+        "loadavg_end": round(load_end, 2),
         "times_s": {k: round(v, 6) for k, v in times.items()},
+        "times_min_s": {k: round(min(v), 6) for k, v in samples.items()},
+        "times_max_s": {k: round(max(v), 6) for k, v in samples.items()},
         "throughput_gb_s": {k: round(gb / v, 3) for k, v in times.items()},
         "sealed_over_plain": round(times["sealed_load_into"] / times["plain_safetensors"], 4),
         "sealed_over_raw_aes": round(times["raw_aes_decrypt_into"] / times["sealed_load_into"], 4),
+        "paired_ratios": {
+            "sealed_over_plain": round(paired_plain, 4),
+            "sealed_over_raw_aes": round(paired_aes, 4),
+        },
     }
 
 
@@ -160,7 +188,9 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
 @click.option("--model", type=click.Choice(["resnet50", "synthetic"]), default="resnet50")
 @click.option("--size-mb", type=int, default=1024, show_default=True, help="synthetic only")
 @click.option("--threads", type=int, default=None, help="default: one per CPU")
-@click.option("--repeat", type=int, default=5, show_default=True, help="best of N")
+@click.option(
+    "--repeat", type=int, default=9, show_default=True, help="rounds; medians are reported"
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def command(model: str, size_mb: int, threads: int | None, repeat: int, as_json: bool) -> None:
     """Sealed load time vs plain safetensors/torch.load and raw AES-GCM (one run)."""
@@ -172,9 +202,20 @@ def command(model: str, size_mb: int, threads: int | None, repeat: int, as_json:
         return
     click.echo(
         f"{result['model']}: {result['bytes'] / 1e6:.1f} MB, {result['threads']} decrypt "
-        f"thread(s), {result['torch_threads']} torch thread(s), best of {result['repeat']}"
+        f"thread(s), {result['torch_threads']} torch thread(s), median of {result['repeat']} "
+        f"interleaved rounds; load average {result['loadavg_start']} -> {result['loadavg_end']} "
+        f"on {result['cpus']} CPU(s)"
     )
     for k, v in result["times_s"].items():
-        click.echo(f"  {k:<22} {v * 1e3:9.2f} ms  {result['throughput_gb_s'][k]:7.2f} GB/s")
+        lo, hi = result["times_min_s"][k], result["times_max_s"][k]
+        click.echo(
+            f"  {k:<22} {v * 1e3:9.2f} ms  {result['throughput_gb_s'][k]:7.2f} GB/s  "
+            f"(min {lo * 1e3:.2f}, max {hi * 1e3:.2f})"
+        )
     click.echo(f"  sealed_over_plain    {result['sealed_over_plain']:.3f}   (target <= 1.10)")
     click.echo(f"  sealed_over_raw_aes  {result['sealed_over_raw_aes']:.3f}   (target >= 0.85)")
+    pr = result["paired_ratios"]
+    click.echo(
+        f"  per-round medians: sealed_over_plain {pr['sealed_over_plain']:.3f}, "
+        f"sealed_over_raw_aes {pr['sealed_over_raw_aes']:.3f}"
+    )

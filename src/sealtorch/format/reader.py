@@ -406,7 +406,7 @@ class SealedFile:
             if pos < start + n:
                 pieces.append((pos, start + n, None))
             run: list[tuple[int, int, _Region | None]] = []
-            used_lo, used_hi = n, 0
+            used = 0  # scratch[:used] held plaintext and is wiped below
             try:
                 for k, (a, b, r) in enumerate(pieces):
                     if r is not None and b - a >= _DIRECT_MIN:
@@ -417,17 +417,17 @@ class SealedFile:
                         na, nb, nr = pieces[k + 1]
                         if nr is None or nb - na < _DIRECT_MIN:
                             continue  # the next piece joins this run
-                    lo, hi = run[0][0] - start, b - start
-                    dec.update_into(ct[lo:hi], scratch[lo:hi])
-                    used_lo, used_hi = min(used_lo, lo), max(used_hi, hi)
+                    lo = run[0][0]
+                    used = max(used, b - lo)
+                    dec.update_into(ct[lo - start : b - start], scratch[: b - lo])
                     for ra, rb, rr in run:
                         if rr is not None:
-                            rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - start : rb - start]
+                            rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - lo : rb - lo]
                     run.clear()
                 dec.finalize()
             finally:
-                if used_hi > used_lo:
-                    wipe(scratch[used_lo:used_hi])
+                if used:
+                    wipe(scratch[:used])
             for r in regs:
                 if r.copies:
                     a, b = max(r.start, start) - r.start, min(r.end, start + n) - r.start
