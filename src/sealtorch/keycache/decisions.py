@@ -22,6 +22,8 @@ DECISION_LOGGER = "sealtorch.keycache.decisions"
 RING_SIZE = 100
 MAX_REASONS = 16
 MAX_REASON_LEN = 300
+#: bytes of recent decisions in a status answer (a local frame is at most 64 KiB)
+STATUS_BUDGET = 24 * 1024
 
 log = logging.getLogger(DECISION_LOGGER)
 
@@ -100,7 +102,18 @@ class DecisionLog:
             return [dict(e) for e in self._ring]
 
     def summary(self) -> dict[str, Any]:
-        """Counts since start and the recent ring (what ``status`` shows)."""
+        """Counts since start and the newest decisions that fit :data:`STATUS_BUDGET` bytes
+        (what ``status`` shows: the answer must fit one local frame even after a flood of
+        denials with long reasons); ``omitted`` says how many older ones were left out."""
         with self._lock:
             counts = {"allow": self.allowed, "deny": self.denied}
-        return {"counts": counts, "recent": self.recent()}
+        entries = self.recent()
+        kept: list[dict[str, Any]] = []
+        used = 0
+        for entry in reversed(entries):
+            used += len(json.dumps(entry, sort_keys=True, separators=(",", ":")))
+            if used > STATUS_BUDGET:
+                break
+            kept.append(entry)
+        kept.reverse()
+        return {"counts": counts, "recent": kept, "omitted": len(entries) - len(kept)}
