@@ -139,3 +139,31 @@ def test_error_messages_do_not_echo_input() -> None:
     with pytest.raises(ProtocolError) as ei:
         b64d(secret, field="f", max_len=64)
     assert secret not in str(ei.value)
+
+
+def test_sign_grant_digest_matches_separate_sign_and_digest() -> None:
+    import os as _os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sealtorch.protocol.grant import Grant, sign_grant, sign_grant_digest
+    from sealtorch.protocol.signing import key_id
+
+    sk = Ed25519PrivateKey.generate()
+    g = Grant("t", "m", 1, _os.urandom(32), _os.urandom(32), 32, "00" * 32, "ab" * 16,
+              {"version": 1, "caches": []}, 1, 300, 0, 0, key_id(sk))
+    doc, digest = sign_grant_digest(sk, g)
+    assert doc == sign_grant(sk, g)  # Ed25519 signatures are deterministic
+    assert digest == g.digest()
+
+
+def test_seal_accepts_a_checked_key_object() -> None:
+    from sealtorch.protocol import hpke
+    from sealtorch.protocol.messages import ReleaseRequest
+
+    sk, pk = hpke.generate_keypair()
+    req = ReleaseRequest.from_json({"evidence": {"tee": "sim"}, "public_key": b64e(pk),
+                                    "nonce": b64e(b"n" * 32), "models": ["a"]})
+    assert req.checked_key is not None and req.public_key == pk
+    sealed = hpke.seal(b"k" * 32, req.recipient(), b"info")
+    assert bytes(hpke.open(sealed, sk, b"info")) == b"k" * 32

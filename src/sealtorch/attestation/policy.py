@@ -224,6 +224,9 @@ class ModelPolicy:
     factories: tuple[str, ...] = ()
     lease_seconds: int = 3600
     max_releases_per_lease: int = 1000
+    #: dkeyserver admits a cache whose evidence matches ``caches`` without ``cache approve``
+    #: (``cache revoke`` still keeps it out); off by default
+    admit_caches: bool = False
 
     def __post_init__(self) -> None:
         for name in ("caches", "runtimes", "factories"):
@@ -234,6 +237,8 @@ class ModelPolicy:
         _int(self.version, "version", 1, 2**53)
         _int(self.lease_seconds, "lease_seconds", 1, MAX_LEASE_SECONDS)
         _int(self.max_releases_per_lease, "max_releases_per_lease", 1, 2**31)
+        if not isinstance(self.admit_caches, bool):
+            raise PolicyError("admit_caches: expected true or false")
         if len(self.caches) + len(self.runtimes) > MAX_IDENTITIES:
             raise PolicyError(f"a policy may name at most {MAX_IDENTITIES} identities")
         for f in self.factories:
@@ -246,7 +251,7 @@ class ModelPolicy:
         if not isinstance(obj, dict):
             raise PolicyError("a policy must be a table/object")
         allowed = {"format", "version", "caches", "runtimes", "factories", "lease_seconds",
-                   "max_releases_per_lease"}
+                   "max_releases_per_lease", "admit_caches"}
         extra = set(obj) - allowed
         if extra:
             raise PolicyError(f"unknown policy fields: {', '.join(sorted(extra))}")
@@ -273,6 +278,10 @@ class ModelPolicy:
         for k in ("lease_seconds", "max_releases_per_lease"):
             if k in obj:
                 kw[k] = obj[k]
+        if "admit_caches" in obj:
+            if not isinstance(obj["admit_caches"], bool):
+                raise PolicyError("admit_caches: expected true or false")
+            kw["admit_caches"] = obj["admit_caches"]
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,6 +294,8 @@ class ModelPolicy:
             "factories": list(self.factories),
             "caches": [i.to_dict() for i in self.caches],
             "runtimes": [i.to_dict() for i in self.runtimes],
+            # only when set, so policies without it keep their canonical bytes
+            **({"admit_caches": True} if self.admit_caches else {}),
         }
 
     def canonical(self) -> bytes:

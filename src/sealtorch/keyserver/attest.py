@@ -99,12 +99,8 @@ def parse_policy(doc: dict[str, Any]) -> tuple[Any, int]:
 _BY_TEXT: dict[str, Any] = {}
 
 
-def evaluate(doc: dict[str, Any], claims: Any, config: ServerConfig, *, text: str | None = None
-             ) -> tuple[bool, list[str], int]:
-    """(allowed, reasons, lease_seconds) of ``claims`` against the policy's cache allow-list.
-
-    ``text`` is the stored canonical JSON of ``doc`` (already MAC-checked): parsed policies
-    are memoised by it, which skips re-encoding ``doc`` on every release."""
+def _policy(doc: dict[str, Any], text: str | None) -> Any:
+    """The parsed policy, memoised by its stored canonical text when given."""
     pol = _BY_TEXT.get(text) if text is not None else None
     if pol is None:
         pol, _ = parse_policy(doc)
@@ -112,6 +108,21 @@ def evaluate(doc: dict[str, Any], claims: Any, config: ServerConfig, *, text: st
             if len(_BY_TEXT) > 4096:
                 _BY_TEXT.clear()
             _BY_TEXT[text] = pol
+    return pol
+
+
+def admits_caches(doc: dict[str, Any], *, text: str | None = None) -> bool:
+    """Whether the policy admits matching caches without ``cache approve``."""
+    return bool(getattr(_policy(doc, text), "admit_caches", False))
+
+
+def evaluate(doc: dict[str, Any], claims: Any, config: ServerConfig, *, text: str | None = None
+             ) -> tuple[bool, list[str], int]:
+    """(allowed, reasons, lease_seconds) of ``claims`` against the policy's cache allow-list.
+
+    ``text`` is the stored canonical JSON of ``doc`` (already MAC-checked): parsed policies
+    are memoised by it, which skips re-encoding ``doc`` on every release."""
+    pol = _policy(doc, text)
     decision = pol.evaluate_cache(claims)
     lease = int(getattr(pol, "lease_seconds", None) or config.lease_seconds)
     return bool(decision.allowed), [str(r) for r in decision.reasons], lease

@@ -35,7 +35,7 @@ from sealtorch.protocol.grant import (
     ModelStatus,
     Status,
     sign_audit_head,
-    sign_grant,
+    sign_grant_digest,
     sign_status,
 )
 from sealtorch.protocol.messages import ReleaseRequest, StatusRequest
@@ -183,9 +183,11 @@ class KeyServer:
         pending, denials, decisions, seq, head, state = await self._write(
             lambda conn: self._decide(conn, req, claims, ident, cache_id, ev_digest, now))
         # the decision is committed; signing and sealing happen outside the write transaction
-        grants = [{"grant": sign_grant(self.signing_key, g),
-                   "sealed_key": b64e(hpke.seal(key, req.recipient(), g.digest()))}
-                  for g, key in pending]
+        grants = []
+        for g, key in pending:
+            doc, digest = sign_grant_digest(self.signing_key, g)
+            grants.append({"grant": doc,
+                           "sealed_key": b64e(hpke.seal(key, req.recipient(), digest))})
         log.info("release decision", extra={"fields": {
             "cache_id": cache_id, "tee": ident.tee, "grants": len(grants),
             "denials": sorted({d["code"] for d in denials}), "audit_seq": seq}})
@@ -214,10 +216,12 @@ class KeyServer:
             if code is None:
                 pending.extend(made)
                 decisions.append("release")
+                details: dict[str, Any] = {"key_versions": [g.key_version for g, _ in made],
+                                           "evidence": ev_digest}
+                if reason:
+                    details["admitted_by"] = reason
                 audit_rows.append({"tenant": tenant, "model_id": mid, "decision": "release",
-                                   "code": "granted", "details": {
-                                       "key_versions": [g.key_version for g, _ in made],
-                                       "evidence": ev_digest}})
+                                   "code": "granted", "details": details})
             elif explicit:  # never list (or audit per model) models the caller did not name
                 denials.append({"model_id": mid, "code": code})
                 decisions.append(code)
@@ -244,18 +248,30 @@ class KeyServer:
         tenant, model_state, approval, policy_version, policy_text, policy_mac = row
         if approval == "revoked":
             return REVOKED, "cache revoked by tenant", tenant, []
-        if approval != "approved" and not self.config.auto_approve:
-            return NOT_APPROVED, "cache not approved by this model's tenant", tenant, []
+        admitted = approval == "approved" or self.config.auto_approve
+        by_policy = not admitted
+        policy_doc: dict[str, Any] | None = None
+        if not admitted:  # a policy may admit caches that match it (admit_caches = true)
+            try:
+                if policy_text is not None:
+                    policy_doc = self.store.checked_policy(tenant, mid, policy_version,
+                                                           policy_text, policy_mac)
+                    admitted = attest.admits_caches(policy_doc, text=policy_text)
+            except (TamperError, SealtorchError):
+                admitted = False  # an unreadable policy admits nobody (denied below if used)
+            if not admitted:
+                return NOT_APPROVED, "cache not approved by this model's tenant", tenant, []
         if model_state != "active":
             return REVOKED, "model revoked", tenant, []
         if policy_text is None:
             return DENIED, "model has no policy", tenant, []
-        try:
-            policy_doc = self.store.checked_policy(tenant, mid, policy_version, policy_text,
-                                                   policy_mac)
-        except TamperError as e:
-            log.error("tamper detected: %s", e)
-            return DENIED, f"tampered: {e}", tenant, []
+        if policy_doc is None:
+            try:
+                policy_doc = self.store.checked_policy(tenant, mid, policy_version, policy_text,
+                                                       policy_mac)
+            except TamperError as e:
+                log.error("tamper detected: %s", e)
+                return DENIED, f"tampered: {e}", tenant, []
         try:
             allowed, reasons, lease = attest.evaluate(policy_doc, claims, self.config,
                                                       text=policy_text)
@@ -276,7 +292,8 @@ class KeyServer:
                        policy_version=int(policy_version), lease_seconds=lease,
                        revocation_epoch=epoch, issued_at=now, server_key_id=self.server_key_id),
                  key) for kv, key in keys]
-        return None, "", tenant, made
+        # on a grant, the "reason" names how the cache was admitted when not by approval
+        return None, "policy" if by_policy else "", tenant, made
 
     def _state_from(self, states: set[str]) -> str:
         """The cache's summary state from every tenant's approval of it."""

@@ -523,12 +523,15 @@ class Store:
             seq, prev = batch.audit
         else:
             seq, prev = self._lock_state(conn, batch)
-        entry = {"seq": seq + 1, "ts": _now(), "tenant": tenant, "actor": actor[:128],
-                 "action": action, "model_id": model_id, "cache_id": cache_id,
-                 "decision": decision, "code": code,
-                 "details": canonical_json(details if details is not None else {}).decode(),
-                 "prev_hash": prev}
-        entry["hash"] = audit_chain.entry_hash(entry)
+        new_seq = seq + 1
+        entry: dict[str, Any] = {
+            "seq": new_seq, "ts": _now(), "tenant": tenant, "actor": actor[:128],
+            "action": action, "model_id": model_id, "cache_id": cache_id,
+            "decision": decision, "code": code,
+            "details": canonical_json(details if details is not None else {}).decode(),
+            "prev_hash": prev}
+        new_hash = audit_chain.entry_hash(entry)
+        entry["hash"] = new_hash
         cur = self._cursor(conn)
         cur.execute(self._sql(
             "INSERT INTO audit_log (seq, ts, tenant, actor, action, model_id, cache_id, decision,"
@@ -536,10 +539,10 @@ class Store:
             (entry["seq"], entry["ts"], tenant, entry["actor"], action, model_id, cache_id,
              decision, code, entry["details"], prev, entry["hash"]))
         if batch is not None:
-            batch.audit = (entry["seq"], entry["hash"])
+            batch.audit = (new_seq, new_hash)
         else:
-            self._write_audit_head(conn, entry["seq"], entry["hash"])
-        return entry["seq"], entry["hash"]
+            self._write_audit_head(conn, new_seq, new_hash)
+        return new_seq, new_hash
 
     # --- raw DBAPI helpers for the release hot path ------------------------------------------
     def _sql(self, text: str) -> str:

@@ -30,6 +30,7 @@ from sealtorch.protocol.signing import (
     load_public_key,
     raw_public_key,
     sign_document,
+    sign_document_digest,
     verify_document,
 )
 
@@ -144,6 +145,12 @@ _EMPTY: dict[str, Any] = {
 def sign_grant(signing_key: Ed25519PrivateKey, grant: Grant) -> dict[str, Any]:
     """The signed grant document ``{"body", "signature"}``."""
     return sign_document(signing_key, KIND_GRANT, grant.body())
+
+
+def sign_grant_digest(signing_key: Ed25519PrivateKey, grant: Grant
+                      ) -> tuple[dict[str, Any], bytes]:
+    """The signed grant document and :meth:`Grant.digest`, encoding the body once."""
+    return sign_document_digest(signing_key, KIND_GRANT, grant.body())
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,17 @@ def sign_document(
     return {"body": body, "signature": b64e(private_key.sign(_message(kind, body)))}
 
 
+def sign_document_digest(
+    private_key: Ed25519PrivateKey, kind: str, body: dict[str, Any]
+) -> tuple[dict[str, Any], bytes]:
+    """:func:`sign_document` plus :func:`body_digest` of the same body, encoding it once."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown document kind {kind!r}")
+    canon = canonical_json(body)
+    sig = private_key.sign(b"sealtorch/v1 " + kind.encode("ascii") + b"\x00" + canon)
+    return {"body": body, "signature": b64e(sig)}, hashlib.sha256(canon).digest()
+
+
 def verify_document(
     public_key: Ed25519PublicKey, kind: str, doc: object
 ) -> dict[str, Any]:

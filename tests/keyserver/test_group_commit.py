@@ -1,0 +1,141 @@
+"""Group commit: concurrent nonce burns, decisions and audit entries share transactions, each
+answer waits for its own committed batch, one failing operation never fails or commits on
+behalf of its neighbours, and the audit chain stays intact under concurrent releases."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from tests.keyserver.conftest import SimCache
+from tests.servers import sim_policy, start_keyserver
+
+from sealtorch.attestation import sim
+from sealtorch.errors import ReleaseDenied
+from sealtorch.keyserver.audit import verify_chain
+from sealtorch.keyserver.kek import FileKek
+from sealtorch.keyserver.store import Store
+
+MEAS = sim.measure("dkeycache")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    FileKek.create(tmp_path / "kek.bin")
+    st = Store(f"sqlite:///{tmp_path / 'ks.db'}", FileKek(tmp_path / "kek.bin"))
+    st.migrate()
+    yield st
+    st.close()
+
+
+def _count(st: Store, table: str) -> int:
+    with st.engine.connect() as c:
+        return int(c.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def test_concurrent_burns_accept_each_nonce_once(store: Store) -> None:
+    nonces = [os.urandom(32) for _ in range(20)]
+    attempts = nonces * 3  # every nonce offered three times, concurrently
+    committer = store.committer()
+
+    def burn(n: bytes) -> bool:
+        return committer.run(lambda conn: store.burn_nonce_in(conn, n, 2**40))
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(burn, attempts))
+    fresh = [n for n, ok in zip(attempts, results, strict=True) if ok]
+    assert sorted(fresh) == sorted(nonces)  # each accepted exactly once
+    assert _count(store, "consumed_nonces") == len(nonces)
+
+
+def test_a_failing_operation_is_isolated_from_its_batch(store: Store) -> None:
+    committer = store.committer()
+    gate = threading.Event()
+    first = committer.submit(lambda conn: gate.wait(30))  # holds the writer: the rest queue up
+    a, b = os.urandom(32), os.urandom(32)
+
+    def boom(conn: Any) -> None:
+        store.append_audit(conn, actor="t", action="x", decision="deny", code="c")
+        raise ValueError("operation failed")
+
+    fa = committer.submit(lambda conn: store.burn_nonce_in(conn, a, 2**40))
+    fbad = committer.submit(boom)
+    fb = committer.submit(lambda conn: store.append_audit(
+        conn, actor="t", action="y", decision="admin", code="ok"))
+    fc = committer.submit(lambda conn: store.burn_nonce_in(conn, b, 2**40))
+    gate.set()
+    assert first.result(30) is True
+    assert fa.result(30) is True and fc.result(30) is True
+    with pytest.raises(ValueError):
+        fbad.result(30)
+    seq, head = fb.result(30)
+    # the neighbours committed; the failed operation left nothing behind
+    assert _count(store, "consumed_nonces") == 2
+    rows = store.audit_rows()
+    assert [r["action"] for r in rows] == ["y"]
+    assert store.audit_head() == (seq, head) == (1, rows[0]["hash"])
+    assert verify_chain(rows, head_seq=seq, head_hash=head) == []
+
+
+def test_batched_audit_entries_chain_and_head(store: Store) -> None:
+    committer = store.committer()
+
+    def append(i: int) -> tuple[int, str]:
+        return committer.run(lambda conn: store.append_audit(
+            conn, actor=f"a{i}", action="release", decision="release", code="granted"))
+
+    with ThreadPoolExecutor(16) as pool:
+        heads = list(pool.map(append, range(64)))
+    rows = store.audit_rows()
+    assert len(rows) == 64 and sorted(s for s, _ in heads) == list(range(1, 65))
+    assert store.audit_head() == (64, rows[-1]["hash"])
+    assert verify_chain(rows, head_seq=64, head_hash=rows[-1]["hash"]) == []
+
+
+def _concurrent_releases(tmp_path: Path, db_url: str | None) -> None:
+    ks = start_keyserver(tmp_path, db_url=db_url, auto_approve=True)
+    try:
+        cache = SimCache(ks.sim_platform(), MEAS)
+        key = os.urandom(32)
+        ks.add_model("m", key)
+        ks.set_policy("m", sim_policy(MEAS))
+        start = ks.admin("GET", "/v1/admin/audit?limit=1000")["entries"]
+
+        def one(_: int) -> tuple[Any, ...]:
+            with ks.client() as client:
+                ev, sk, pk, n = cache.request(client)
+                res = client.release(ev, pk, n, ["m"], private_key=sk)
+                return res, ev, pk, n
+
+        with ThreadPoolExecutor(12) as pool:
+            done = list(pool.map(one, range(36)))
+        for res, *_ in done:
+            assert res.denials == {} and len(res.grants) == 1
+            assert res.grants[0].key is not None and res.grants[0].key.equals(key)
+        # every answer carried a distinct committed audit head
+        assert len({res.audit_head.seq for res, *_ in done}) == len(done)
+        # replaying any of them is refused: its nonce was burned
+        res, ev, pk, n = done[0]
+        with ks.client() as client, pytest.raises(ReleaseDenied) as ei:
+            client.release(ev, pk, n, ["m"])
+        assert ei.value.denial == "nonce_invalid"
+        entries = ks.admin("GET", "/v1/admin/audit?limit=1000")["entries"]
+        granted = [e for e in entries[len(start):] if e["code"] == "granted"]
+        assert len(granted) == len(done)
+        verdict = ks.admin("GET", "/v1/admin/audit/verify")
+        assert verdict["ok"] is True, verdict["problems"]
+    finally:
+        ks.stop()
+
+
+def test_concurrent_releases_sqlite(tmp_path: Path) -> None:
+    _concurrent_releases(tmp_path, None)
+
+
+def test_concurrent_releases_postgresql(tmp_path: Path, pg_url: str) -> None:
+    _concurrent_releases(tmp_path, pg_url)
