@@ -168,10 +168,10 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
         sf.close()
     load_end = os.getloadavg()[0]
     times = {k: _median(v) for k, v in samples.items()}
-    sealed, plain = samples["sealed_load_into"], samples["plain_safetensors"]
+    into, plain = samples["sealed_load_into"], samples["plain_safetensors"]
     raw = samples["raw_aes_decrypt_into"]
-    paired_plain = _median([s / p for s, p in zip(sealed, plain, strict=True)])
-    paired_aes = _median([a / s for a, s in zip(raw, sealed, strict=True)])
+    paired_plain = _median([s / p for s, p in zip(into, plain, strict=True)])
+    paired_aes = _median([a / s for a, s in zip(raw, into, strict=True)])
     gb = nbytes / 1e9
     return {
         "model": model,

@@ -397,22 +397,24 @@ class SealedFile:
             dec.authenticate_additional_data(aad)
             pieces: list[tuple[int, int, _Region | None]] = []
             pos = start
-            for r in regs:
-                a, b = max(r.start, start), min(r.end, start + n)
+            for reg in regs:
+                a, b = max(reg.start, start), min(reg.end, start + n)
                 if a > pos:  # bytes no destination wants (padding, other tensors)
                     pieces.append((pos, a, None))
-                pieces.append((a, b, r))
+                pieces.append((a, b, reg))
                 pos = b
             if pos < start + n:
                 pieces.append((pos, start + n, None))
             run: list[tuple[int, int, _Region | None]] = []
             used = 0  # scratch[:used] held plaintext and is wiped below
             try:
-                for k, (a, b, r) in enumerate(pieces):
-                    if r is not None and b - a >= _DIRECT_MIN:
-                        dec.update_into(ct[a - start : b - start], r.arr[a - r.start : b - r.start])
+                for k, (a, b, dst) in enumerate(pieces):
+                    if dst is not None and b - a >= _DIRECT_MIN:
+                        dec.update_into(
+                            ct[a - start : b - start], dst.arr[a - dst.start : b - dst.start]
+                        )
                         continue
-                    run.append((a, b, r))
+                    run.append((a, b, dst))
                     if k + 1 < len(pieces):
                         na, nb, nr = pieces[k + 1]
                         if nr is None or nb - na < _DIRECT_MIN:
@@ -428,11 +430,11 @@ class SealedFile:
             finally:
                 if used:
                     wipe(scratch[:used])
-            for r in regs:
-                if r.copies:
-                    a, b = max(r.start, start) - r.start, min(r.end, start + n) - r.start
-                    for c in r.copies:
-                        c[a:b] = r.arr[a:b]
+            for reg in regs:
+                if reg.copies:
+                    a, b = max(reg.start, start) - reg.start, min(reg.end, start + n) - reg.start
+                    for c in reg.copies:
+                        c[a:b] = reg.arr[a:b]
 
         def worker() -> None:
             aead = AESGCM(key)
@@ -553,10 +555,10 @@ class SealedFile:
         for name, t in state.items():  # one pass, ~2 µs per tensor (ResNet-50 has 320)
             e = entries.get(name)
             if e is None:
-                target = aliases.get(name)
-                if target is None:
+                stored = aliases.get(name)
+                if stored is None:
                     continue
-                e = entries[target]
+                e = entries[stored]
             if t.dtype is not _TORCH_DTYPES[e.dtype] or t.shape != e.shape:
                 raise IndexError_(
                     f"tensor {name!r}: the file holds {e.dtype}{list(e.shape)} but the module "
