@@ -158,3 +158,25 @@ def test_installed_aesgcm_lets_python_threads_run_during_decrypt_into():
         if outcomes[-1] < 0.15:
             break
     assert min(outcomes) < 0.15, outcomes
+
+
+def test_concurrent_loads_share_the_pool_correctly(sealed, mk):
+    sd, p = sealed
+    results: list[dict[str, torch.Tensor]] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(reader.load(p, key=mk, threads=2))
+        except BaseException as e:
+            errors.append(e)
+
+    ths = [threading.Thread(target=one) for _ in range(4)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    assert not errors and len(results) == 4
+    for out in results:
+        for k, v in sd.items():
+            assert same_bytes(out[k].contiguous(), v.contiguous()), k
