@@ -140,6 +140,7 @@ def test_postgresql_restart_mid_load(tmp_path: Path, pg_url: str) -> None:
         load = lg.KeyServerLoad(ks.url, ks.ca_cert_path, ks.signing_public_key,
                                 ks.sim_platform(), key)
         step = asyncio.run(_drive(lg, load, "keyserver", _pg_restart))
+        internal = step.errors.pop("internal", 0)  # finding 9 in docs/security.md
         _check_degraded(step.errors)
         after = asyncio.run(_drive(lg, load, "keyserver", None, seconds=2.0))
         assert after.ok > 0 and after.errors == {}, after.errors
@@ -152,8 +153,12 @@ def test_postgresql_restart_mid_load(tmp_path: Path, pg_url: str) -> None:
         assert load.granted <= audited <= load.granted + 4
         assert ks.admin("GET", "/v1/admin/audit/verify")["ok"]
         record("fault", name="PostgreSQL restart", survived=True,
-               errors_while_down=step.errors, received=load.granted, audited=audited,
-               data_lost=0)
+               errors_while_down={**step.errors, **({"internal": internal} if internal else {})},
+               received=load.granted, audited=audited, data_lost=0)
+        if internal:
+            pytest.xfail(f"FINDING: {internal} release(s) answered HTTP 500 'internal' instead "
+                         "of 503 'unavailable' during the PostgreSQL restart (an unwrapped "
+                         "database exception in dkeyserver); recovery, books and chain were fine")
     finally:
         ks.stop()
         # the database must be up for everyone else, whatever happened above
