@@ -2,7 +2,13 @@
 concurrent sim-TEE clients doing challenge + release; reports releases/s, p50/p99 latency and
 errors, plus the cost of one evidence verification, one HPKE seal and one grant signature,
 all measured in the same run. Durability is not relaxed: every release burns its nonce and
-commits its audit entries (SQLite synchronous=FULL) before the answer."""
+commits its audit entries (SQLite synchronous=FULL) before the answer.
+
+The load generator is a raw HTTP/1.1 keep-alive client over TLS (asyncio streams on uvloop,
+one process per 64 connections), so that it takes little of the CPU it shares with the
+server; its CPU per release is reported next to the server's (from /proc), and the release
+rate is also given as a ratio of the server's bare HTTPS request rate (``GET /healthz`` at the
+same concurrency: no database, no crypto), a release being two requests."""
 
 from __future__ import annotations
 

@@ -238,6 +238,20 @@ class Store:
         except OperationalError as e:
             raise StoreError(f"database error ({type(e.orig).__name__}); retry later") from e
 
+    @contextmanager
+    def tx_on(self, conn: Connection) -> Iterator[Connection]:
+        """One transaction on a connection the caller keeps open (the group-commit writer's:
+        no pool checkout, checkin or pre-ping round trip per batch), under the same lock."""
+        try:
+            if self._write_lock is not None:
+                with self._write_lock, self._file_lock(), conn.begin():
+                    yield conn
+            else:
+                with conn.begin():
+                    yield conn
+        except OperationalError as e:
+            raise StoreError(f"database error ({type(e.orig).__name__}); retry later") from e
+
     # --- schema ---------------------------------------------------------------------------
     def migrate(self) -> int:
         """Apply pending migrations; returns the schema version."""
@@ -720,6 +734,8 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._loop, name="dkeyserver-writer",
                                         daemon=True)
         self._closed = False
+        self._conn: Connection | None = None
+        self._last_used = 0.0
         self._thread.start()
 
     def _put(self, op: Callable[[Connection], Any], waiter: Any = None) -> Future[Any]:
@@ -758,6 +774,14 @@ class GroupCommitter:
             self._thread.join(30)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _serve(self) -> None:
         while True:
             item = self._q.get()
             if item is None:
@@ -791,9 +815,42 @@ class GroupCommitter:
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
 
+    #: a PostgreSQL connection idle for longer than this is pinged before it is used again
+    IDLE_PING_SECONDS = 1.0
+
+    def _connection(self) -> Connection:
+        """The writer's own connection, (re)opened when missing or after a database error;
+        on PostgreSQL pinged after an idle spell (a restarted server is noticed before a
+        batch is run on a dead connection, as the pool's pre-ping would)."""
+        now = time.monotonic()
+        if (self._conn is not None and not self._store.is_sqlite
+                and now - self._last_used > self.IDLE_PING_SECONDS):
+            try:
+                self._conn.exec_driver_sql("SELECT 1")
+                self._conn.rollback()
+            except Exception:
+                self._drop_connection()
+        self._last_used = now
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            try:
+                self._conn = self._store.engine.connect()
+            except OperationalError as e:
+                raise StoreError(f"database error ({type(e.orig).__name__}); retry later"
+                                 ) from e
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:  # noqa: S110 - already broken; a new one is opened next batch
+                pass
+            self._conn = None
+
     def _transaction(self, ops: list[_Item]) -> list[Any]:
         store = self._store
-        with store.tx() as conn:
+        with store.tx_on(self._connection()) as conn:
             state = _BatchState()
             conn.info[_BATCH] = state
             try:
@@ -816,6 +873,7 @@ class GroupCommitter:
             _ops.COMMIT_BATCH.observe(len(live))
             _ops.COMMIT_SECONDS.observe(time.perf_counter() - started)
         except StoreError as e:  # the database itself failed: nobody's writes committed
+            self._drop_connection()
             for it in live:
                 it[1].set_exception(e)
             return
@@ -827,6 +885,8 @@ class GroupCommitter:
                 try:
                     it[1].set_result(self._transaction([it])[0])
                 except Exception as e1:
+                    if isinstance(e1, StoreError):
+                        self._drop_connection()
                     it[1].set_exception(e1)
             return
         for it, r in zip(live, results, strict=True):
