@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sealtorch._secret import Secret
 from sealtorch.attestation import sim
 from sealtorch.attestation.attesters.sim import SimAttester
-from sealtorch.errors import GrantError, ReleaseDenied, WrongKeyError
+from sealtorch.errors import GrantError, ProtocolError, ReleaseDenied
 from sealtorch.format.header import read_header
 from sealtorch.format.keyfile import ModelKey
 from sealtorch.format.keys import derive_file_key
@@ -218,40 +218,59 @@ def _runtime(world: World, path: str) -> KeyCacheClient:
                           timeout=10)
 
 
-def test_fake_cache_cannot_hand_a_runtime_an_attacker_key(world: World, sealed_file: Path
-                                                          ) -> None:
+def test_fake_cache_cannot_hand_a_runtime_an_attacker_key(
+        world: World, sealed_file: Path, tmp_path: Path) -> None:
     header = read_header(sealed_file)
     genuine = world.release_ok().grants[0]  # a real grant, as a host could capture it
     cache_pk = genuine.grant.requester_key
     attacker_key = os.urandom(32)
     attacker_sk = Ed25519PrivateKey.generate()
     server_kid = key_id(world.ks.signing_public_key)
+    # finding 5: the host also swaps in a whole file sealed under the attacker's own key
+    swapped = tmp_path / "swapped.sealed"
+    seal({"w": torch.zeros(64, dtype=torch.float32)}, swapped,
+         ModelKey(MODEL, 1, Secret(attacker_key), "2026-01-01T00:00:00Z"), chunk_size=4096)
+    swapped_header = read_header(swapped)
+    seen_challenges: list[str] = []
 
     def wrong_key_with_genuine_grant(req: Any, rpk: bytes, nonce: bytes) -> dict[str, Any]:
+        # the fake cache cannot open the runtime's challenge (sealed to the genuine cache
+        # key): it keeps the ciphertext and guesses the secret
+        seen_challenges.append(req.get("challenge", ""))
+        h = swapped_header if req["header"] == b64e(swapped_header.raw) else header
         mk = ModelKey(MODEL, 1, Secret(attacker_key), "x")
-        fk = derive_file_key(mk.key, header)
-        sealed = hpke.seal(fk, rpk, file_key_info(genuine.grant.digest(), header.digest(),
-                                                  nonce))
+        fk = derive_file_key(mk.key, h)
+        sealed = hpke.seal(fk, rpk, file_key_info(genuine.grant.digest(), h.digest(), nonce,
+                                                  os.urandom(32)))
         return {"ok": True, "grant": genuine.document, "sealed_key": b64e(sealed)}
 
     def self_signed_grant(req: Any, rpk: bytes, nonce: bytes) -> dict[str, Any]:
         g = Grant(**{**genuine.grant.__dict__, "server_key_id": server_kid})
         return {"ok": True, "grant": sign_grant(attacker_sk, g), "sealed_key": b64e(b"x" * 64)}
 
-    cases = [("attacker_key_genuine_grant", cache_pk, server_kid, wrong_key_with_genuine_grant,
-              WrongKeyError),
-             ("self_signed_grant", cache_pk, server_kid, self_signed_grant, GrantError),
-             ("grant_for_other_cache", os.urandom(32), server_kid, wrong_key_with_genuine_grant,
-              GrantError),
-             ("other_server_key", cache_pk, "00" * 32, wrong_key_with_genuine_grant, GrantError)]
-    for name, ck, kid, answer, exc in cases:
+    no_proof = "did not prove possession of the key its grant was issued to"
+    cases = [("attacker_key_genuine_grant", header, cache_pk, server_kid,
+              wrong_key_with_genuine_grant, ProtocolError, no_proof),
+             ("attacker_key_genuine_grant_swapped_file", swapped_header, cache_pk, server_kid,
+              wrong_key_with_genuine_grant, ProtocolError, no_proof),
+             ("self_signed_grant", header, cache_pk, server_kid, self_signed_grant, GrantError,
+              "signature"),
+             ("grant_for_other_cache", header, os.urandom(32), server_kid,
+              wrong_key_with_genuine_grant, GrantError, "another key cache"),
+             ("other_server_key", header, cache_pk, "00" * 32, wrong_key_with_genuine_grant,
+              GrantError, "another key server")]
+    for name, hdr, ck, kid, answer, exc, match in cases:
         fake = FakeCache(kid, ck, answer)
         try:
-            with _runtime(world, fake.path) as rt, pytest.raises(exc) as ei:
-                rt.file_key(header)
+            with _runtime(world, fake.path) as rt, pytest.raises(exc, match=match) as ei:
+                rt.file_key(hdr)
             record("attack", name=f"fake_cache:{name}", refused=True, code=ei.value.code)
         finally:
             fake.close()
+    # the runtime did send a challenge, sealed to the genuine cache key (80 bytes), each fresh
+    assert seen_challenges and all(len(b64d(c, field="c", max_len=80)) == 80
+                                   for c in seen_challenges)
+    assert len(set(seen_challenges)) == len(seen_challenges)
 
 
 # --- 3. policy downgrade, other tenants --------------------------------------------------------

@@ -27,6 +27,7 @@ from sealtorch.keycache.client import KeyCacheClient
 from sealtorch.keycache.config import parse_config
 from sealtorch.keycache.framing import MAX_FRAME, call, recv_frame
 from sealtorch.keycache.service import start_cache
+from sealtorch.protocol import hpke
 
 from .conftest import MODEL, make_policy, runtime_attester, short_socket
 from .rogue import RogueKeyServer
@@ -177,6 +178,38 @@ def test_file_key_needs_session_and_valid_header(env: Env) -> None:
             kc.file_key(parse_header(bytes(bad)))
 
 
+def test_file_key_needs_a_challenge_the_cache_can_open(env: Env) -> None:
+    """Finding 5: the cache answers only a challenge sealed to its own key, for this file and
+    session (proof of possession of the key its grant was issued to)."""
+    from sealtorch.keycache.server import challenge_info
+    from sealtorch.protocol.b64 import b64e
+
+    header = read_header(env.path)
+    with env.client() as kc:
+        kc.connect()
+        assert kc._sock is not None and kc._nonce is not None and kc._cache_key is not None
+        base = {"op": "file_key", "model_id": MODEL, "header": b64e(header.raw)}
+        _, other_pk = hpke.generate_keypair()
+        right = challenge_info(header.digest(), kc._nonce)
+        bad = {
+            "missing": None,
+            "short": b64e(b"x" * 79),
+            "other_key": b64e(hpke.seal(os.urandom(32), other_pk, right)),
+            "other_session": b64e(hpke.seal(os.urandom(32), kc._cache_key,
+                                            challenge_info(header.digest(), os.urandom(32)))),
+        }
+        for name, ch in bad.items():
+            req = dict(base) if ch is None else {**base, "challenge": ch}
+            ans = call(kc._sock, req, timeout=5)
+            assert ans["ok"] is False and ans["error"]["code"] == "protocol_error", name
+            assert "sealed_key" not in ans
+        ans = call(kc._sock, {**base, "challenge": b64e(hpke.seal(os.urandom(32),
+                                                                   kc._cache_key, right))},
+                   timeout=5)
+        assert ans["ok"] is True and "sealed_key" in ans
+        assert kc.file_key(header).wipe() is None  # the client path still works
+
+
 def test_oversized_and_malformed_frames(env: Env) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.connect(env.sock)
@@ -227,8 +260,12 @@ def test_client_refuses_grant_for_other_cache(env: Env) -> None:
     """A grant relayed by a cache must name the cache key the runtime attested to."""
     with env.client() as kc:
         kc.connect()
-        kc._cache_key = os.urandom(32)
+        kc._cache_key = hpke.generate_keypair()[1]  # as if it had attested to another cache
         with pytest.raises(GrantError, match="another key cache"):
+            kc.grant(MODEL)
+        # file_key: the challenge is sealed to that other key, so the genuine cache cannot
+        # open it and refuses before any key is sealed (finding 5's proof of possession)
+        with pytest.raises(ProtocolError, match="challenge does not open"):
             kc.file_key(read_header(env.path))
 
 

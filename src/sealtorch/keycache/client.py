@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -33,7 +35,13 @@ from sealtorch.format.keys import check_file_key
 from sealtorch.keycache.address import connect as connect_endpoint
 from sealtorch.keycache.address import parse_endpoint
 from sealtorch.keycache.framing import call
-from sealtorch.keycache.server import LOCAL_PROTOCOL, cache_audience, file_key_info
+from sealtorch.keycache.server import (
+    CHALLENGE_LEN,
+    LOCAL_PROTOCOL,
+    cache_audience,
+    challenge_info,
+    file_key_info,
+)
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.grant import NONCE_LEN, Grant
@@ -165,13 +173,15 @@ class KeyCacheClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, req: dict[str, Any], what: str) -> dict[str, Any]:
-        """Send on the session, re-opening it once if the cache went away meanwhile."""
+    def _request(self, make: Callable[[], dict[str, Any]], what: str) -> dict[str, Any]:
+        """Send ``make()`` on the session, re-opening it once if the cache went away meanwhile
+        (the request is rebuilt then, since it may be bound to the session)."""
         with self._lock:
             for attempt in (0, 1):
                 if self._sock is None:
                     self._open_session()
                 assert self._sock is not None
+                req = make()
                 try:
                     ans = call(self._sock, req, timeout=self._timeout)
                 except ServiceUnavailableError:
@@ -212,19 +222,46 @@ class KeyCacheClient:
 
     # --- KeyProvider ---------------------------------------------------------------------
     def file_key(self, header: Header) -> Secret:
-        """The file key of the sealed file with ``header`` (checked against its commitment)."""
-        with self._lock:
-            ans = self._request(
-                {"op": "file_key", "model_id": header.model_id, "header": b64e(header.raw)},
-                f"the key of model {header.model_id!r}",
-            )
-            grant = self._verify_grant(ans.get("grant"), header.model_id)
-            if grant.key_version != header.key_version:
-                raise GrantError("the relayed grant is for another key version than the file")
-            sealed = b64d(ans.get("sealed_key"), field="sealed_key", max_len=hpke.MAX_SEALED_LEN)
-            assert self._nonce is not None
-            key = hpke.open(sealed, self._sk,
-                            file_key_info(grant.digest(), header.digest(), self._nonce))
+        """The file key of the sealed file with ``header`` (checked against its commitment).
+
+        Each request carries a fresh secret sealed to the cache key this runtime attested to;
+        the answer only opens if the cache opened it, i.e. holds the key the grant names.
+        """
+        challenges: list[Secret] = []
+
+        def make() -> dict[str, Any]:
+            assert self._cache_key is not None and self._nonce is not None
+            r = Secret(os.urandom(CHALLENGE_LEN))
+            challenges.append(r)
+            sealed_r = hpke.seal(r, self._cache_key, challenge_info(header.digest(), self._nonce))
+            return {"op": "file_key", "model_id": header.model_id, "header": b64e(header.raw),
+                    "challenge": b64e(sealed_r)}
+
+        try:
+            with self._lock:
+                ans = self._request(make, f"the key of model {header.model_id!r}")
+                grant = self._verify_grant(ans.get("grant"), header.model_id)
+                if grant.key_version != header.key_version:
+                    raise GrantError(
+                        "the relayed grant is for another key version than the file"
+                    )
+                sealed = b64d(ans.get("sealed_key"), field="sealed_key",
+                              max_len=hpke.MAX_SEALED_LEN)
+                assert self._nonce is not None
+                try:
+                    key = hpke.open(sealed, self._sk,
+                                    file_key_info(grant.digest(), header.digest(), self._nonce,
+                                                  challenges[-1]))
+                except ProtocolError as e:
+                    raise ProtocolError(
+                        "the key cache did not prove possession of the key its grant was "
+                        "issued to (its answer does not open with this request's challenge); "
+                        "refusing it: this is not the cache this runtime attested to, or the "
+                        "answer was altered"
+                    ) from e
+        finally:
+            for r in challenges:
+                r.wipe()
         if len(key) != 32:
             key.wipe()
             raise ProtocolError("key cache returned a file key of the wrong length")
@@ -238,7 +275,7 @@ class KeyCacheClient:
     def grant(self, model_id: str) -> Grant:
         """The verified grant of ``model_id`` as relayed by the cache."""
         with self._lock:
-            ans = self._request({"op": "policy", "model_id": model_id},
+            ans = self._request(lambda: {"op": "policy", "model_id": model_id},
                                 f"the policy of model {model_id!r}")
             return self._verify_grant(ans.get("grant"), model_id)
 

@@ -34,6 +34,8 @@ from sealtorch.protocol.grant import Grant
 
 log = logging.getLogger("sealtorch.keycache")
 T = TypeVar("T")
+#: length of a runtime's challenge secret (see ``keycache.server.CHALLENGE_LEN``)
+CHALLENGE_SECRET_LEN = 32
 
 
 class Upstream(Protocol):
@@ -140,6 +142,22 @@ class LeaseManager:
         self._thread: threading.Thread | None = None
 
     # --- queries -------------------------------------------------------------------------
+    def open_challenge(self, sealed: bytes, info: bytes) -> Secret:
+        """Open a runtime's challenge sealed to this cache's HPKE key (proof of possession)."""
+        try:
+            secret = hpke.open(sealed, self._sk, info)
+        except ProtocolError as e:
+            raise ProtocolError(
+                "the challenge does not open with this key cache's key for this file and "
+                "session; the runtime attested to another cache or the request was altered"
+            ) from e
+        if len(secret) != CHALLENGE_SECRET_LEN:
+            secret.wipe()
+            raise ProtocolError(
+                f"the challenge must be a {CHALLENGE_SECRET_LEN}-byte secret; update the runtime"
+            )
+        return secret
+
     def acquire(
         self,
         model_id: str,

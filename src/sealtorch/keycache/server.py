@@ -3,7 +3,9 @@
 Per connection, one session: the runtime asks for a fresh nonce (``hello``), proves itself
 (``session``: evidence bound with role ``local`` to that nonce, its ephemeral HPKE key and the
 cache's key; or, in a TDX/SNP VM, the peer's ``SO_PEERCRED`` uid), then asks for file keys
-(``file_key``: model id + raw public header). Each answer carries the server's signed grant and
+(``file_key``: model id + raw public header + a fresh secret HPKE-sealed to the cache's key,
+which the cache must open and bind into its answer: proof that it holds the key the grant was
+issued to). Each answer carries the server's signed grant and
 the file key HPKE-sealed to the session key; nothing secret crosses the socket in plaintext.
 The optional loopback TCP listener (for SGX, where Gramine's Unix sockets do not cross enclaves)
 speaks the same protocol and accepts evidence-based sessions only. Every connect/session/file-key
@@ -32,12 +34,12 @@ from sealtorch.errors import (
     ReleaseDenied,
     SealtorchError,
 )
-from sealtorch.format.header import MAX_HEADER_BYTES, parse_header
+from sealtorch.format.header import MAX_HEADER_BYTES, Header, parse_header
 from sealtorch.format.keys import check_file_key, derive_file_key
 from sealtorch.keycache.address import TcpAddress
 from sealtorch.keycache.decisions import DecisionContext, DecisionLog, runtime_identity
 from sealtorch.keycache.framing import recv_frame, send_frame
-from sealtorch.keycache.leases import Lease, LeaseManager
+from sealtorch.keycache.leases import CHALLENGE_SECRET_LEN, Lease, LeaseManager
 from sealtorch.keycache.metrics import CacheMetrics
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
@@ -47,12 +49,26 @@ log = logging.getLogger("sealtorch.keycache")
 
 LOCAL_PROTOCOL = "sealtorch-local/v1"
 FILE_KEY_INFO_LABEL = b"sealtorch/v1 local file key\x00"
+CHALLENGE_INFO_LABEL = b"sealtorch/v1 local cache challenge\x00"
+#: the runtime's fresh secret that only the holder of the cache's HPKE key can open
+CHALLENGE_LEN = CHALLENGE_SECRET_LEN
+#: HPKE ``enc`` (32) + the sealed 32-byte secret + AES-GCM tag (16)
+SEALED_CHALLENGE_LEN = 32 + CHALLENGE_LEN + 16
 MAX_EVIDENCE_FIELD = 60 * 1024
 
 
-def file_key_info(grant_digest: bytes, header_digest: bytes, session_nonce: bytes) -> bytes:
-    """HPKE ``info`` of a sealed file key: binds it to the grant, the file and the session."""
-    return FILE_KEY_INFO_LABEL + grant_digest + header_digest + session_nonce
+def file_key_info(grant_digest: bytes, header_digest: bytes, session_nonce: bytes,
+                  challenge: bytes | Secret) -> bytes:
+    """HPKE ``info`` of a sealed file key: binds it to the grant, the file, the session and the
+    runtime's challenge secret (which proves the answer comes from the holder of the cache key
+    the grant was issued to)."""
+    return FILE_KEY_INFO_LABEL + grant_digest + header_digest + session_nonce + bytes(challenge)
+
+
+def challenge_info(header_digest: bytes, session_nonce: bytes) -> bytes:
+    """HPKE ``info`` of the runtime's challenge sealed to the cache key: binds it to the file
+    and the session, so it cannot be replayed into another request context."""
+    return CHALLENGE_INFO_LABEL + header_digest + session_nonce
 
 
 def cache_audience(cache_public_key: bytes) -> bytes:
@@ -410,6 +426,20 @@ class LocalServer:
         if header.model_id != mid:
             raise ProtocolError("the header names another model id than model_id")
         ctx.key_version = header.key_version
+        sealed_ch = b64d(req.get("challenge"), field="challenge",
+                         max_len=SEALED_CHALLENGE_LEN, exact_len=SEALED_CHALLENGE_LEN)
+        challenge = self.leases.open_challenge(sealed_ch, challenge_info(header.digest(), sid))
+        try:
+            return self._release_file_key(mid, header, pk, sid, challenge, session, ctx)
+        finally:
+            challenge.wipe()
+
+    def _release_file_key(
+        self, mid: str, header: Header, pk: bytes, sid: bytes, challenge: Secret,
+        session: _Session, ctx: DecisionContext,
+    ) -> dict[str, Any]:
+        """Derive the file key of ``header`` under the model's lease and seal it to the session
+        key, bound to the runtime's (already opened) challenge."""
 
         def check(lease: Lease) -> None:
             code, reasons = self.auth.check_runtime(lease.policy, session.claims)
@@ -432,7 +462,8 @@ class LocalServer:
         assert file_key is not None
         try:
             sealed = hpke.seal(
-                file_key, pk, file_key_info(lease.grant_digest, header.digest(), sid)
+                file_key, pk,
+                file_key_info(lease.grant_digest, header.digest(), sid, challenge),
             )
         finally:
             file_key.wipe()
