@@ -213,14 +213,18 @@ def start_keyserver(
     pkcs11_env: dict[str, str] | None = None,
     init_args: list[str] | None = None,
     data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunningKeyServer:
     """``dkeyserver init`` a fresh data dir under ``tmp_path`` and start ``dkeyserver serve``.
 
     ``pkcs11_env`` (with ``kek="pkcs11"``) carries ``SOFTHSM2_CONF`` and ``SEALTORCH_PKCS11_PIN``.
     Listeners bind 127.0.0.1 on free ports. ``data_dir`` reuses an initialised directory.
+    ``env`` adds environment variables for the server (e.g. a load test's rate limit).
     """
+    extra = env
     env = dict(os.environ)
     env.update(pkcs11_env or {})
+    env.update(extra or {})
     env.pop("SEALTORCH_ADMIN_TOKEN", None)
     d = data_dir or (tmp_path / "keyserver")
     if data_dir is None:

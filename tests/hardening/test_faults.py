@@ -38,6 +38,10 @@ DEGRADED_OK = {"ConnectError", "ReadError", "RemoteProtocolError", "WriteError",
                "lease_expired", "ServiceUnavailableError"}
 
 
+#: one load generator on 127.0.0.1 is a single client to the per-client rate limit
+UNTHROTTLED = {"SEALTORCH_KS_RATE_PER_CLIENT": "1000000"}
+
+
 def _check_degraded(errors: dict[str, int]) -> None:
     bad = {k: v for k, v in errors.items() if k not in DEGRADED_OK}
     assert not bad, f"unclear errors while degraded: {bad}"
@@ -131,7 +135,7 @@ def test_postgresql_restart_mid_load(tmp_path: Path, pg_url: str) -> None:
     if not (is_root() and shutil.which("pg_ctlcluster") and Path("/etc/postgresql").is_dir()):
         require_service("root and pg_ctlcluster (PostgreSQL restart)")
     lg = loadgen()
-    ks = start_keyserver(tmp_path, db_url=pg_url, sim=True, auto_approve=True)
+    ks = start_keyserver(tmp_path, db_url=pg_url, sim=True, auto_approve=True, env=UNTHROTTLED)
     try:
         key = os.urandom(32)
         ks.add_model(lg.MODEL, key)
@@ -181,7 +185,7 @@ def test_disk_full_under_sqlite(tmp_path: Path) -> None:
     lg = loadgen()
     ks = None
     try:
-        ks = start_keyserver(tmp_path, sim=True, auto_approve=True)
+        ks = start_keyserver(tmp_path, sim=True, auto_approve=True, env=UNTHROTTLED)
         key = os.urandom(32)
         ks.add_model(lg.MODEL, key)
         ks.set_policy(lg.MODEL, sim_policy(sim.measure("loadgen")))
