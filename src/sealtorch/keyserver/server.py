@@ -45,6 +45,53 @@ def _bind(host: str, port: int) -> socket.socket:
     return s
 
 
+#: a request's headers must arrive completely within this time of the connection opening or the
+#: request's first byte; uvicorn itself bounds idle keep-alive and our app bounds the body
+HEADER_DEADLINE_S = 10.0
+
+
+def _with_header_deadline(base: type[Any]) -> type[Any]:
+    """Subclass uvicorn's httptools protocol so that a client that never finishes its request
+    headers (a slow-loris) is disconnected instead of holding a connection forever."""
+
+    class _HeaderDeadlineProtocol(base):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(HEADER_DEADLINE_S, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            transport = getattr(self, "transport", None)
+            if transport is not None and not transport.is_closing():
+                log.info("connection closed: request headers not complete within the deadline")
+                transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return _HeaderDeadlineProtocol
+
+
 def _uv_config(app: Any, cfg: ServerConfig) -> uvicorn.Config:
     c = uvicorn.Config(app, ssl_certfile=str(cfg.path(cfg.tls_cert)),
                        ssl_keyfile=str(cfg.path(cfg.tls_key)), log_config=None,
@@ -54,6 +101,11 @@ def _uv_config(app: Any, cfg: ServerConfig) -> uvicorn.Config:
                        # from a loopback peer must not pick its own rate-limit bucket
                        proxy_headers=False)
     c.load()
+    if hasattr(c.http_protocol_class, "on_headers_complete"):  # httptools (a dependency)
+        c.http_protocol_class = _with_header_deadline(c.http_protocol_class)
+    else:  # pragma: no cover - only without httptools
+        warnings.warn("httptools missing: no request-header deadline", RuntimeWarning,
+                      stacklevel=2)
     assert c.ssl is not None
     c.ssl.minimum_version = ssl.TLSVersion.TLSv1_3  # TLS 1.3 only
     return c
