@@ -28,11 +28,11 @@ Example::
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealtorch._toml import load_table
 from sealtorch.errors import ConfigError
 from sealtorch.keycache.address import TcpAddress, parse_tcp
 from sealtorch.protocol.grant import MODEL_ID_RE
@@ -82,20 +82,8 @@ def _num(d: dict[str, Any], name: str, default: float, lo: float, hi: float) -> 
 
 def parse_config(raw: bytes) -> CacheConfig:
     """Parse and validate the configuration bytes (strict: unknown fields are errors)."""
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"config file is not valid UTF-8 TOML ({type(e).__name__})") from e
-    kc = doc.get("keycache")
-    if not isinstance(kc, dict) or set(doc) != {"keycache"}:
-        raise ConfigError("config file must contain exactly one [keycache] table")
-    unknown = set(kc) - _ALLOWED
-    if unknown:
-        raise ConfigError(
-            f"unknown config field(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED)}"
-        )
+    kc = load_table(raw, table="keycache", allowed=_ALLOWED, max_bytes=MAX_CONFIG_BYTES,
+                    what="config")
     url = kc.get("keyserver_url")
     if not isinstance(url, str) or not url.startswith("https://") or len(url) > 512:
         raise ConfigError("keyserver_url must be an https:// URL (TLS 1.3 is required)")

@@ -13,10 +13,10 @@ Example::
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sealtorch._toml import load_table
 from sealtorch.errors import ConfigError
 
 MAX_CONFIG_BYTES = 16 * 1024
@@ -35,18 +35,8 @@ def parse_runtime_config(raw: bytes) -> RuntimeConfig:
     """Parse and validate runtime configuration bytes (unknown fields are errors)."""
     from sealtorch.protocol.signing import load_public_key
 
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"runtime config larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"runtime config is not valid UTF-8 TOML ({type(e).__name__})") from e
-    rt = doc.get("runtime")
-    if not isinstance(rt, dict) or set(doc) != {"runtime"}:
-        raise ConfigError("runtime config must contain exactly one [runtime] table")
-    unknown = set(rt) - _ALLOWED
-    if unknown:
-        raise ConfigError(f"unknown runtime config field(s); allowed: {sorted(_ALLOWED)}")
+    rt = load_table(raw, table="runtime", allowed=_ALLOWED, max_bytes=MAX_CONFIG_BYTES,
+                    what="runtime config")
     spk = rt.get("server_public_key")
     if not isinstance(spk, str):
         raise ConfigError("server_public_key (the pinned release-signing key) is required")
