@@ -1,7 +1,8 @@
 """Strict reading of a measured configuration file: one TOML table, known fields only.
 
 Both in-TEE roles (dkeycache and ``sealtorch serve``) read such a file; its exact bytes are part
-of their measurement, so anything unexpected is an error rather than ignored.
+of their measurement, so anything unexpected is an error rather than ignored. Both also pin the
+dkeyserver release-signing key, checked here by one rule.
 """
 
 from __future__ import annotations
@@ -28,3 +29,20 @@ def load_table(raw: bytes, *, table: str, allowed: set[str], max_bytes: int, wha
     if set(body) - allowed:
         raise ConfigError(f"unknown {what} field(s); allowed: {sorted(allowed)}")
     return body
+
+
+def pinned_server_key(body: dict[str, Any]) -> str:
+    """Return the required ``server_public_key`` of ``body`` after checking it loads as an
+    Ed25519 public key (raw base64 or PEM), so a bad pin fails at start-up, not at first grant."""
+    from sealtorch.protocol.signing import load_public_key  # cryptography: load only when used
+
+    spk = body.get("server_public_key")
+    if not isinstance(spk, str):
+        raise ConfigError("server_public_key (the pinned release-signing key) is required")
+    try:
+        load_public_key(spk)
+    except Exception as e:
+        raise ConfigError(
+            "server_public_key must be a raw Ed25519 key in base64 or a PEM public key"
+        ) from e
+    return spk

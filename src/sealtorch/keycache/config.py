@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sealtorch._toml import load_table
+from sealtorch._toml import load_table, pinned_server_key
 from sealtorch.errors import ConfigError
 from sealtorch.keycache.address import TcpAddress, parse_tcp
 from sealtorch.protocol.grant import MODEL_ID_RE
-from sealtorch.protocol.signing import load_public_key
 
 MAX_CONFIG_BYTES = 64 * 1024
 LOCAL_AUTH_MODES = ("auto", "evidence", "peercred")
@@ -87,15 +86,7 @@ def parse_config(raw: bytes) -> CacheConfig:
     url = kc.get("keyserver_url")
     if not isinstance(url, str) or not url.startswith("https://") or len(url) > 512:
         raise ConfigError("keyserver_url must be an https:// URL (TLS 1.3 is required)")
-    spk = kc.get("server_public_key")
-    if not isinstance(spk, str):
-        raise ConfigError("server_public_key (the pinned release-signing key) is required")
-    try:
-        load_public_key(spk)
-    except Exception as e:
-        raise ConfigError(
-            "server_public_key must be a raw Ed25519 key in base64 or a PEM public key"
-        ) from e
+    spk = pinned_server_key(kc)
     ca = kc.get("ca_cert")
     if ca is not None and (not isinstance(ca, str) or not ca):
         raise ConfigError("ca_cert must be a path to the key server's CA certificate")

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sealtorch._toml import load_table
+from sealtorch._toml import load_table, pinned_server_key
 from sealtorch.errors import ConfigError
 
 MAX_CONFIG_BYTES = 16 * 1024
@@ -33,20 +33,9 @@ class RuntimeConfig:
 
 def parse_runtime_config(raw: bytes) -> RuntimeConfig:
     """Parse and validate runtime configuration bytes (unknown fields are errors)."""
-    from sealtorch.protocol.signing import load_public_key
-
     rt = load_table(raw, table="runtime", allowed=_ALLOWED, max_bytes=MAX_CONFIG_BYTES,
                     what="runtime config")
-    spk = rt.get("server_public_key")
-    if not isinstance(spk, str):
-        raise ConfigError("server_public_key (the pinned release-signing key) is required")
-    try:
-        load_public_key(spk)
-    except Exception as e:
-        raise ConfigError(
-            "server_public_key must be a raw Ed25519 key in base64 or a PEM public key"
-        ) from e
-    return RuntimeConfig(server_public_key=spk, raw=bytes(raw))
+    return RuntimeConfig(server_public_key=pinned_server_key(rt), raw=bytes(raw))
 
 
 def load_runtime_config(path: str | os.PathLike[str]) -> RuntimeConfig:
