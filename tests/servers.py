@@ -14,6 +14,7 @@ Everything goes through the real HTTPS admin API (TLS 1.3, the server's own CA).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from sealtorch.runtime.world import check_starting
 
 SERVER_CMD = [sys.executable, "-c", "from sealtorch.keyserver.cli import main; main()"]
 
@@ -128,14 +131,7 @@ class RunningKeyServer:
 
     # --- lifecycle ------------------------------------------------------------------------
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return _stop_process(self.process, sig, timeout)
 
     def kill9(self) -> None:
         self.process.kill()
@@ -153,35 +149,69 @@ class RunningKeyServer:
         self.stop()
 
 
+def _child_pids(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (dkeyserver's forked release workers), read from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:  # "pid (comm) state ppid ...": comm may hold spaces, so split after ')'
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                  timeout: float = 20) -> int:
+    """Send ``sig`` and wait; past ``timeout`` kill it and the workers it forked (a killed
+    server cannot stop them itself). Returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            workers = _child_pids(proc.pid)
+            proc.kill()
+            proc.wait(5)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    return proc.returncode
+
+
 def _spawn(data_dir: Path, env: dict[str, str], log_path: Path,
            extra_args: list[str] | None = None, timeout: float = 60) -> RunningKeyServer:
+    """Start ``dkeyserver serve`` and wait until ready; if that fails in any way (Ctrl-C too)
+    the process is stopped before the error propagates, so no server outlives a failed start."""
     run_file = data_dir / "run.json"
     if run_file.exists():
         run_file.unlink()
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([*SERVER_CMD, "serve", "--data-dir", str(data_dir),
-                             *(extra_args or [])], stdout=log, stderr=log, env=env)
-    deadline = time.monotonic() + timeout
-    while not run_file.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"dkeyserver exited early:\n{log_path.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"dkeyserver did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.05)
-    ports = json.loads(run_file.read_text())
-    from cryptography.hazmat.primitives import serialization
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([*SERVER_CMD, "serve", "--data-dir", str(data_dir),
+                                 *(extra_args or [])], stdout=log, stderr=log, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not run_file.exists():
+            check_starting(proc, "dkeyserver", log_path, deadline)
+            time.sleep(0.05)
+        ports = json.loads(run_file.read_text())
+        from cryptography.hazmat.primitives import serialization
 
-    pub_file = data_dir / "signing.pub"
-    pub = serialization.load_pem_public_key(pub_file.read_bytes())
-    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    ks = RunningKeyServer(
-        url=f"https://127.0.0.1:{ports['release_port']}",
-        admin_url=f"https://127.0.0.1:{ports['admin_port']}",
-        admin_token_file=data_dir / "admin.token", ca_cert_path=data_dir / "tls" / "ca.crt",
-        signing_public_key=raw, signing_public_key_file=pub_file, data_dir=data_dir,
-        process=proc, env=env, log_path=log_path)
-    _wait_ready(ks, deadline)
+        pub_file = data_dir / "signing.pub"
+        pub = serialization.load_pem_public_key(pub_file.read_bytes())
+        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        ks = RunningKeyServer(
+            url=f"https://127.0.0.1:{ports['release_port']}",
+            admin_url=f"https://127.0.0.1:{ports['admin_port']}",
+            admin_token_file=data_dir / "admin.token", ca_cert_path=data_dir / "tls" / "ca.crt",
+            signing_public_key=raw, signing_public_key_file=pub_file, data_dir=data_dir,
+            process=proc, env=env, log_path=log_path)
+        _wait_ready(ks, deadline)
+    except BaseException:
+        _stop_process(proc, timeout=10)
+        raise
     return ks
 
 
@@ -196,8 +226,7 @@ def _wait_ready(ks: RunningKeyServer, deadline: float) -> None:
                 return
         except httpx.HTTPError:
             pass
-        if ks.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"dkeyserver not ready:\n{ks.log_path.read_text()[-3000:]}")
+        check_starting(ks.process, "dkeyserver", ks.log_path, deadline)
         time.sleep(0.05)
 
 

@@ -32,6 +32,7 @@ from sealtorch.errors import (
 from sealtorch.keyserver import attest, ops
 from sealtorch.keyserver.audit import verify_chain
 from sealtorch.keyserver.service import KeyServer, Outcome
+from sealtorch.keyserver.store import DatabaseUnavailableError, is_connection_error
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.canonical import canonical_json
@@ -51,6 +52,20 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 def _err(status: int, code: str, message: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status)
+
+
+#: the answer to any request the database could not serve (down, restarting, disk full)
+UNAVAILABLE_MESSAGE = "the key server could not complete the request"
+
+
+def _db_failed(e: BaseException) -> bool:
+    """True when ``e`` is the database failing (already mapped, or a raw driver error)."""
+    return isinstance(e, DatabaseUnavailableError) or is_connection_error(e)
+
+
+def _log_db_failure(where: str, e: BaseException) -> None:
+    log.error("database unavailable on %s", where,
+              extra={"fields": {"error": type(e).__name__}})
 
 
 #: a whole request body must arrive within this many seconds (slow-client deadline)
@@ -168,9 +183,13 @@ class _FastPost:
             status, body, close = await handler(scope, receive)
         except _ClientGoneError:
             return
-        except Exception:
-            log.exception("unexpected failure on %s", scope["path"])
-            status, body, close = 500, error_body("internal", "internal server error"), False
+        except Exception as e:
+            if _db_failed(e):  # e.g. while counting a malformed request: still the database
+                _log_db_failure(scope["path"], e)
+                status, body, close = 503, error_body("unavailable", UNAVAILABLE_MESSAGE), False
+            else:
+                log.exception("unexpected failure on %s", scope["path"])
+                status, body, close = 500, error_body("internal", "internal server error"), False
         data = _json_bytes(body)
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(data)).encode("ascii"))]
@@ -224,11 +243,17 @@ def release_app(ks: KeyServer) -> Any:
                 await run_in_threadpool(ks.store.count_anonymous, "bad_request")
                 ops.REQUESTS.labels(route, "400").inc()
                 return 400, error_body("bad_request", str(e)), False
-            except StoreError:
-                log.exception("store failure on %s", route)
+            except Exception as e:
+                # a store failure (database down, restarting or full) answers like a full disk:
+                # 503 'unavailable', with nothing released
+                if not (isinstance(e, StoreError) or is_connection_error(e)):
+                    raise
+                if _db_failed(e):
+                    _log_db_failure(route, e)
+                else:
+                    log.exception("store failure on %s", route)
                 ops.REQUESTS.labels(route, "503").inc()
-                return 503, error_body(
-                    "unavailable", "the key server could not complete the request"), False
+                return 503, error_body("unavailable", UNAVAILABLE_MESSAGE), False
             _count(route, out, started)
             return out.status, out.body, False
 
@@ -324,6 +349,11 @@ def admin_app(ks: KeyServer) -> Starlette:
                 tenant, token_id = await run_in_threadpool(store.authenticate, auth[7:].strip())
             except AuthError as e:
                 return _err(401, e.code, str(e))
+            except Exception as e:
+                if not _db_failed(e):
+                    raise
+                _log_db_failure(request.url.path, e)
+                return _err(503, "unavailable", UNAVAILABLE_MESSAGE)
             if not limiter.allow(token_id):
                 return _err(429, "rate_limited", "too many requests for this token")
             try:
@@ -336,11 +366,16 @@ def admin_app(ks: KeyServer) -> Starlette:
                 return _too_slow()
             except (ProtocolError, PolicyError) as e:
                 return _err(400, e.code, str(e))
-            except StoreError as e:
-                status = 404 if "not found" in str(e) else 409
-                return _err(status, e.code, str(e))
-            except SealtorchError as e:
-                return _err(400, e.code, str(e))
+            except Exception as e:
+                if _db_failed(e):
+                    _log_db_failure(request.url.path, e)
+                    return _err(503, "unavailable", UNAVAILABLE_MESSAGE)
+                if isinstance(e, StoreError):
+                    status = 404 if "not found" in str(e) else 409
+                    return _err(status, e.code, str(e))
+                if isinstance(e, SealtorchError):
+                    return _err(400, e.code, str(e))
+                raise
             if isinstance(result, Response):
                 return result
             return JSONResponse(result)
@@ -374,7 +409,7 @@ def admin_app(ks: KeyServer) -> Starlette:
         return {"revoked": True}
 
     def models_list(req: Request, tenant: str, tid: str, obj: dict[str, Any]) -> Any:
-        with store.engine.connect() as conn:
+        with store.read() as conn:
             return {"models": store.list_models(conn, tenant)}
 
     def model_add(req: Request, tenant: str, tid: str, obj: dict[str, Any]) -> Any:
@@ -456,7 +491,7 @@ def admin_app(ks: KeyServer) -> Starlette:
 
     def policy_show(req: Request, tenant: str, tid: str, obj: dict[str, Any]) -> Any:
         mid = _model_id(req)
-        with store.engine.connect() as conn:
+        with store.read() as conn:
             store._model(conn, tenant, mid)
             got = store.get_policy(conn, tenant, mid)
         if got is None:
@@ -471,7 +506,7 @@ def admin_app(ks: KeyServer) -> Starlette:
         return ks.policy_test(tenant, mid, ev)
 
     def caches_list(req: Request, tenant: str, tid: str, obj: dict[str, Any]) -> Any:
-        with store.engine.connect() as conn:
+        with store.read() as conn:
             return {"caches": store.list_caches(conn, tenant)}
 
     def cache_state(state: str) -> Callable[..., Any]:

@@ -57,7 +57,7 @@ def verify_mac(kek: KekProvider, data: bytes, tag: bytes) -> bool:
 def _tamper() -> TamperError:
     return TamperError(
         "a wrapped key does not open with the KEK and its tenant/model/version AAD: the database "
-        "row was swapped or edited; restore it from a trusted backup"
+        "row was swapped or edited (or the KEK changed); restore it from a trusted backup"
     )
 
 

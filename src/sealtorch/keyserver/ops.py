@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+import traceback
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -38,6 +40,15 @@ class JsonFormatter(logging.Formatter):
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             out.update(extra)
+        if record.exc_info and record.exc_info[1] is not None:
+            # the exception's type and where it was raised (its message could quote input
+            # or statement parameters, so it is left out)
+            exc = record.exc_info[1]
+            out["exc_type"] = type(exc).__name__
+            frames = traceback.extract_tb(exc.__traceback__)
+            if frames:
+                f = frames[-1]
+                out["exc_where"] = f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
         return json.dumps(out, sort_keys=True)
 
 

@@ -26,7 +26,7 @@ from sealtorch._secret import Secret
 from sealtorch.errors import SealtorchError, StoreError, TamperError
 from sealtorch.keyserver import attest
 from sealtorch.keyserver.config import ServerConfig
-from sealtorch.keyserver.store import Store
+from sealtorch.keyserver.store import DatabaseUnavailableError, Store
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64e
 from sealtorch.protocol.grant import (
@@ -172,6 +172,8 @@ class KeyServer:
                 claims = await asyncio.to_thread(self.verifier().verify, evidence)
             attest.check_binding(claims, nonce=req.nonce, public_key=req.public_key,
                                  audience=self.audience)
+        except DatabaseUnavailableError:
+            raise  # the verifier's platform list could not be read: not the evidence's fault
         except SealtorchError as e:
             return await self._deny_all(EVIDENCE_INVALID, f"{e.code}: {e}", client,
                                         evidence_digest=ev_digest)
@@ -310,7 +312,7 @@ class KeyServer:
 
         q = select(cache_approvals.c.state).where(cache_approvals.c.cache_id == cache_id)
         if conn is None:
-            with self.store.engine.connect() as c:
+            with self.store.read() as c:
                 states = {r[0] for r in c.execute(q)}
         else:
             states = {r[0] for r in conn.execute(q)}
@@ -320,7 +322,7 @@ class KeyServer:
     def status(self, req: StatusRequest) -> Outcome:
         """Revocation poll: per model active/revoked, active versions, policy version; unknown
         models look revoked (so existence is not revealed)."""
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             epoch = self.store.epoch(conn)
             mids = req.models or []
             out: dict[str, ModelStatus] = {}
@@ -363,7 +365,7 @@ class KeyServer:
     def policy_test(self, tenant: str, model_id: str, evidence_json: dict[str, Any]
                     ) -> dict[str, Any]:
         """Explain, claim by claim, whether evidence would get this model's key (no nonce)."""
-        with self.store.engine.connect() as conn:
+        with self.store.read() as conn:
             info = self.store.model_info(conn, model_id)
             if info is None or info.tenant != tenant:
                 raise StoreError("model not found for this tenant")
@@ -373,6 +375,8 @@ class KeyServer:
         try:
             evidence = attest.parse_evidence(evidence_json)
             claims = self.verifier().verify(evidence)
+        except DatabaseUnavailableError:
+            raise
         except SealtorchError as e:
             return {"allowed": False, "reasons": [f"evidence rejected ({e.code}): {e}"]}
         allowed, reasons, lease = attest.evaluate(got[0], claims, self.config)

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +39,9 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from sealtorch._secret import Secret
 from sealtorch.errors import AuthError, ConfigError, StoreError, TamperError
@@ -152,6 +154,62 @@ def _now() -> int:
     return int(time.time())
 
 
+class DatabaseUnavailableError(StoreError):
+    """The database could not be reached or dropped the connection mid-request (restart,
+    failover, full disk): nothing was decided or released; the request may be retried."""
+
+    code = "unavailable"
+
+
+def _dbapi_connection_errors() -> tuple[type[BaseException], ...]:
+    """The PEP 249 connection-level error classes of the drivers we use directly (the release
+    hot path runs plain DBAPI statements, whose errors SQLAlchemy never sees)."""
+    out: list[type[BaseException]] = [sqlite3.OperationalError, sqlite3.InterfaceError]
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - PostgreSQL support not installed
+        pass
+    else:
+        out += [psycopg.OperationalError, psycopg.InterfaceError]
+    return tuple(out)
+
+
+_DBAPI_CONNECTION_ERRORS = _dbapi_connection_errors()
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """True when ``e`` says the database (not the request) failed: it is unreachable, dropped
+    the connection, shut down, or cannot write (PEP 249 OperationalError/InterfaceError, a
+    pool timeout, or any error after which SQLAlchemy invalidated the connection)."""
+    if isinstance(e, sa_exc.DBAPIError):
+        return bool(e.connection_invalidated) or isinstance(
+            e, sa_exc.OperationalError | sa_exc.InterfaceError)
+    return isinstance(e, (sa_exc.DisconnectionError, sa_exc.TimeoutError,
+                          *_DBAPI_CONNECTION_ERRORS))
+
+
+def unavailable(e: BaseException) -> DatabaseUnavailableError:
+    """The one error a request sees for a connection-level database failure (its type only:
+    a driver message can quote statement parameters)."""
+    orig = e.orig if isinstance(e, sa_exc.DBAPIError) and e.orig is not None else e
+    return DatabaseUnavailableError(
+        f"database unavailable ({type(orig).__name__}); retry later")
+
+
+@contextmanager
+def db_errors() -> Iterator[None]:
+    """Turn connection-level database failures raised inside into
+    :class:`DatabaseUnavailableError`; everything else passes through unchanged."""
+    try:
+        yield
+    except DatabaseUnavailableError:
+        raise
+    except Exception as e:
+        if is_connection_error(e):
+            raise unavailable(e) from e
+        raise
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
 
@@ -227,35 +285,40 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:
-        """One transaction; retried by callers only where documented."""
-        try:
+        """One transaction; a connection-level failure inside it (also of a plain DBAPI
+        statement) raises :class:`DatabaseUnavailableError`. Retried by callers only where
+        documented."""
+        with db_errors():
             if self._write_lock is not None:
                 with self._write_lock, self._file_lock(), self.engine.begin() as conn:
                     yield conn
             else:
                 with self.engine.begin() as conn:
                     yield conn
-        except OperationalError as e:
-            raise StoreError(f"database error ({type(e.orig).__name__}); retry later") from e
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A pooled connection for reads outside a write transaction; connection-level
+        failures raise :class:`DatabaseUnavailableError`."""
+        with db_errors(), self.engine.connect() as conn:
+            yield conn
 
     @contextmanager
     def tx_on(self, conn: Connection) -> Iterator[Connection]:
         """One transaction on a connection the caller keeps open (the group-commit writer's:
         no pool checkout, checkin or pre-ping round trip per batch), under the same lock."""
-        try:
+        with db_errors():
             if self._write_lock is not None:
                 with self._write_lock, self._file_lock(), conn.begin():
                     yield conn
             else:
                 with conn.begin():
                     yield conn
-        except OperationalError as e:
-            raise StoreError(f"database error ({type(e.orig).__name__}); retry later") from e
 
     # --- schema ---------------------------------------------------------------------------
     def migrate(self) -> int:
         """Apply pending migrations; returns the schema version."""
-        with self.engine.begin() as conn:
+        with db_errors(), self.engine.begin() as conn:
             md.create_all(conn, tables=[schema_migrations])
             if not self.is_sqlite:
                 conn.exec_driver_sql("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
@@ -274,14 +337,23 @@ class Store:
         return SCHEMA_VERSION
 
     def schema_version(self) -> int:
-        with self.engine.connect() as conn:
+        with self.read() as conn:
             v = conn.execute(select(func.max(schema_migrations.c.version))).scalar()
         return int(v or 0)
 
     def nonce_key(self) -> Secret:
-        with self.engine.connect() as conn:
+        """The server's nonce key, unwrapped at start-up: the first use of the KEK, so a KEK
+        that opens nothing (corrupted, replaced, another server's) is reported here as such."""
+        with self.read() as conn:
             blob = conn.execute(select(server_state.c.nonce_key)).scalar_one()
-        return self.kek.unwrap(blob, b"sealtorch-nonce-key/v1")
+        try:
+            return self.kek.unwrap(blob, b"sealtorch-nonce-key/v1")
+        except TamperError:
+            raise TamperError(
+                f"the {self.kek.name} KEK does not open this server's own nonce key: the KEK is "
+                "corrupted or is not the one this database was created with (or the database "
+                "was replaced); restore the KEK that belongs to this database"
+            ) from None
 
     # --- tenants and tokens -----------------------------------------------------------------
     def add_tenant(self, conn: Connection, name: str) -> None:
@@ -311,7 +383,7 @@ class Store:
         """Return (tenant, token_id) of a valid token, else raise :class:`AuthError`."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > 100:
             raise AuthError("admin token is malformed; read it from the token file")
-        with self.engine.connect() as conn:
+        with self.read() as conn:
             row = conn.execute(select(tokens).where(tokens.c.token_hash == token_hash(token))
                                ).first()
         if row is None:
@@ -498,7 +570,7 @@ class Store:
             pass
 
     def sim_platforms(self) -> list[str]:
-        with self.engine.connect() as conn:
+        with self.read() as conn:
             return [r[0] for r in conn.execute(select(sim_platforms.c.key))]
 
     # --- nonces, epoch ----------------------------------------------------------------------
@@ -683,7 +755,7 @@ class Store:
             return self._committer
 
     def audit_head(self) -> tuple[int, str]:
-        with self.engine.connect() as conn:
+        with self.read() as conn:
             r = conn.execute(select(server_state.c.audit_seq, server_state.c.audit_head)).one()
         return int(r[0]), str(r[1])
 
@@ -694,7 +766,7 @@ class Store:
             q = q.where(audit_log.c.tenant == tenant)
         if limit is not None:
             q = q.limit(limit)
-        with self.engine.connect() as conn:
+        with self.read() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def count_anonymous(self, code: str) -> None:
@@ -832,11 +904,8 @@ class GroupCommitter:
                 self._drop_connection()
         self._last_used = now
         if self._conn is None or self._conn.closed or self._conn.invalidated:
-            try:
+            with db_errors():
                 self._conn = self._store.engine.connect()
-            except OperationalError as e:
-                raise StoreError(f"database error ({type(e.orig).__name__}); retry later"
-                                 ) from e
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -872,7 +941,7 @@ class GroupCommitter:
             results = self._transaction(live)
             _ops.COMMIT_BATCH.observe(len(live))
             _ops.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        except StoreError as e:  # the database itself failed: nobody's writes committed
+        except DatabaseUnavailableError as e:  # the database failed: nobody's writes committed
             self._drop_connection()
             for it in live:
                 it[1].set_exception(e)
@@ -885,7 +954,7 @@ class GroupCommitter:
                 try:
                     it[1].set_result(self._transaction([it])[0])
                 except Exception as e1:
-                    if isinstance(e1, StoreError):
+                    if isinstance(e1, DatabaseUnavailableError):
                         self._drop_connection()
                     it[1].set_exception(e1)
             return

@@ -172,8 +172,8 @@ def run_demo(
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    old_term = signal.signal(signal.SIGTERM, on_term)
     dep = LocalDeployment(wd)
+    old_term = signal.signal(signal.SIGTERM, on_term)
     client: KeyCacheClient | None = None
     file_key: Secret | None = None
     server: LocalServer | None = None
@@ -279,15 +279,23 @@ def run_demo(
                 d.append(f"cache: {result.denial_code}; key server: {code} (audit #{seq})")
             say(f"  audit log reason: {result.denial_reason}")
     finally:
-        signal.signal(signal.SIGTERM, old_term)
+        # a second Ctrl-C/SIGTERM must not cut the teardown short: the children run in their own
+        # sessions and would outlive this process (each stop is bounded: terminate, then kill)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         t0 = time.perf_counter()
-        if server is not None:
-            server.stop()
-        if client is not None:
-            client.close()
-        if file_key is not None:
-            file_key.wipe()
-        dep.stop()
+        try:
+            with contextlib.ExitStack() as teardown:  # newest first; each runs if one fails
+                teardown.callback(dep.stop)
+                if file_key is not None:
+                    teardown.callback(file_key.wipe)
+                if client is not None:
+                    teardown.callback(client.close)
+                if server is not None:
+                    teardown.callback(server.stop)
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGINT, old_int)
         result.leftover_pids = dep.running
         result.steps.append(Step("stop everything", time.perf_counter() - t0))
         if not keep and created:

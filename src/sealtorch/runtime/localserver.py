@@ -31,15 +31,23 @@ class LocalServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> LocalServer:
-        """Start and wait until the server listens (and the app's startup finished)."""
+        """Start and wait until the server listens (and the app's startup finished); on any
+        failure, Ctrl-C included, the server thread is stopped before the error propagates."""
         self._thread.start()
         deadline = time.monotonic() + self._timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise ServeError("the local inference server did not start")
-            time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        try:
+            while not self._server.started:
+                if not self._thread.is_alive():
+                    raise ServeError("the local inference server stopped during start-up "
+                                     "(see the error uvicorn logged)")
+                if time.monotonic() > deadline:
+                    raise ServeError(f"the local inference server did not start in "
+                                     f"{self._timeout:g} s")
+                time.sleep(0.01)
+            self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

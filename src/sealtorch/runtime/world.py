@@ -2,7 +2,9 @@
 socket), both using the sim TEE. Used by ``sealtorch demo``, ``sealtorch bench serve`` and tests.
 
 Every child runs in its own session so that Ctrl-C reaches only this process, which then stops
-the children in order (:meth:`LocalDeployment.stop` is idempotent and always called).
+the children in order (:meth:`LocalDeployment.stop` is idempotent and always called). Start-up is
+exception-safe: if starting a component fails (it exits, times out, or Ctrl-C arrives), every
+child started so far is stopped before the error propagates, which names the component and its log.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from sealtorch.errors import ServeError
 
@@ -33,6 +36,17 @@ def _tail(path: Path, n: int = 2000) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return ""
+
+
+def check_starting(proc: subprocess.Popen[bytes], what: str, log: Path, deadline: float
+                   ) -> None:
+    """While waiting for ``what`` to come up: raise, naming it and its log, if it exited or the
+    ``deadline`` (a ``time.monotonic()`` value) passed, so a start never waits blind."""
+    if proc.poll() is not None:
+        raise ServeError(f"{what} exited early (status {proc.returncode}); its log {log} "
+                         f"ends:\n{_tail(log)}")
+    if time.monotonic() > deadline:
+        raise ServeError(f"{what} did not start in time; its log {log} ends:\n{_tail(log)}")
 
 
 class LocalDeployment:
@@ -52,7 +66,6 @@ class LocalDeployment:
         self.env = dict(os.environ, SEALTORCH_SIM_DIR=str(self.sim_dir))
         self.env.pop("SEALTORCH_ADMIN_TOKEN", None)
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._log_files: list[IO[bytes]] = []
         self.url = self.admin_url = ""
         self.ca_cert = self.ks_dir / "tls" / "ca.crt"
         self.server_public_key = b""
@@ -62,21 +75,38 @@ class LocalDeployment:
     # --- key server ------------------------------------------------------------------------
     def init_keyserver(self) -> None:
         """``dkeyserver init``: SQLite, file KEK, sim enabled, loopback listeners on free ports."""
-        p = subprocess.run(
-            [*KEYSERVER, "init", "--data-dir", str(self.ks_dir), "--release-port", "0",
-             "--admin-port", "0", "--kek", "file", "--sim", "--auto-approve"],
-            capture_output=True, env=self.env, timeout=self.timeout, check=False)
+        try:  # run() kills the child itself on a timeout or Ctrl-C
+            p = subprocess.run(
+                [*KEYSERVER, "init", "--data-dir", str(self.ks_dir), "--release-port", "0",
+                 "--admin-port", "0", "--kek", "file", "--sim", "--auto-approve"],
+                capture_output=True, env=self.env, timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise ServeError(f"dkeyserver init did not finish in {self.timeout:g} s") from None
         if p.returncode != 0:
             raise ServeError("dkeyserver init failed: "
                              + p.stderr.decode(errors="replace")[-1500:])
 
-    def _spawn(self, args: list[str], log_name: str, *, stdout_pipe: bool = False
+    @contextlib.contextmanager
+    def _starting(self, what: str) -> Iterator[Path]:
+        """Start ``what`` (yields its log path); on any failure, Ctrl-C included, stop every
+        child started so far before the error propagates, so no process outlives a failed start.
+        The deployment is then stopped: make a new one to try again."""
+        log = self.logs / f"{what}.log"
+        try:
+            yield log
+        except BaseException as e:
+            self.stop()
+            if isinstance(e, Exception) and not isinstance(e, ServeError):
+                raise ServeError(f"{what} failed to start ({type(e).__name__}: {e}); "
+                                 f"its log: {log}") from e
+            raise
+
+    def _spawn(self, args: list[str], log: Path, *, stdout_pipe: bool = False
                ) -> subprocess.Popen[bytes]:
-        log = open(self.logs / log_name, "ab")  # closed in stop()
-        self._log_files.append(log)
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE if stdout_pipe else log,
-                                stderr=log, stdin=subprocess.DEVNULL, env=self.env,
-                                start_new_session=True)
+        with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE if stdout_pipe else f,
+                                    stderr=f, stdin=subprocess.DEVNULL, env=self.env,
+                                    start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -90,31 +120,25 @@ class LocalDeployment:
         run_file = self.ks_dir / "run.json"
         with contextlib.suppress(FileNotFoundError):
             run_file.unlink()
-        proc = self._spawn([*KEYSERVER, "serve", "--data-dir", str(self.ks_dir)],
-                           "dkeyserver.log")
-        deadline = time.monotonic() + self.timeout
-        while not run_file.exists():
-            self._check_alive(proc, "dkeyserver", deadline)
-            time.sleep(0.05)
-        ports = json.loads(run_file.read_text())
-        self.url = f"https://127.0.0.1:{ports['release_port']}"
-        self.admin_url = f"https://127.0.0.1:{ports['admin_port']}"
-        pub = serialization.load_pem_public_key((self.ks_dir / "signing.pub").read_bytes())
-        self.server_public_key = pub.public_bytes(serialization.Encoding.Raw,
-                                                  serialization.PublicFormat.Raw)
-        ctx = tls_client_context(self.ca_cert)
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/readyz", verify=ctx, timeout=5).status_code == 200:
-                    return
-            self._check_alive(proc, "dkeyserver", deadline)
-            time.sleep(0.05)
-
-    def _check_alive(self, proc: subprocess.Popen[bytes], what: str, deadline: float) -> None:
-        if proc.poll() is not None:
-            raise ServeError(f"{what} exited early:\n{_tail(self.logs / f'{what}.log')}")
-        if time.monotonic() > deadline:
-            raise ServeError(f"{what} did not start in time:\n{_tail(self.logs / f'{what}.log')}")
+        with self._starting("dkeyserver") as log:
+            proc = self._spawn([*KEYSERVER, "serve", "--data-dir", str(self.ks_dir)], log)
+            deadline = time.monotonic() + self.timeout
+            while not run_file.exists():
+                check_starting(proc, "dkeyserver", log, deadline)
+                time.sleep(0.05)
+            ports = json.loads(run_file.read_text())
+            self.url = f"https://127.0.0.1:{ports['release_port']}"
+            self.admin_url = f"https://127.0.0.1:{ports['admin_port']}"
+            pub = serialization.load_pem_public_key((self.ks_dir / "signing.pub").read_bytes())
+            self.server_public_key = pub.public_bytes(serialization.Encoding.Raw,
+                                                      serialization.PublicFormat.Raw)
+            ctx = tls_client_context(self.ca_cert)
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(self.url + "/readyz", verify=ctx, timeout=5).status_code == 200:
+                        return
+                check_starting(proc, "dkeyserver", log, deadline)
+                time.sleep(0.05)
 
     @property
     def server_public_key_b64(self) -> str:
@@ -160,22 +184,24 @@ class LocalDeployment:
 
     def start_cache(self) -> dict[str, Any]:
         """Start dkeycache (sim attester) and wait for its ``ready`` line."""
-        proc = self._spawn([*KEYCACHE, "serve", "--config", str(self.workdir / "dkeycache.toml"),
-                            "--attester", "sim"], "dkeycache.log", stdout_pipe=True)
-        assert proc.stdout is not None
-        deadline = time.monotonic() + self.timeout
-        while True:
-            r, _, _ = select.select([proc.stdout], [], [], 0.2)
-            if r:
-                line = proc.stdout.readline()
-                if line:
-                    with contextlib.suppress(ValueError):
-                        msg = json.loads(line)
-                        if isinstance(msg, dict) and msg.get("event") == "ready":
-                            self.cache_ready = msg
-                            return msg
-                    continue
-            self._check_alive(proc, "dkeycache", deadline)
+        with self._starting("dkeycache") as log:
+            proc = self._spawn([*KEYCACHE, "serve", "--config",
+                                str(self.workdir / "dkeycache.toml"), "--attester", "sim"],
+                               log, stdout_pipe=True)
+            assert proc.stdout is not None
+            deadline = time.monotonic() + self.timeout
+            while True:
+                r, _, _ = select.select([proc.stdout], [], [], 0.2)
+                if r:
+                    line = proc.stdout.readline()
+                    if line:
+                        with contextlib.suppress(ValueError):
+                            msg = json.loads(line)
+                            if isinstance(msg, dict) and msg.get("event") == "ready":
+                                self.cache_ready = msg
+                                return msg
+                        continue
+                check_starting(proc, "dkeycache", log, deadline)
 
     # --- shutdown --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -190,16 +216,14 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-                proc.wait(5)
+                with contextlib.suppress(subprocess.TimeoutExpired):  # go on with the others
+                    proc.wait(5)
             # each child leads its own session: take down any worker it left behind
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             if proc.stdout is not None:
                 proc.stdout.close()
         self.procs.clear()
-        for f in self._log_files:
-            f.close()
-        self._log_files.clear()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     @property
