@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sealtorch.errors import IndexError_
 from sealtorch.format.dtypes import NAME_TO_DTYPE, itemsize
@@ -22,9 +22,12 @@ MAX_DIMS = 32
 MAX_TENSORS = 1_000_000
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One stored tensor: its dtype name, shape and byte range in the plaintext stream."""
+class Entry(NamedTuple):
+    """One stored tensor: its dtype name, shape and byte range in the plaintext stream.
+
+    A named tuple rather than a dataclass: the loader builds one per tensor on every load, and
+    a tuple is four times cheaper to make.
+    """
 
     name: str
     dtype: str

@@ -56,10 +56,17 @@ def _as_bytes_view(t: torch.Tensor) -> np.ndarray:
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> list[Entry]:
+    """Offsets in the plaintext stream: largest tensors first, each 64-byte aligned.
+
+    Largest first, so most chunks lie inside one tensor (decrypted in one call straight into
+    it) and the many small tensors (norms, biases) share the last chunks: a loader can start
+    decrypting the big leading chunks while it still prepares the small destinations.
+    """
     entries = []
     offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):  # stable: ties keep their order
+        t, nbytes = tensors[name], sizes[name]
         start = align(offset) if nbytes else 0  # zero-size tensors own no bytes
         entries.append(Entry(name, dtype_name(t.dtype), tuple(t.shape), start, nbytes))
         if nbytes:
