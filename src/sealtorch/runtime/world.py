@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,28 @@ def check_starting(proc: subprocess.Popen[bytes], what: str, log: Path, deadline
                          f"ends:\n{_tail(log)}")
     if time.monotonic() > deadline:
         raise ServeError(f"{what} did not start in time; its log {log} ends:\n{_tail(log)}")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them to their own handlers.
+
+    Around starting a child: a Ctrl-C inside ``Popen`` (after the fork, before it returns)
+    would leave a running child that nobody recorded, so nobody stops. Main thread only (the
+    only one Python delivers signals to)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 class LocalDeployment:
@@ -103,11 +126,11 @@ class LocalDeployment:
 
     def _spawn(self, args: list[str], log: Path, *, stdout_pipe: bool = False
                ) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
+        with _signals_held(), open(log, "ab") as f:  # the child keeps its own descriptor copy
             proc = subprocess.Popen(args, stdout=subprocess.PIPE if stdout_pipe else f,
                                     stderr=f, stdin=subprocess.DEVNULL, env=self.env,
                                     start_new_session=True)
-        self.procs.append(proc)
+            self.procs.append(proc)
         return proc
 
     def start_keyserver(self) -> None:
