@@ -180,3 +180,30 @@ def test_concurrent_loads_share_the_pool_correctly(sealed, mk):
     for out in results:
         for k, v in sd.items():
             assert same_bytes(out[k].contiguous(), v.contiguous()), k
+
+
+def _vm_flags(ptr: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds address ``ptr`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= ptr < hi
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+@pytest.mark.parametrize("kernel", ["populate_write", "before_5_14"])
+def test_whole_load_arena_is_undumpable_and_in_huge_pages(sealed, mk, monkeypatch, kernel):
+    if kernel == "before_5_14":  # MADV_POPULATE_WRITE refused: the MAP_POPULATE fallback
+        monkeypatch.setattr(reader, "_MADV_POPULATE_WRITE", -1)
+    sd, p = sealed
+    out = reader.load(p, key=mk)
+    for k, v in sd.items():
+        assert same_bytes(out[k].contiguous(), v.contiguous()), k
+    flags = _vm_flags(out["big0"].data_ptr())
+    assert "dd" in flags  # plaintext weights stay out of core dumps either way
+    assert ("hg" in flags) == (kernel == "populate_write"), flags

