@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from sealtorch.runtime.world import check_starting
+from sealtorch.runtime.world import wait_keyserver
 
 SERVER_CMD = [sys.executable, "-c", "from sealtorch.keyserver.cli import main; main()"]
 
@@ -192,42 +191,15 @@ def _spawn(data_dir: Path, env: dict[str, str], log_path: Path,
         proc = subprocess.Popen([*SERVER_CMD, "serve", "--data-dir", str(data_dir),
                                  *(extra_args or [])], stdout=log, stderr=log, env=env)
     try:
-        deadline = time.monotonic() + timeout
-        while not run_file.exists():
-            check_starting(proc, "dkeyserver", log_path, deadline)
-            time.sleep(0.05)
-        ports = json.loads(run_file.read_text())
-        from cryptography.hazmat.primitives import serialization
-
-        pub_file = data_dir / "signing.pub"
-        pub = serialization.load_pem_public_key(pub_file.read_bytes())
-        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        ks = RunningKeyServer(
-            url=f"https://127.0.0.1:{ports['release_port']}",
-            admin_url=f"https://127.0.0.1:{ports['admin_port']}",
-            admin_token_file=data_dir / "admin.token", ca_cert_path=data_dir / "tls" / "ca.crt",
-            signing_public_key=raw, signing_public_key_file=pub_file, data_dir=data_dir,
-            process=proc, env=env, log_path=log_path)
-        _wait_ready(ks, deadline)
+        url, admin_url, raw = wait_keyserver(proc, data_dir, log_path, time.monotonic() + timeout)
     except BaseException:
         _stop_process(proc, timeout=10)
         raise
-    return ks
-
-
-def _wait_ready(ks: RunningKeyServer, deadline: float) -> None:
-    from sealtorch.keyserver.client import tls_client_context
-
-    ctx = tls_client_context(ks.ca_cert_path)
-    while True:
-        try:
-            r = httpx.get(ks.url + "/readyz", verify=ctx, timeout=5)
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        check_starting(ks.process, "dkeyserver", ks.log_path, deadline)
-        time.sleep(0.05)
+    return RunningKeyServer(
+        url=url, admin_url=admin_url, admin_token_file=data_dir / "admin.token",
+        ca_cert_path=data_dir / "tls" / "ca.crt", signing_public_key=raw,
+        signing_public_key_file=data_dir / "signing.pub", data_dir=data_dir, process=proc,
+        env=env, log_path=log_path)
 
 
 def start_keyserver(

@@ -72,6 +72,35 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+def wait_keyserver(proc: subprocess.Popen[bytes], data_dir: Path, log: Path, deadline: float
+                   ) -> tuple[str, str, bytes]:
+    """Wait until a starting ``dkeyserver serve --data-dir data_dir`` has written its run.json
+    (from which a stale copy must have been removed) and answers ``/readyz``; returns its
+    release URL, admin URL and raw Ed25519 release-signing key. Raises as
+    :func:`check_starting` does if it exits or the ``deadline`` passes."""
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+
+    from sealtorch.keyserver.client import tls_client_context
+
+    run_file = data_dir / "run.json"
+    while not run_file.exists():
+        check_starting(proc, "dkeyserver", log, deadline)
+        time.sleep(0.05)
+    ports = json.loads(run_file.read_text())
+    url = f"https://127.0.0.1:{ports['release_port']}"
+    admin_url = f"https://127.0.0.1:{ports['admin_port']}"
+    pub = serialization.load_pem_public_key((data_dir / "signing.pub").read_bytes())
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ctx = tls_client_context(data_dir / "tls" / "ca.crt")
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/readyz", verify=ctx, timeout=5).status_code == 200:
+                return url, admin_url, raw
+        check_starting(proc, "dkeyserver", log, deadline)
+        time.sleep(0.05)
+
+
 class LocalDeployment:
     """Key server + key cache on this machine (sim TEE, loopback only)."""
 
@@ -135,33 +164,13 @@ class LocalDeployment:
 
     def start_keyserver(self) -> None:
         """Start ``dkeyserver serve`` and wait until it answers ``/readyz``."""
-        import httpx
-        from cryptography.hazmat.primitives import serialization
-
-        from sealtorch.keyserver.client import tls_client_context
-
         run_file = self.ks_dir / "run.json"
         with contextlib.suppress(FileNotFoundError):
             run_file.unlink()
         with self._starting("dkeyserver") as log:
             proc = self._spawn([*KEYSERVER, "serve", "--data-dir", str(self.ks_dir)], log)
-            deadline = time.monotonic() + self.timeout
-            while not run_file.exists():
-                check_starting(proc, "dkeyserver", log, deadline)
-                time.sleep(0.05)
-            ports = json.loads(run_file.read_text())
-            self.url = f"https://127.0.0.1:{ports['release_port']}"
-            self.admin_url = f"https://127.0.0.1:{ports['admin_port']}"
-            pub = serialization.load_pem_public_key((self.ks_dir / "signing.pub").read_bytes())
-            self.server_public_key = pub.public_bytes(serialization.Encoding.Raw,
-                                                      serialization.PublicFormat.Raw)
-            ctx = tls_client_context(self.ca_cert)
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(self.url + "/readyz", verify=ctx, timeout=5).status_code == 200:
-                        return
-                check_starting(proc, "dkeyserver", log, deadline)
-                time.sleep(0.05)
+            self.url, self.admin_url, self.server_public_key = wait_keyserver(
+                proc, self.ks_dir, log, time.monotonic() + self.timeout)
 
     @property
     def server_public_key_b64(self) -> str:
