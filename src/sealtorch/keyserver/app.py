@@ -58,14 +58,14 @@ def _err(status: int, code: str, message: str | None = None) -> JSONResponse:
 UNAVAILABLE_MESSAGE = "the key server could not complete the request"
 
 
-def _db_failed(e: BaseException) -> bool:
-    """True when ``e`` is the database failing (already mapped, or a raw driver error)."""
-    return isinstance(e, DatabaseUnavailableError) or is_connection_error(e)
-
-
-def _log_db_failure(where: str, e: BaseException) -> None:
+def _db_down(where: str, e: BaseException) -> bool:
+    """True, and logged (the error's type only), when ``e`` is the database failing: already
+    mapped to :class:`DatabaseUnavailableError`, or a raw driver error."""
+    if not (isinstance(e, DatabaseUnavailableError) or is_connection_error(e)):
+        return False
     log.error("database unavailable on %s", where,
               extra={"fields": {"error": type(e).__name__}})
+    return True
 
 
 #: a whole request body must arrive within this many seconds (slow-client deadline)
@@ -184,8 +184,7 @@ class _FastPost:
         except _ClientGoneError:
             return
         except Exception as e:
-            if _db_failed(e):  # e.g. while counting a malformed request: still the database
-                _log_db_failure(scope["path"], e)
+            if _db_down(scope["path"], e):  # e.g. while counting a malformed request
                 status, body, close = 503, error_body("unavailable", UNAVAILABLE_MESSAGE), False
             else:
                 log.exception("unexpected failure on %s", scope["path"])
@@ -246,11 +245,9 @@ def release_app(ks: KeyServer) -> Any:
             except Exception as e:
                 # a store failure (database down, restarting or full) answers like a full disk:
                 # 503 'unavailable', with nothing released
-                if not (isinstance(e, StoreError) or is_connection_error(e)):
-                    raise
-                if _db_failed(e):
-                    _log_db_failure(route, e)
-                else:
+                if not _db_down(route, e):
+                    if not isinstance(e, StoreError):
+                        raise
                     log.exception("store failure on %s", route)
                 ops.REQUESTS.labels(route, "503").inc()
                 return 503, error_body("unavailable", UNAVAILABLE_MESSAGE), False
@@ -350,9 +347,8 @@ def admin_app(ks: KeyServer) -> Starlette:
             except AuthError as e:
                 return _err(401, e.code, str(e))
             except Exception as e:
-                if not _db_failed(e):
+                if not _db_down(request.url.path, e):
                     raise
-                _log_db_failure(request.url.path, e)
                 return _err(503, "unavailable", UNAVAILABLE_MESSAGE)
             if not limiter.allow(token_id):
                 return _err(429, "rate_limited", "too many requests for this token")
@@ -367,8 +363,7 @@ def admin_app(ks: KeyServer) -> Starlette:
             except (ProtocolError, PolicyError) as e:
                 return _err(400, e.code, str(e))
             except Exception as e:
-                if _db_failed(e):
-                    _log_db_failure(request.url.path, e)
+                if _db_down(request.url.path, e):
                     return _err(503, "unavailable", UNAVAILABLE_MESSAGE)
                 if isinstance(e, StoreError):
                     status = 404 if "not found" in str(e) else 409

@@ -188,26 +188,21 @@ def is_connection_error(e: BaseException) -> bool:
                           *_DBAPI_CONNECTION_ERRORS))
 
 
-def unavailable(e: BaseException) -> DatabaseUnavailableError:
-    """The one error a request sees for a connection-level database failure (its type only:
-    a driver message can quote statement parameters)."""
-    orig = e.orig if isinstance(e, sa_exc.DBAPIError) and e.orig is not None else e
-    return DatabaseUnavailableError(
-        f"database unavailable ({type(orig).__name__}); retry later")
-
-
 @contextmanager
 def db_errors() -> Iterator[None]:
     """Turn connection-level database failures raised inside into
-    :class:`DatabaseUnavailableError`; everything else passes through unchanged."""
+    :class:`DatabaseUnavailableError`, naming the driver error's type only (its message can
+    quote statement parameters); everything else passes through unchanged."""
     try:
         yield
     except DatabaseUnavailableError:
         raise
     except Exception as e:
-        if is_connection_error(e):
-            raise unavailable(e) from e
-        raise
+        if not is_connection_error(e):
+            raise
+        orig = e.orig if isinstance(e, sa_exc.DBAPIError) and e.orig is not None else e
+        raise DatabaseUnavailableError(
+            f"database unavailable ({type(orig).__name__}); retry later") from e
 
 
 def token_hash(token: str) -> str:
