@@ -146,14 +146,13 @@ def _plaintext_buffer(n: int) -> torch.Tensor:
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     mm = mmap.mmap(-1, n, flags=flags, prot=prot)
-    _advise(mm, "MADV_DONTDUMP")
     _advise(mm, "MADV_HUGEPAGE")
     try:
         mm.madvise(_MADV_POPULATE_WRITE)
     except OSError:  # kernel before 5.14: populate in the mmap call instead, in small pages
         mm.close()
         mm = mmap.mmap(-1, n, flags=flags | getattr(mmap, "MAP_POPULATE", 0), prot=prot)
-        _advise(mm, "MADV_DONTDUMP")
+    _advise(mm, "MADV_DONTDUMP")  # before any plaintext is written into it
     return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
@@ -366,7 +365,7 @@ class SealedFile:
         *,
         threads: int | None = None,
         chunks: Iterable[int] | None = None,
-    ) -> list[_Region]:
+    ) -> None:
         """Decrypt the chunks that ``regions`` need (and ``chunks``) into the regions.
 
         ``regions`` must come in increasing ``start`` order, and may be a generator: the calling
@@ -375,7 +374,7 @@ class SealedFile:
         its end), then joins them. Chunks are taken in file order from one queue (no per-chunk
         futures, no thread start-up per load). On any failure (a chunk tag, or an exception from
         the ``regions`` generator) every region seen so far is zeroed and the error is raised.
-        Returns the regions; their ``copies`` are filled after every chunk authenticated.
+        Regions' ``copies`` are filled only after every chunk authenticated.
         """
         h = self.header
         cs = h.chunk_size
@@ -521,7 +520,6 @@ class SealedFile:
         for r in seen:  # untied copies of one stored tensor, once everything authenticated
             for c in r.copies:
                 c[:] = r.arr
-        return seen
 
     def verify_all(self, *, threads: int | None = None) -> None:
         """Authenticate every chunk without keeping any plaintext."""
