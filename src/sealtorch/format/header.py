@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sealtorch.errors import HeaderError, NotASealedFileError, UnsupportedVersionError
-from sealtorch.format.keyfile import _MODEL_ID_RE
+from sealtorch.ids import MODEL_ID_RULE, is_model_id
 
 MAGIC = b"SEALTRCH"
 FORMAT_VERSION = 1
@@ -242,8 +242,8 @@ def parse_header(raw: bytes | memoryview) -> Header:
         model_id = raw[FIXED_BYTES : FIXED_BYTES + mid_len].decode("utf-8")
     except UnicodeDecodeError:
         raise HeaderError("header model id is not valid UTF-8") from None
-    if not _MODEL_ID_RE.match(model_id):
-        raise HeaderError("header model id contains characters that are not allowed")
+    if not is_model_id(model_id):
+        raise HeaderError(f"header model id is not a valid model id ({MODEL_ID_RULE})")
     return Header(
         version=version,
         cipher=cipher,

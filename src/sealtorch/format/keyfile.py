@@ -12,7 +12,6 @@ import binascii
 import datetime
 import json
 import os
-import re
 import secrets
 import stat
 from dataclasses import dataclass
@@ -20,27 +19,18 @@ from pathlib import Path
 
 from sealtorch._secret import Secret
 from sealtorch.errors import KeyFileError
+from sealtorch.ids import MODEL_ID_RULE, is_model_id
 
 KEY_FILE_FORMAT = "sealtorch-key/v1"
 MODEL_KEY_BYTES = 32
 MAX_KEY_VERSION = 2**32 - 1
-MAX_MODEL_ID_BYTES = 255
 _MAX_KEY_FILE_BYTES = 4096
-# printable, no whitespace/control characters: model ids appear in headers, logs and URLs
-_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")
 
 
 def validate_model_id(model_id: object) -> str:
     """Return ``model_id`` if it is a valid model id, else raise :class:`KeyFileError`."""
-    if (
-        not isinstance(model_id, str)
-        or not 1 <= len(model_id.encode("utf-8")) <= MAX_MODEL_ID_BYTES
-        or not _MODEL_ID_RE.match(model_id)
-    ):
-        raise KeyFileError(
-            "invalid model id: use 1-255 characters from A-Z a-z 0-9 . _ : @ / + = -, "
-            "starting with a letter or digit"
-        )
+    if not is_model_id(model_id):
+        raise KeyFileError(f"invalid model id: use {MODEL_ID_RULE}")
     return model_id
 
 

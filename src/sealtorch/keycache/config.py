@@ -34,8 +34,8 @@ from typing import Any
 
 from sealtorch._toml import load_table, pinned_server_key
 from sealtorch.errors import ConfigError
+from sealtorch.ids import is_model_id
 from sealtorch.keycache.address import TcpAddress, parse_tcp
-from sealtorch.protocol.grant import MODEL_ID_RE
 
 MAX_CONFIG_BYTES = 64 * 1024
 LOCAL_AUTH_MODES = ("auto", "evidence", "peercred")
@@ -93,7 +93,7 @@ def parse_config(raw: bytes) -> CacheConfig:
     models = kc.get("models")
     if models is not None:
         if not isinstance(models, list) or not all(
-            isinstance(m, str) and MODEL_ID_RE.match(m) for m in models
+            is_model_id(m) for m in models
         ):
             raise ConfigError("models must be a list of valid model ids")
         models = tuple(models)

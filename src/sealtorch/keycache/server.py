@@ -36,6 +36,7 @@ from sealtorch.errors import (
 )
 from sealtorch.format.header import MAX_HEADER_BYTES, Header, parse_header
 from sealtorch.format.keys import check_file_key, derive_file_key
+from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.keycache.address import TcpAddress
 from sealtorch.keycache.decisions import DecisionContext, DecisionLog, runtime_identity
 from sealtorch.keycache.framing import recv_frame, send_frame
@@ -43,7 +44,7 @@ from sealtorch.keycache.leases import CHALLENGE_SECRET_LEN, Lease, LeaseManager
 from sealtorch.keycache.metrics import CacheMetrics
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
-from sealtorch.protocol.grant import MODEL_ID_RE, NONCE_LEN
+from sealtorch.protocol.grant import NONCE_LEN
 
 log = logging.getLogger("sealtorch.keycache")
 
@@ -412,8 +413,8 @@ class LocalServer:
     @staticmethod
     def _model_id(req: dict[str, Any]) -> str:
         mid = req.get("model_id")
-        if not isinstance(mid, str) or not MODEL_ID_RE.match(mid):
-            raise ProtocolError("model_id must match [A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+        if not is_model_id(mid):
+            raise ProtocolError(f"model_id must be {MODEL_ID_RULE}")
         return mid
 
     def _op_file_key(

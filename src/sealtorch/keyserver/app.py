@@ -29,6 +29,7 @@ from sealtorch.errors import (
     SealtorchError,
     StoreError,
 )
+from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.keyserver import attest, ops
 from sealtorch.keyserver.audit import verify_chain
 from sealtorch.keyserver.service import KeyServer, Outcome
@@ -36,7 +37,6 @@ from sealtorch.keyserver.store import DatabaseUnavailableError, is_connection_er
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.canonical import canonical_json
-from sealtorch.protocol.grant import MODEL_ID_RE
 from sealtorch.protocol.messages import (
     MAX_BODY,
     ReleaseRequest,
@@ -327,8 +327,8 @@ def _collateral_info(ks: KeyServer) -> dict[str, Any]:
 
 def _model_id(request: Request) -> str:
     mid = request.path_params["model_id"]
-    if not MODEL_ID_RE.match(mid):
-        raise ProtocolError("model id must match [A-Za-z0-9][A-Za-z0-9._:/-]*")
+    if not is_model_id(mid):
+        raise ProtocolError(f"model id must be {MODEL_ID_RULE}")
     return mid
 
 
@@ -409,8 +409,8 @@ def admin_app(ks: KeyServer) -> Starlette:
 
     def model_add(req: Request, tenant: str, tid: str, obj: dict[str, Any]) -> Any:
         mid = obj.get("model_id")
-        if not isinstance(mid, str) or not MODEL_ID_RE.match(mid):
-            raise ProtocolError("model_id must match [A-Za-z0-9][A-Za-z0-9._:/-]*")
+        if not is_model_id(mid):
+            raise ProtocolError(f"model_id must be {MODEL_ID_RULE}")
         kv = obj.get("key_version", 1)
         if not isinstance(kv, int) or isinstance(kv, bool) or not 1 <= kv <= 2**31:
             raise ProtocolError("key_version must be a positive integer")

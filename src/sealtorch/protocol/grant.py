@@ -9,7 +9,6 @@ release-signing key and never goes back to a lower policy version than one it ha
 from __future__ import annotations
 
 import hmac
-import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from sealtorch._secret import Secret
 from sealtorch.errors import GrantError
+from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.signing import (
@@ -38,8 +38,6 @@ GRANT_FORMAT = "sealtorch-grant/v1"
 STATUS_FORMAT = "sealtorch-status/v1"
 AUDIT_HEAD_FORMAT = "sealtorch-audit-head/v1"
 NONCE_LEN = 32
-# no "." / ".." path segments, empty segments or trailing "/": ids end up in URL paths
-MODEL_ID_RE = re.compile(r"^(?!.*(?:/\.{1,2}(?:/|$)|//|/$))[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
 _MAX_INT = 2**53
 
 
@@ -112,8 +110,8 @@ class Grant:
         if not isinstance(policy, dict):
             raise GrantError("grant policy must be a JSON object")
         model_id = _str(body, "model_id", max_len=128)
-        if not MODEL_ID_RE.match(model_id):
-            raise GrantError("grant model_id has invalid characters")
+        if not is_model_id(model_id):
+            raise GrantError(f"grant model_id is not a valid model id ({MODEL_ID_RULE})")
         g = cls(
             tenant=_str(body, "tenant", max_len=64),
             model_id=model_id,

@@ -13,9 +13,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from sealtorch.errors import ProtocolError
+from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
-from sealtorch.protocol.grant import MODEL_ID_RE, NONCE_LEN
+from sealtorch.protocol.grant import NONCE_LEN
 
 MAX_BODY = 64 * 1024
 MAX_MODELS = 32
@@ -52,8 +53,8 @@ def parse_models(value: object) -> list[str] | None:
         raise ProtocolError(f"models: at most {MAX_MODELS} models per request")
     out: list[str] = []
     for m in value:
-        if not isinstance(m, str) or not MODEL_ID_RE.match(m):
-            raise ProtocolError("models: each model id must match [A-Za-z0-9][A-Za-z0-9._:/-]*")
+        if not is_model_id(m):
+            raise ProtocolError(f"models: each model id must be {MODEL_ID_RULE}")
         if m in out:
             raise ProtocolError("models: duplicate model id")
         out.append(m)
