@@ -299,8 +299,8 @@ class KeyServerLoad:
 
         from sealtorch.attestation import sim
         from sealtorch.attestation.attesters.sim import SimAttester
-        from sealtorch.keyserver.client import tls_client_context
         from sealtorch.protocol.grant import GrantVerifier
+        from sealtorch.protocol.release_client import tls_client_context
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

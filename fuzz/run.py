@@ -31,7 +31,7 @@ INSTRUMENTED = [
     "sealtorch.attestation.policy", "sealtorch.attestation.verifiers.snp",
     "sealtorch.attestation.verifiers.dcap", "sealtorch.protocol.b64",
     "sealtorch.protocol.grant", "sealtorch.protocol.signing", "sealtorch.protocol.messages",
-    "sealtorch.keycache.framing", "sealtorch.keycache.config",
+    "sealtorch.protocol.local", "sealtorch.keycache.config",
 ]
 
 

@@ -41,15 +41,22 @@ def keyserver_cli(*args: str, env: dict[str, str] | None = None, check: bool = T
     return p
 
 
-def sim_policy(measurement: bytes | str, platform_key: bytes | str | None = None, *,
+def sim_fingerprint(platform: Path | str) -> str:
+    """The fingerprint sim claims carry, of a platform key file (or a fingerprint as is)."""
+    from sealtorch.attestation import sim
+
+    if isinstance(platform, str):
+        return platform
+    return sim.fingerprint(sim.load_platform_key(platform).public_key())
+
+
+def sim_policy(measurement: bytes | str, platform: Path | str, *,
                version: int = 1, lease_seconds: int = 300) -> dict[str, Any]:
-    """A policy whose cache allow-list admits one sim measurement (optionally one platform)."""
+    """A policy whose cache allow-list admits one sim measurement on one platform."""
     ident: dict[str, Any] = {"tee": "sim", "name": "test-cache",
                              "measurement": measurement if isinstance(measurement, str)
-                             else measurement.hex()}
-    if platform_key is not None:
-        ident["platform_key"] = (platform_key if isinstance(platform_key, str)
-                                 else platform_key.hex())
+                             else measurement.hex(),
+                             "platform_key": sim_fingerprint(platform)}
     return {"format": "sealtorch-policy/v1", "version": version, "lease_seconds": lease_seconds,
             "caches": [ident], "runtimes": [ident]}
 
@@ -73,7 +80,7 @@ class RunningKeyServer:
     # --- admin API ------------------------------------------------------------------------
     def admin(self, method: str, path: str, body: dict[str, Any] | None = None, *,
               token_file: Path | None = None, expect: int | None = 200) -> Any:
-        from sealtorch.keyserver.client import tls_client_context
+        from sealtorch.protocol.release_client import tls_client_context
 
         token = Path(token_file or self.admin_token_file).read_text().strip()
         with httpx.Client(verify=tls_client_context(self.ca_cert_path), timeout=30) as h:
@@ -124,7 +131,7 @@ class RunningKeyServer:
         return out
 
     def client(self) -> Any:
-        from sealtorch.keyserver.client import KeyServerClient
+        from sealtorch.protocol.release_client import KeyServerClient
 
         return KeyServerClient(self.url, self.ca_cert_path, self.signing_public_key)
 

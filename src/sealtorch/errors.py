@@ -212,6 +212,21 @@ class TamperError(StoreError):
     code = "tampered"
 
 
+class StateRollbackError(StoreError):
+    """The key server's database holds older state than this server has already seen (a
+    restored backup or a rolled-back row): releases and admin writes stop until an operator
+    runs ``dkeyserver recover``."""
+
+    code = "state_rollback"
+
+
+class StateTamperedError(TamperError):
+    """The key server's authoritative rows do not add up to the digest its last admin change
+    signed (a row was rolled back, deleted or re-inserted by someone without the KEK)."""
+
+    code = "state_tampered"
+
+
 class AuthError(SealtorchError):
     """An admin token is missing, unknown, expired, revoked or out of scope."""
 

@@ -105,8 +105,9 @@ def test_changed_code_changes_measurement_and_is_denied(tmp_path: Path, platform
     (root / "attestation" / "binding.py").rename(root / "attestation" / "binding2.py")
     assert sim.measure("dkeycache", b"cfg", package_root=root) not in (m1, m2)
 
-    pol = ModelPolicy.from_dict({"version": 1, "caches": [{"tee": "sim",
-                                                            "measurement": m1.hex()}]})
+    fp = sim.fingerprint(sim.load_platform_key(platform).public_key())
+    pol = ModelPolicy.from_dict({"version": 1, "caches": [
+        {"tee": "sim", "measurement": m1.hex(), "platform_key": fp}]})
     vs = VerifierSet(sim_platform_keys=[platform])
     ev = SimAttester(platform, m2).attest(bytes(64))
     d = pol.evaluate_cache(vs.verify(ev))
@@ -154,3 +155,11 @@ def test_bad_measurement_inputs(platform: Path) -> None:
 def test_detect_never_picks_sim(tmp_path: Path) -> None:
     with pytest.raises(AttesterUnavailableError, match="no TEE"):
         detect(gramine_dir=tmp_path / "none", tsm_dir=tmp_path / "none2")
+
+
+def test_a_sim_identity_must_name_its_platform_key() -> None:
+    from sealtorch.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="platform_key"):
+        ModelPolicy.from_dict({"version": 1, "caches": [
+            {"tee": "sim", "measurement": "00" * 32}]})

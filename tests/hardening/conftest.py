@@ -96,7 +96,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         key = os.urandom(32)
         ks.add_model(MODEL, key)
-        ks.set_policy(MODEL, sim_policy(MEAS))
-        yield World(ks, SimCache(ks.sim_platform(), MEAS), key)
+        cache = SimCache(ks.sim_platform(), MEAS)
+        ks.set_policy(MODEL, sim_policy(MEAS, cache.platform_key))
+        yield World(ks, cache, key)
     finally:
         ks.stop()

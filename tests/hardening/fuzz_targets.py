@@ -183,7 +183,7 @@ def t_status_request(data: bytes) -> None:
 
 
 def t_frame(data: bytes) -> None:
-    from sealtorch.keycache.framing import recv_frame
+    from sealtorch.protocol.local import recv_frame
 
     a, b = socket.socketpair()
     try:

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from sealtorch.keyserver.client import tls_client_context
 from sealtorch.keyserver.tlsutil import make_loopback_tls
+from sealtorch.protocol.release_client import tls_client_context
 
 Rewrite = Callable[[dict[str, Any]], dict[str, Any]]
 

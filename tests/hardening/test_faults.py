@@ -140,10 +140,9 @@ def test_postgresql_restart_mid_load(tmp_path: Path, pg_url: str) -> None:
     try:
         key = os.urandom(32)
         ks.add_model(lg.MODEL, key)
-        pol = sim_policy(sim.measure("loadgen"))
-        ks.set_policy(lg.MODEL, pol)
-        load = lg.KeyServerLoad(ks.url, ks.ca_cert_path, ks.signing_public_key,
-                                ks.sim_platform(), key)
+        platform = ks.sim_platform()
+        ks.set_policy(lg.MODEL, sim_policy(sim.measure("loadgen"), platform))
+        load = lg.KeyServerLoad(ks.url, ks.ca_cert_path, ks.signing_public_key, platform, key)
         step = asyncio.run(_drive(lg, load, "keyserver", _pg_restart))
         # finding 9 in docs/security.md: a database failure is 503 'unavailable', never a 500
         internal = step.errors.get("internal", 0)
@@ -186,9 +185,9 @@ def test_disk_full_under_sqlite(tmp_path: Path) -> None:
         ks = start_keyserver(tmp_path, sim=True, auto_approve=True, env=UNTHROTTLED)
         key = os.urandom(32)
         ks.add_model(lg.MODEL, key)
-        ks.set_policy(lg.MODEL, sim_policy(sim.measure("loadgen")))
-        load = lg.KeyServerLoad(ks.url, ks.ca_cert_path, ks.signing_public_key,
-                                ks.sim_platform(), key)
+        platform = ks.sim_platform()
+        ks.set_policy(lg.MODEL, sim_policy(sim.measure("loadgen"), platform))
+        load = lg.KeyServerLoad(ks.url, ks.ca_cert_path, ks.signing_public_key, platform, key)
         # fill the disk: load until the server reports errors (the audit log needs space)
         filler = mnt / "filler"
         free = shutil.disk_usage(mnt).free
@@ -226,8 +225,8 @@ def test_corrupted_kek_file(tmp_path: Path) -> None:
     ks = start_keyserver(tmp_path, sim=True, auto_approve=True)
     key = os.urandom(32)
     ks.add_model(MODEL, key)
-    ks.set_policy(MODEL, sim_policy(MEAS))
     platform = ks.sim_platform()
+    ks.set_policy(MODEL, sim_policy(MEAS, platform))
     ks.stop()
     kek = ks.data_dir / "kek.bin"
     good = kek.read_bytes()
@@ -242,7 +241,7 @@ def test_corrupted_kek_file(tmp_path: Path) -> None:
             outcomes[name + "_log"] = text.strip().splitlines()[-1][-200:]
             assert "Traceback" not in text and ("error" in text.lower()), text[-800:]
             if name == "flipped":  # the KEK is blamed, not the database
-                assert "KEK does not open this server's own nonce key" in text, text[-800:]
+                assert "KEK does not open this server's own data keys" in text, text[-800:]
             outcomes[name] = "refused to start"
             continue
         try:
@@ -285,7 +284,8 @@ def test_clock_jump_never_stretches_a_lease(world: World) -> None:
     from sealtorch.keycache.leases import LeaseManager
     from sealtorch.protocol import hpke
 
-    world.ks.set_policy(MODEL, sim_policy(MEAS, version=200, lease_seconds=60))
+    world.ks.set_policy(MODEL, sim_policy(MEAS, world.cache.platform_key, version=200,
+                                          lease_seconds=60))
     now = [1000.0]
     att = world.cache.attester()
 

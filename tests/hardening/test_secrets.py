@@ -27,8 +27,8 @@ from sealtorch.format.header import read_header
 from sealtorch.format.keyfile import ModelKey
 from sealtorch.format.keys import derive_file_key
 from sealtorch.keycache.client import KeyCacheClient
-from sealtorch.keycache.framing import call
-from sealtorch.keyserver.client import tls_client_context
+from sealtorch.protocol.local import call
+from sealtorch.protocol.release_client import tls_client_context
 
 from .conftest import record
 from .test_load import loadgen

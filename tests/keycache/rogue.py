@@ -31,6 +31,7 @@ from sealtorch.protocol.grant import (
     sign_grant,
     sign_status,
 )
+from sealtorch.protocol.messages import StatusRequest, status_key_info
 from sealtorch.protocol.signing import key_id
 
 CACHE_ID = "0" * 31 + "1"
@@ -38,7 +39,7 @@ CACHE_ID = "0" * 31 + "1"
 
 class RogueKeyServer:
     """Knobs: ``grant_key`` / ``status_key`` (sign with another key), ``policy_version``,
-    ``revoked`` (model ids), ``lease_seconds``, ``up`` (False answers 503)."""
+    ``state_seq``, ``revoked`` (model ids), ``lease_seconds``, ``up`` (False answers 503)."""
 
     def __init__(self, models: dict[str, bytes], policy: dict[str, Any],
                  lease_seconds: int = 60) -> None:
@@ -48,6 +49,8 @@ class RogueKeyServer:
         self.models = models
         self.policy = policy
         self.policy_version = 1
+        self.state_seq = 1
+        self.poll_key = os.urandom(32)  # the status key it seals into every release answer
         self.status_policy_version: int | None = None
         self.revoked: set[str] = set()
         self.lease_seconds = lease_seconds
@@ -121,11 +124,14 @@ class RogueKeyServer:
                       kem_id=hpke.KEM_ID, evidence_digest="00" * 32, cache_id=CACHE_ID,
                       policy=self.policy, policy_version=self.policy_version,
                       lease_seconds=self.lease_seconds, revocation_epoch=0,
-                      issued_at=int(time.time()), server_key_id=self.server_key_id)
+                      issued_at=int(time.time()), server_key_id=self.server_key_id,
+                      state_seq=self.state_seq)
             sealed = hpke.seal(self.models[mid], pk, g.digest())
             grants.append({"grant": sign_grant(self.grant_key, g), "sealed_key": b64e(sealed)})
         return {"grants": grants, "denials": denials, "audit_head": self._head(),
-                "cache_id": CACHE_ID, "cache_state": "approved"}
+                "cache_id": CACHE_ID, "cache_state": "approved", "state_seq": self.state_seq,
+                "status_key": b64e(hpke.seal(self.poll_key, pk,
+                                             status_key_info(CACHE_ID, nonce)))}
 
     def _status(self, body: dict[str, Any]) -> dict[str, Any]:
         self.statuses += 1
@@ -136,9 +142,10 @@ class RogueKeyServer:
             else ModelStatus("active", (1,), pv)
             for m in (body.get("models") or [])
         }
+        assert StatusRequest.from_json(body).check_mac(self.poll_key), "unauthenticated poll"
         st = Status(nonce=nonce, cache_id=body["cache_id"], revocation_epoch=0,
                     cache_state="approved", models=models, issued_at=int(time.time()),
-                    server_key_id=self.server_key_id)
+                    server_key_id=self.server_key_id, state_seq=self.state_seq)
         return {"status": sign_status(self.status_key, st)}
 
     def close(self) -> None:

@@ -25,9 +25,9 @@ from sealtorch.errors import (
 from sealtorch.format.header import read_header
 from sealtorch.keycache.client import KeyCacheClient
 from sealtorch.keycache.config import parse_config
-from sealtorch.keycache.framing import MAX_FRAME, call, recv_frame
 from sealtorch.keycache.service import start_cache
 from sealtorch.protocol import hpke
+from sealtorch.protocol.local import MAX_FRAME, call, recv_frame
 
 from .conftest import MODEL, make_policy, runtime_attester, short_socket
 from .rogue import RogueKeyServer
@@ -136,9 +136,9 @@ def test_unregistered_sim_platform_refused(env: Env, tmp_path: Path) -> None:
 def test_evidence_bound_to_other_nonce_refused(env: Env) -> None:
     """Replaying evidence made for an earlier nonce fails the binding check."""
     from sealtorch.attestation import binding
-    from sealtorch.keycache.server import cache_audience
     from sealtorch.protocol import hpke
     from sealtorch.protocol.b64 import b64d, b64e
+    from sealtorch.protocol.local import cache_audience
 
     s = socket.socket(socket.AF_UNIX)
     s.connect(env.sock)
@@ -181,8 +181,8 @@ def test_file_key_needs_session_and_valid_header(env: Env) -> None:
 def test_file_key_needs_a_challenge_the_cache_can_open(env: Env) -> None:
     """Finding 5: the cache answers only a challenge sealed to its own key, for this file and
     session (proof of possession of the key its grant was issued to)."""
-    from sealtorch.keycache.server import challenge_info
     from sealtorch.protocol.b64 import b64e
+    from sealtorch.protocol.local import challenge_info
 
     header = read_header(env.path)
     with env.client() as kc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import ssl
@@ -19,8 +20,9 @@ from tests.servers import RunningKeyServer, keyserver_cli, sim_policy, start_key
 
 from sealtorch.attestation import sim
 from sealtorch.errors import ConfigError, ReleaseDenied
-from sealtorch.keyserver.client import tls_client_context
 from sealtorch.protocol import hpke
+from sealtorch.protocol.messages import StatusRequest, status_key_info
+from sealtorch.protocol.release_client import tls_client_context
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 MEAS = sim.measure("dkeycache")
@@ -63,12 +65,12 @@ def test_openapi_spec_is_valid_and_responses_conform(ks: RunningKeyServer,
 
     validate(SPEC)
     ks.add_model("spec-m", os.urandom(32))
-    ks.set_policy("spec-m", sim_policy(MEAS))
+    ks.set_policy("spec-m", sim_policy(MEAS, cache.platform_key))
     r = _post(ks, "/v1/challenge", {})
     assert r.status_code == 200
     check_schema(r.json(), "ChallengeResponse")
     with ks.client() as client:
-        ev, _, pk, n = cache.request(client)
+        ev, sk, pk, n = cache.request(client)
     req = {"evidence": ev.to_dict(), "public_key": base64.b64encode(pk).decode(),
            "nonce": base64.b64encode(n).decode(), "models": ["spec-m", "absent"]}
     r = _post(ks, "/v1/release", req)
@@ -76,15 +78,23 @@ def test_openapi_spec_is_valid_and_responses_conform(ks: RunningKeyServer,
     body = r.json()
     check_schema(body, "ReleaseResponse")
     assert len(body["grants"]) == 1 and body["denials"] == [
-        {"model_id": "absent", "code": "unknown_model"}]
+        {"model_id": "absent", "code": "not_approved"}]
     r = _post(ks, "/v1/release", req)  # replay
     assert r.status_code == 403
     check_schema(r.json(), "Error")
     assert r.json()["error"]["code"] == "nonce_invalid"
-    r = _post(ks, "/v1/status", {"nonce": base64.b64encode(os.urandom(32)).decode(),
-                                 "cache_id": body["cache_id"], "models": ["spec-m"]})
+    # status: only with a MAC under the status key sealed to this cache's key
+    status_key = hpke.open(base64.b64decode(body["status_key"]), sk,
+                           status_key_info(body["cache_id"], n))
+    poll = StatusRequest(os.urandom(32), body["cache_id"], ["spec-m"])
+    r = _post(ks, "/v1/status", poll.authenticated(b"\x00" * 32).to_json())
+    assert r.status_code == 403 and r.json()["error"]["code"] == "unauthorized"
+    r = _post(ks, "/v1/status", {k: v for k, v in poll.to_json().items() if k != "mac"})
+    assert r.status_code == 400
+    r = _post(ks, "/v1/status", poll.authenticated(status_key.view()).to_json())
     assert r.status_code == 200
     check_schema(r.json(), "StatusResponse")
+    assert r.json()["status"]["body"]["models"]["spec-m"]["state"] == "active"
     with httpx.Client(verify=tls_client_context(ks.ca_cert_path)) as h:
         tok = ks.admin_token_file.read_text().strip()
         for path, name in [("/v1/admin/models", "ModelList"), ("/v1/admin/caches", "CacheList"),
@@ -158,7 +168,7 @@ def test_admin_auth_and_tokens(ks: RunningKeyServer, tmp_path: Path) -> None:
 def test_create_export_rotate_retire(ks: RunningKeyServer, cache: SimCache,
                                      tmp_path: Path) -> None:
     ks.admin("POST", "/v1/admin/models", {"model_id": "gen", "key": None})
-    ks.set_policy("gen", sim_policy(MEAS))
+    ks.set_policy("gen", sim_policy(MEAS, cache.platform_key))
     out = tmp_path / "gen.key"
     keyserver_cli("model", "export", "gen", "--key-version", "1", "--out", str(out),
                   "--signing-public-key", str(ks.signing_public_key_file), "--admin-url",
@@ -198,14 +208,14 @@ def test_policy_test_explains_and_cli_paths(ks: RunningKeyServer, cache: SimCach
     write_key_file(kf, mk)
     ks.add_model_file("cli-m", kf)
     pol = tmp_path / "policy.json"
-    pol.write_text(json.dumps(sim_policy(MEAS, version=3)))
+    pol.write_text(json.dumps(sim_policy(MEAS, cache.platform_key, version=3)))
     common = ["--admin-url", ks.admin_url, "--ca-cert", str(ks.ca_cert_path)]
     env = dict(ks.env, SEALTORCH_ADMIN_TOKEN=ks.admin_token_file.read_text().strip())
     keyserver_cli("policy", "set", "cli-m", str(pol), *common, env=env)
     shown = json.loads(keyserver_cli("policy", "show", "cli-m", *common, env=env).stdout)
     assert shown["policy_version"] == 3
     # a lower policy version is refused
-    pol.write_text(json.dumps(sim_policy(MEAS, version=2)))
+    pol.write_text(json.dumps(sim_policy(MEAS, cache.platform_key, version=2)))
     bad = keyserver_cli("policy", "set", "cli-m", str(pol), *common, env=env, check=False)
     assert bad.returncode != 0
     other = SimCache(cache.platform_key, sim.measure("dkeycache", b"x"))
@@ -233,7 +243,7 @@ def test_metrics_and_audit_verify(ks: RunningKeyServer) -> None:
 
 def test_release_all_entitled(ks: RunningKeyServer, cache: SimCache) -> None:
     ks.add_model("all-a", os.urandom(32))
-    ks.set_policy("all-a", sim_policy(MEAS))
+    ks.set_policy("all-a", sim_policy(MEAS, cache.platform_key))
     with ks.client() as client:
         ev, sk, pk, n = cache.request(client)
         res = client.release(ev, pk, n, None, private_key=sk)
@@ -263,33 +273,84 @@ def test_sim_off_by_default(tmp_path: Path) -> None:
         ks.stop()
 
 
-def test_migrations_idempotent_and_keep_data(tmp_path: Path) -> None:
+def test_schema_1_database_upgrades_keeping_its_data(tmp_path: Path) -> None:
+    """A database written by schema 1 (rows without MACs, an unkeyed audit chain, an
+    exportable key) is upgraded in place: every row kept and MACed, the chain continued
+    keyed, the exportable key turned into a one-time export copy; migrating again is a no-op."""
+    import sqlalchemy as sa
+
     from sealtorch._secret import Secret
+    from sealtorch.keyserver import audit, migrations
+    from sealtorch.keyserver.admin import Principal, authenticate, verify_audit
     from sealtorch.keyserver.kek import FileKek
-    from sealtorch.keyserver.store import SCHEMA_VERSION, Store
+    from sealtorch.keyserver.keyring import NONCE_KEY_AAD, KeyRef
+    from sealtorch.keyserver.store import Store
 
     FileKek.create(tmp_path / "kek")
     kek = FileKek(tmp_path / "kek")
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    s = Store(url, kek)
-    assert s.migrate() == SCHEMA_VERSION
-    with s.tx() as c:
-        s.add_tenant(c, "t")
-        s.add_model(c, "t", "m", Secret(b"k" * 32))
-    s.close()
-    s2 = Store(url, kek)
-    assert s2.migrate() == SCHEMA_VERSION and s2.schema_version() == SCHEMA_VERSION
-    with s2.tx() as c:
-        assert s2.active_keys(c, "t", "m")[0][1].equals(b"k" * 32)
-    s2.close()
+    store = Store(url, kek, data_dir=tmp_path)
+    key = b"k" * 32
+    token = "stk_" + "t" * 43
+    eng = store.db.engine
+    with eng.begin() as c:  # schema 1, as released, and rows as its server wrote them
+        migrations._step_1(c, store.db, store.keyring)
+        c.execute(sa.text("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+                          "applied_at INTEGER NOT NULL)"))
+        c.execute(sa.text("INSERT INTO schema_migrations VALUES (1, 0)"))
+        entry = audit.new_entry(1, audit.GENESIS, 5, actor="init", action="init",
+                                decision="admin", code="ok", tenant="t")
+        legacy = audit.legacy_hash(entry)
+        c.execute(sa.text(
+            "INSERT INTO audit_log VALUES (1, 5, 't', 'init', 'init', NULL, NULL, 'admin', 'ok',"
+            " :d, :p, :h)"), {"d": entry["details"], "p": audit.GENESIS, "h": legacy})
+        with Secret(os.urandom(32)) as nk:
+            wrapped_nonce = kek.wrap(nk, NONCE_KEY_AAD)
+        c.execute(sa.text("INSERT INTO server_state VALUES (1, 3, :n, 1, :h)"),
+                  {"n": wrapped_nonce, "h": legacy})
+        c.execute(sa.text("INSERT INTO tenants VALUES ('t', 1)"))
+        c.execute(sa.text("INSERT INTO tokens VALUES ('id1', 't', :h, 9999999999, 0, 1)"),
+                  {"h": hashlib.sha256(token.encode()).hexdigest()})
+        c.execute(sa.text("INSERT INTO models VALUES ('m', 't', 'active', 1)"))
+        with Secret(key) as k:
+            blob = store.keyring.wrap_model_key(k, KeyRef("t", "m", 1))
+        c.execute(sa.text("INSERT INTO key_versions VALUES ('m', 1, :b, 'active', 1, 1)"),
+                  {"b": blob})
+    assert migrations.migrate(store.db, store.keyring) == migrations.SCHEMA_VERSION
+    assert migrations.migrate(store.db, store.keyring) == migrations.SCHEMA_VERSION  # no-op
+    store.close()
+
+    store = Store(url, FileKek(tmp_path / "kek"), data_dir=tmp_path)
+    store.open()
+    try:
+        st = store.state()  # every row MACed and sealed: the verified state loads
+        assert st.tenants == {"t"} and st.epoch == 3 and st.seq == 1
+        assert authenticate(st, token, 1000) == Principal("t", "id1")
+        (kv,) = st.active_versions("m")
+        assert store.keyring.model_key(kv.wrapped, KeyRef("t", "m", 1)).equals(key)
+        with store.keyring.open_export_copy(st.exports[("m", 1)], KeyRef("t", "m", 1)) as k:
+            assert k.equals(key)
+        problems, head = verify_audit(store, None)
+        assert problems == [] and head.seq == 2  # the legacy entry, then the upgrade's
+        rows = store_rows(store)
+        assert rows[1]["action"] == "schema_upgrade" and legacy in rows[1]["details"]
+    finally:
+        store.close()
     os.chmod(tmp_path / "kek", 0o644)
     with pytest.raises(ConfigError, match="chmod"):
         FileKek(tmp_path / "kek")
 
 
+def store_rows(store: Any) -> list[dict[str, Any]]:
+    from sealtorch.keyserver import queries
+
+    return queries.audit_rows(store.db)
+
+
 def test_audit_export_and_expired_token(ks: RunningKeyServer, tmp_path: Path) -> None:
     from sealtorch.errors import AuthError
-    from sealtorch.keyserver.audit import verify_chain
+    from sealtorch.keyserver.admin import authenticate, create_token
+    from sealtorch.keyserver.audit import Head, verify_chain
     from sealtorch.keyserver.bootstrap import open_store
     from sealtorch.keyserver.config import load_config
     from sealtorch.protocol.grant import GrantVerifier
@@ -301,16 +362,17 @@ def test_audit_export_and_expired_token(ks: RunningKeyServer, tmp_path: Path) ->
     rows, head_doc = lines[:-1], lines[-1]["audit_head"]
     head = GrantVerifier(ks.signing_public_key).verify_audit_head(head_doc)
     assert rows and head.seq == rows[-1]["seq"] and head.head == rows[-1]["hash"]
-    assert verify_chain(rows, head_seq=head.seq, head_hash=head.head) == []
-    rows[0]["details"] = rows[0]["details"].replace("}", ',"x":1}')
-    assert any("seq 1" in p and "edited" in p for p in verify_chain(rows))
-    # an expired token is refused
     store, kek = open_store(load_config(ks.data_dir))
     try:
-        with store.tx() as c:
-            _, token = store.create_token(c, "default", -1)
+        mac = store.keyring.audit
+        assert verify_chain(rows, mac=mac, head=Head(head.seq, head.head)) == []
+        rows[0]["details"] = rows[0]["details"].replace("}", ',"x":1}')
+        assert any("seq 1" in p and "edited" in p for p in verify_chain(rows, mac=mac))
+        # an expired token is refused
+        with store.states.change(store.now()) as ch:
+            _, token = create_token(ch, "default", -1, actor="test")
         with pytest.raises(AuthError, match="expired"):
-            store.authenticate(token)
+            authenticate(store.state(), token, store.now())
     finally:
         store.close()
         kek.close()

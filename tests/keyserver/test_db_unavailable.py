@@ -7,6 +7,7 @@ The outage is real: the server's backend connections are terminated with
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from collections.abc import Iterator
@@ -22,10 +23,12 @@ from tests.servers import sim_policy, start_keyserver
 
 from sealtorch.attestation import sim
 from sealtorch.errors import StoreError
-from sealtorch.keyserver.client import tls_client_context
-from sealtorch.keyserver.kek import FileKek
+from sealtorch.keyserver.bootstrap import init_data_dir, open_store
+from sealtorch.keyserver.nonces import NonceBook
 from sealtorch.keyserver.store import DatabaseUnavailableError, Store
-from sealtorch.protocol.messages import ReleaseRequest, StatusRequest
+from sealtorch.protocol import hpke
+from sealtorch.protocol.messages import ReleaseRequest, StatusRequest, status_key_info
+from sealtorch.protocol.release_client import tls_client_context
 
 MEAS = sim.measure("dkeycache")
 
@@ -60,40 +63,42 @@ def _database_down(pg_url: str) -> Iterator[None]:
 # --- the group-commit writer (raw DBAPI statements) on a connection that died ------------------
 @pytest.fixture
 def pg_store(tmp_path: Path, pg_url: str) -> Iterator[Store]:
-    FileKek.create(tmp_path / "kek.bin")
-    st = Store(pg_url, FileKek(tmp_path / "kek.bin"))
-    st.migrate()
+    cfg = init_data_dir(tmp_path / "ks", db=pg_url)
+    st, kek = open_store(cfg)
     yield st
     st.close()
+    kek.close()
 
 
 def _audit_op(store: Store) -> Any:
-    def op(conn: Any) -> tuple[int, str]:
+    def op(conn: Any) -> Any:
         return store.append_audit(conn, actor="test", action="release", decision="deny",
                                   code="denied")
     return op
 
 
-@pytest.mark.parametrize("write", ["nonce_burn", "audit_append", "release_row"])
+@pytest.mark.parametrize("write", ["nonce_burn", "audit_append", "state_read"])
 def test_writer_on_a_terminated_connection_raises_unavailable(pg_store: Store, pg_url: str,
                                                               write: str) -> None:
     committer = pg_store.committer()
     # no idle ping: the next batch runs on the connection the database has just killed
     committer.IDLE_PING_SECONDS = float("inf")
+    db = pg_store.db
     ops = {
-        "nonce_burn": lambda conn: pg_store.burn_nonce_in(conn, os.urandom(32),
-                                                          int(time.time()) + 60),
+        "nonce_burn": lambda conn: NonceBook.burn(db, conn, os.urandom(32),
+                                                  int(time.time()) + 60),
         "audit_append": _audit_op(pg_store),
-        "release_row": lambda conn: pg_store.release_row(conn, "m", "c" * 32),
+        "state_read": lambda conn: pg_store.in_batch(conn),
     }
     assert committer.run(ops["nonce_burn"]) is True  # the writer holds its connection now
     assert _terminate_backends(pg_url) >= 1
-    with pytest.raises(DatabaseUnavailableError, match="retry later") as err:
+    with pytest.raises(DatabaseUnavailableError, match="retry") as err:
         committer.run(ops[write])
     assert isinstance(err.value, StoreError) and err.value.code == "unavailable"
+    assert _db_name(pg_url) in str(err.value)  # the message names the database
     # the writer reconnects by itself on the next batch
     committer.run(ops[write])
-    with pg_store.engine.connect() as c:
+    with db.engine.connect() as c:
         seq = c.execute(sa.text("SELECT audit_seq FROM server_state")).scalar_one()
         rows = c.execute(sa.text("SELECT count(*) FROM audit_log")).scalar_one()
     assert seq == rows  # the chain's head and its rows stayed in step
@@ -101,14 +106,17 @@ def test_writer_on_a_terminated_connection_raises_unavailable(pg_store: Store, p
 
 def test_reads_while_the_database_is_down_raise_unavailable(pg_store: Store,
                                                             pg_url: str) -> None:
+    from sealtorch.keyserver.migrations import schema_version
+
+    pg_store.states.forget()
     with _database_down(pg_url):
-        for read in (pg_store.sim_platforms, pg_store.audit_head, pg_store.schema_version,
-                     lambda: pg_store.authenticate("stk_" + "x" * 43)):
+        for read in (pg_store.state, pg_store.audit_head, lambda: schema_version(pg_store.db)):
             with pytest.raises(DatabaseUnavailableError):
                 read()
-        with pytest.raises(DatabaseUnavailableError), pg_store.tx():
+        with pytest.raises(DatabaseUnavailableError), pg_store.db.tx():
             pass
-    assert pg_store.audit_head()[0] == 0
+    assert pg_store.audit_head().seq == 3  # init, tenant_add, token_create
+    assert pg_store.state().tenants == {"default"}
 
 
 # --- over HTTP: every route answers 503 'unavailable' and releases nothing ---------------------
@@ -118,13 +126,16 @@ def test_database_outage_answers_503_unavailable_and_releases_nothing(tmp_path: 
     try:
         key = os.urandom(32)
         ks.add_model("m", key)
-        ks.set_policy("m", sim_policy(MEAS))
         cache = SimCache(ks.sim_platform(), MEAS)
+        ks.set_policy("m", sim_policy(MEAS, cache.platform_key))
         with ks.client() as client, httpx.Client(
                 verify=tls_client_context(ks.ca_cert_path), timeout=30) as h:
 
+            sent: list[tuple[Any, bytes]] = []
+
             def release() -> httpx.Response:
-                ev, _, pk, n = cache.request(client)
+                ev, sk, pk, n = cache.request(client)
+                sent.append((sk, n))
                 body = ReleaseRequest(evidence=ev.to_dict(), public_key=pk, nonce=n,
                                       models=["m"]).to_json()
                 return h.post(ks.url + "/v1/release", json=body)
@@ -132,10 +143,13 @@ def test_database_outage_answers_503_unavailable_and_releases_nothing(tmp_path: 
             ok = release()
             assert ok.status_code == 200 and len(ok.json()["grants"]) == 1
             cache_id = ok.json()["cache_id"]
+            status_key = hpke.open(base64.b64decode(ok.json()["status_key"]), sent[0][0],
+                                   status_key_info(cache_id, sent[0][1]))
             with _database_down(pg_url):
                 answers = [release() for _ in range(3)]
                 status = h.post(ks.url + "/v1/status", json=StatusRequest(
-                    nonce=os.urandom(32), cache_id=cache_id, models=["m"]).to_json())
+                    nonce=os.urandom(32), cache_id=cache_id, models=["m"]
+                ).authenticated(status_key.view()).to_json())
                 token = ks.admin_token_file.read_text().strip()
                 admin = h.get(ks.admin_url + "/v1/admin/models",
                               headers={"Authorization": f"Bearer {token}"})
@@ -162,27 +176,23 @@ def test_release_answers_503_when_the_database_goes_away_after_the_burn(
 
     from sealtorch._secret import Secret
     from sealtorch.attestation import binding
-    from sealtorch.keyserver import attest
+    from sealtorch.keyserver.admin import Admin, Principal
     from sealtorch.keyserver.app import release_app
-    from sealtorch.keyserver.bootstrap import init_data_dir, load_signing_key, open_store
+    from sealtorch.keyserver.bootstrap import load_signing_key
     from sealtorch.keyserver.service import KeyServer
-    from sealtorch.protocol import hpke
 
     cfg = init_data_dir(tmp_path / "ks", sim=True, auto_approve=True, db=pg_url)
     store, kek = open_store(cfg)
-    key = os.urandom(32)
     platform = sim.init_platform_key(tmp_path / "platform")
-    pub = sim.load_platform_public_key((tmp_path / "platform" / sim.PUBLIC_FILE).read_text())
-    pol, version = attest.parse_policy(sim_policy(MEAS))
-    with store.tx() as conn, Secret(key) as k:
-        store.add_sim_platform(conn, "default", sim.raw_public(pub).hex())
-        store.add_model(conn, "default", "m", k)
-        store.set_policy(conn, "default", "m", pol.to_dict(), version)
     ks = KeyServer(cfg, store, load_signing_key(cfg))
+    admin, me = Admin(ks), Principal("default", "test")
+    admin.sim_register(me, (tmp_path / "platform" / sim.PUBLIC_FILE).read_text())
+    admin.model_add(me, "m", Secret(os.urandom(32)), 1)
+    admin.policy_set(me, "m", sim_policy(MEAS, platform))
     cache = SimCache(platform, MEAS)
 
     def request() -> dict[str, Any]:
-        n = ks.new_nonce()
+        n = ks.nonces.issue()
         _, pk = hpke.generate_keypair()
         rd = binding.report_data("remote", n, hpke.KEM_ID, pk, ks.audience)
         return ReleaseRequest(evidence=cache.attester().attest(rd).to_dict(), public_key=pk,
@@ -218,7 +228,7 @@ def test_release_answers_503_when_the_database_goes_away_after_the_burn(
         # the nonce was burned before the failure: it never gets a key, not even on replay
         assert replay.status_code == 403 and replay.json()["error"]["code"] == "nonce_invalid"
         assert after.status_code == 200 and len(after.json()["grants"]) == 1, after.text
-        with store.read() as c:
+        with store.db.read() as c:
             granted = c.execute(sa.text("SELECT count(*) FROM audit_log WHERE action = 'release'"
                                         " AND decision = 'release'")).scalar_one()
         assert granted == 2

@@ -24,10 +24,10 @@ MEAS = sim.measure("dkeycache")
 def test_kill9_during_release_loop(tmp_path: Path) -> None:
     ks = start_keyserver(tmp_path, sim=True, auto_approve=True)
     keys = {"k1": os.urandom(32), "k2": os.urandom(32)}
+    cache = SimCache(ks.sim_platform(), MEAS)
     for mid, k in keys.items():
         ks.add_model(mid, k)
-        ks.set_policy(mid, sim_policy(MEAS))
-    cache = SimCache(ks.sim_platform(), MEAS)
+        ks.set_policy(mid, sim_policy(MEAS, cache.platform_key))
     released: list[tuple[str, int, bytes]] = []
     last_head: list[dict[str, Any]] = []
     enough = threading.Event()
@@ -96,8 +96,8 @@ def test_two_servers_one_postgresql_nonce_once(tmp_path: Path, pg_url: str) -> N
     b = start_keyserver(tmp_path / "b", data_dir=b_dir)
     try:
         a.add_model("m", os.urandom(32))
-        a.set_policy("m", sim_policy(MEAS))
         cache = SimCache(a.sim_platform(), MEAS)
+        a.set_policy("m", sim_policy(MEAS, cache.platform_key))
         with a.client() as ca, b.client() as cb:
             # sequential: issued by A, accepted by B once, then refused everywhere
             ev, _, pk, n = cache.request(ca)

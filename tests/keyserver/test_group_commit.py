@@ -17,8 +17,10 @@ from tests.servers import sim_policy, start_keyserver
 
 from sealtorch.attestation import sim
 from sealtorch.errors import ReleaseDenied
-from sealtorch.keyserver.audit import verify_chain
-from sealtorch.keyserver.kek import FileKek
+from sealtorch.keyserver import queries
+from sealtorch.keyserver.audit import Head, verify_chain
+from sealtorch.keyserver.bootstrap import init_data_dir, open_store
+from sealtorch.keyserver.nonces import NonceBook
 from sealtorch.keyserver.store import Store
 
 MEAS = sim.measure("dkeycache")
@@ -26,16 +28,24 @@ MEAS = sim.measure("dkeycache")
 
 @pytest.fixture
 def store(tmp_path: Path) -> Any:
-    FileKek.create(tmp_path / "kek.bin")
-    st = Store(f"sqlite:///{tmp_path / 'ks.db'}", FileKek(tmp_path / "kek.bin"))
-    st.migrate()
+    st, kek = open_store(init_data_dir(tmp_path / "ks"))
     yield st
     st.close()
+    kek.close()
 
 
 def _count(st: Store, table: str) -> int:
-    with st.engine.connect() as c:
+    with st.db.engine.connect() as c:
         return int(c.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def _burn(st: Store, n: bytes) -> Any:
+    return lambda conn: NonceBook.burn(st.db, conn, n, 2**40)
+
+
+def _verify(st: Store, rows: list[dict[str, Any]], head: Head | None = None) -> list[str]:
+    keyed_from = st.state().keyed_from
+    return verify_chain(rows, mac=st.keyring.audit, keyed_from=keyed_from, head=head)
 
 
 def test_concurrent_burns_accept_each_nonce_once(store: Store) -> None:
@@ -44,7 +54,7 @@ def test_concurrent_burns_accept_each_nonce_once(store: Store) -> None:
     committer = store.committer()
 
     def burn(n: bytes) -> bool:
-        return committer.run(lambda conn: store.burn_nonce_in(conn, n, 2**40))
+        return committer.run(_burn(store, n))
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(burn, attempts))
@@ -63,38 +73,41 @@ def test_a_failing_operation_is_isolated_from_its_batch(store: Store) -> None:
         store.append_audit(conn, actor="t", action="x", decision="deny", code="c")
         raise ValueError("operation failed")
 
-    fa = committer.submit(lambda conn: store.burn_nonce_in(conn, a, 2**40))
+    start = store.audit_head().seq
+    fa = committer.submit(_burn(store, a))
     fbad = committer.submit(boom)
     fb = committer.submit(lambda conn: store.append_audit(
         conn, actor="t", action="y", decision="admin", code="ok"))
-    fc = committer.submit(lambda conn: store.burn_nonce_in(conn, b, 2**40))
+    fc = committer.submit(_burn(store, b))
     gate.set()
     assert first.result(30) is True
     assert fa.result(30) is True and fc.result(30) is True
     with pytest.raises(ValueError):
         fbad.result(30)
-    seq, head = fb.result(30)
+    head = fb.result(30)
     # the neighbours committed; the failed operation left nothing behind
     assert _count(store, "consumed_nonces") == 2
-    rows = store.audit_rows()
-    assert [r["action"] for r in rows] == ["y"]
-    assert store.audit_head() == (seq, head) == (1, rows[0]["hash"])
-    assert verify_chain(rows, head_seq=seq, head_hash=head) == []
+    rows = queries.audit_rows(store.db)
+    assert [r["action"] for r in rows[start:]] == ["y"]
+    assert store.audit_head() == head == Head(start + 1, rows[-1]["hash"])
+    assert _verify(store, rows, head) == []
 
 
 def test_batched_audit_entries_chain_and_head(store: Store) -> None:
     committer = store.committer()
 
-    def append(i: int) -> tuple[int, str]:
+    def append(i: int) -> Head:
         return committer.run(lambda conn: store.append_audit(
             conn, actor=f"a{i}", action="release", decision="release", code="granted"))
 
+    start = store.audit_head().seq
     with ThreadPoolExecutor(16) as pool:
         heads = list(pool.map(append, range(64)))
-    rows = store.audit_rows()
-    assert len(rows) == 64 and sorted(s for s, _ in heads) == list(range(1, 65))
-    assert store.audit_head() == (64, rows[-1]["hash"])
-    assert verify_chain(rows, head_seq=64, head_hash=rows[-1]["hash"]) == []
+    rows = queries.audit_rows(store.db)
+    assert len(rows) == start + 64
+    assert sorted(h.seq for h in heads) == list(range(start + 1, start + 65))
+    assert store.audit_head() == Head(start + 64, rows[-1]["hash"])
+    assert _verify(store, rows, store.audit_head()) == []
 
 
 def _concurrent_releases(tmp_path: Path, db_url: str | None) -> None:
@@ -103,7 +116,7 @@ def _concurrent_releases(tmp_path: Path, db_url: str | None) -> None:
         cache = SimCache(ks.sim_platform(), MEAS)
         key = os.urandom(32)
         ks.add_model("m", key)
-        ks.set_policy("m", sim_policy(MEAS))
+        ks.set_policy("m", sim_policy(MEAS, cache.platform_key))
         start = ks.admin("GET", "/v1/admin/audit?limit=1000")["entries"]
 
         def one(_: int) -> tuple[Any, ...]:

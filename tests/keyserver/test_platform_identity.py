@@ -46,11 +46,11 @@ def test_dcap_claims_carry_the_pck_ppid(vectors: Path, tee: str, name: str, at: 
         Evidence(tee, quote, None), now=at)
     assert claims.ppid == bytes.fromhex(ppid_hex)
 
-    # the key server names the cache by the PPID, not by the signer identity
-    ident = attest.identity(claims)
+    # the key server names the cache by the PPID, not by the signer identity or its key
+    ident = attest.cache_identity(claims, b"k" * 32)
     assert ident.tee == tee
-    assert ident.platform_id == ppid_hex
-    assert not ident.platform_id.startswith("signer:")
+    assert ident.platform_id == ppid_hex and not ident.by_key
+    assert attest.cache_identity(claims, b"j" * 32).cache_id == ident.cache_id
 
 
 def test_cache_ids_differ_per_platform_and_tee(vectors: Path) -> None:
@@ -59,9 +59,11 @@ def test_cache_ids_differ_per_platform_and_tee(vectors: Path) -> None:
     for tee, name, at, _ in DCAP:
         claims = VerifierSet(collateral=d / f"{name}_collateral.json").verify(
             Evidence(tee, (d / name).read_bytes(), None), now=at)
-        ident = attest.identity(claims)
-        ids.add(hashlib.sha256(b"sealtorch-cache/v1\x00" + ident.tee.encode() + b"\x00"
-                               + ident.platform_id.encode()).hexdigest()[:32])
+        ident = attest.cache_identity(claims, b"k" * 32)
+        assert ident.cache_id == hashlib.sha256(
+            b"sealtorch-cache/v1\x00" + ident.tee.encode() + b"\x00"
+            + ident.platform_id.encode()).hexdigest()[:32]
+        ids.add(ident.cache_id)
     assert len(ids) == 2
 
 
@@ -73,4 +75,26 @@ def test_snp_cache_identity_is_the_chip_id(vectors: Path) -> None:
     assert claims.chip_id is not None and len(claims.chip_id) == 64
     report = (d / "test-report.bin").read_bytes()
     assert claims.chip_id == report[0x1A0:0x1E0]  # CHIP_ID field of the SNP report
-    assert attest.identity(claims).platform_id == claims.chip_id.hex()
+    assert attest.cache_identity(claims, b"k" * 32).platform_id == claims.chip_id.hex()
+
+
+@pytest.mark.parametrize("tee", ["sgx", "tdx", "snp"])
+def test_evidence_without_a_platform_id_is_named_by_its_enrolled_key(vectors: Path,
+                                                                     tee: str) -> None:
+    """An SNP report whose CHIP_ID is all zero (VLEK signing, MASK_CHIP_ID), or evidence
+    without a PPID, never shares one cache id with other hosts (as a signer-based id would):
+    the cache is named by the key it enrolled with."""
+    import dataclasses
+
+    d = vectors / "amd-snp" / "trustee-vcek"
+    claims = VerifierSet().verify(
+        Evidence("snp", (d / "test-report.bin").read_bytes(),
+                 (d / "test-vcek.der").read_bytes()))
+    blank = (dataclasses.replace(claims, chip_id=bytes(64)) if tee == "snp" else
+             dataclasses.replace(claims, tee=tee, chip_id=None, ppid=None,
+                                 mrenclave=b"m" * 32, mrsigner=b"s" * 32))
+    a = attest.cache_identity(blank, b"a" * 32)
+    b = attest.cache_identity(blank, b"b" * 32)
+    assert a.by_key and b.by_key and a.cache_id != b.cache_id
+    assert a.platform_id.startswith("key:") and "signer" not in a.platform_id
+    assert attest.cache_identity(blank, b"a" * 32) == a  # stable for one key

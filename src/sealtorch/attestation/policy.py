@@ -175,6 +175,10 @@ class Identity:
             raise PolicyError(f"{where}: a tdx identity needs mrtd")
         if self.tee in ("snp", "sim") and not self.measurement:
             raise PolicyError(f"{where}: a {self.tee} identity needs measurement")
+        if self.tee == "sim" and not self.platform_key:
+            raise PolicyError(
+                f"{where}: a sim identity needs platform_key (the fingerprint of a sim platform "
+                "key its tenant registered: 'sealtorch sim init' prints it)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain form with only the fields that are set (defaults omitted)."""

@@ -46,9 +46,9 @@ class _SigningUpstream:
 
     def release(self, evidence: Any, public_key: bytes, nonce: bytes,
                 models: list[str] | None = None, *, private_key: Any = None) -> Any:
-        from sealtorch.keyserver.client import ReleasedKey, ReleaseResult
         from sealtorch.protocol import hpke
         from sealtorch.protocol.grant import AuditHead, Grant, sign_audit_head, sign_grant
+        from sealtorch.protocol.release_client import ReleasedKey, ReleaseResult
 
         sid = self.verifier.server_key_id
         g = Grant("bench", MODEL, 1, nonce, public_key, hpke.KEM_ID, evidence.digest().hex(),

@@ -136,8 +136,8 @@ async def _load(url: str, ca: Path, pub: bytes, platform_key: Path, measurement:
 
     from sealtorch.attestation import binding
     from sealtorch.attestation.attesters.sim import SimAttester
-    from sealtorch.keyserver.client import tls_client_context
     from sealtorch.protocol import hpke
+    from sealtorch.protocol.release_client import tls_client_context
     from sealtorch.protocol.signing import key_id
 
     att = SimAttester(platform_key, measurement, role="dkeycache")
@@ -271,7 +271,7 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
     from cryptography.hazmat.primitives import serialization
 
     from sealtorch.attestation import sim
-    from sealtorch.keyserver.client import tls_client_context
+    from sealtorch.protocol.release_client import tls_client_context
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     drop = None

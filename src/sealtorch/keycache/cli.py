@@ -59,7 +59,7 @@ def status(socket_path: str | None, config_path: str | None, as_json: bool) -> N
     """Show the cache's health, leases and recent local decisions (exit 1 when down)."""
     from sealtorch.errors import ServiceUnavailableError
     from sealtorch.keycache.address import connect, parse_endpoint
-    from sealtorch.keycache.framing import call
+    from sealtorch.protocol.local import call
 
     if socket_path is None:
         from sealtorch.keycache.config import CacheConfig, load_config

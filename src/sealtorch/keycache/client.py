@@ -34,18 +34,19 @@ from sealtorch.format.header import Header
 from sealtorch.format.keys import check_file_key
 from sealtorch.keycache.address import connect as connect_endpoint
 from sealtorch.keycache.address import parse_endpoint
-from sealtorch.keycache.framing import call
-from sealtorch.keycache.server import (
-    CHALLENGE_LEN,
-    LOCAL_PROTOCOL,
-    cache_audience,
-    challenge_info,
-    file_key_info,
-)
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.grant import NONCE_LEN, Grant
-from sealtorch.protocol.signing import KIND_GRANT, key_id, load_public_key, verify_document
+from sealtorch.protocol.local import (
+    CHALLENGE_LEN,
+    LOCAL_PROTOCOL,
+    cache_audience,
+    call,
+    challenge_info,
+    file_key_info,
+    verify_relayed_grant,
+)
+from sealtorch.protocol.signing import key_id, load_public_key
 
 _PROTOCOL_CODES = frozenset({"protocol_error", "header_invalid", "not_sealed",
                              "unsupported_version", "format_error"})
@@ -200,25 +201,9 @@ class KeyCacheClient:
 
     # --- verification --------------------------------------------------------------------
     def _verify_grant(self, doc: object, model_id: str) -> Grant:
-        grant = Grant.from_body(verify_document(self._pub, KIND_GRANT, doc))
         assert self._cache_key is not None
-        if not hmac.compare_digest(grant.requester_key, self._cache_key):
-            raise GrantError(
-                "the relayed grant was issued to another key cache than the one this runtime "
-                "attested to; refusing it"
-            )
-        if not hmac.compare_digest(grant.server_key_id, self._server_key_id):
-            raise GrantError("the relayed grant names another server key than the pinned one")
-        if grant.model_id != model_id:
-            raise GrantError("the relayed grant is for another model than the one requested")
-        seen = self._seen_policy.get(model_id, 0)
-        if grant.policy_version < seen:
-            raise GrantError(
-                f"policy version {grant.policy_version} of model {model_id!r} is lower than "
-                f"version {seen} already seen; refusing a rollback"
-            )
-        self._seen_policy[model_id] = grant.policy_version
-        return grant
+        return verify_relayed_grant(self._pub, doc, cache_key=self._cache_key,
+                                    model_id=model_id, seen_policy=self._seen_policy)
 
     # --- KeyProvider ---------------------------------------------------------------------
     def file_key(self, header: Header) -> Secret:

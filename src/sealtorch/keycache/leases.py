@@ -31,11 +31,10 @@ from sealtorch.errors import (
 )
 from sealtorch.protocol import hpke
 from sealtorch.protocol.grant import Grant
+from sealtorch.protocol.local import CHALLENGE_LEN
 
 log = logging.getLogger("sealtorch.keycache")
 T = TypeVar("T")
-#: length of a runtime's challenge secret (see ``keycache.server.CHALLENGE_LEN``)
-CHALLENGE_SECRET_LEN = 32
 
 
 class Upstream(Protocol):
@@ -151,10 +150,10 @@ class LeaseManager:
                 "the challenge does not open with this key cache's key for this file and "
                 "session; the runtime attested to another cache or the request was altered"
             ) from e
-        if len(secret) != CHALLENGE_SECRET_LEN:
+        if len(secret) != CHALLENGE_LEN:
             secret.wipe()
             raise ProtocolError(
-                f"the challenge must be a {CHALLENGE_SECRET_LEN}-byte secret; update the runtime"
+                f"the challenge must be a {CHALLENGE_LEN}-byte secret; update the runtime"
             )
         return secret
 

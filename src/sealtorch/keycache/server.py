@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import hashlib
 import logging
 import os
 import secrets
@@ -39,43 +38,22 @@ from sealtorch.format.keys import check_file_key, derive_file_key
 from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.keycache.address import TcpAddress
 from sealtorch.keycache.decisions import DecisionContext, DecisionLog, runtime_identity
-from sealtorch.keycache.framing import recv_frame, send_frame
-from sealtorch.keycache.leases import CHALLENGE_SECRET_LEN, Lease, LeaseManager
+from sealtorch.keycache.leases import Lease, LeaseManager
 from sealtorch.keycache.metrics import CacheMetrics
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.grant import NONCE_LEN
+from sealtorch.protocol.local import (
+    LOCAL_PROTOCOL,
+    SEALED_CHALLENGE_LEN,
+    cache_audience,
+    challenge_info,
+    file_key_info,
+    recv_frame,
+    send_frame,
+)
 
 log = logging.getLogger("sealtorch.keycache")
-
-LOCAL_PROTOCOL = "sealtorch-local/v1"
-FILE_KEY_INFO_LABEL = b"sealtorch/v1 local file key\x00"
-CHALLENGE_INFO_LABEL = b"sealtorch/v1 local cache challenge\x00"
-#: the runtime's fresh secret that only the holder of the cache's HPKE key can open
-CHALLENGE_LEN = CHALLENGE_SECRET_LEN
-#: HPKE ``enc`` (32) + the sealed 32-byte secret + AES-GCM tag (16)
-SEALED_CHALLENGE_LEN = 32 + CHALLENGE_LEN + 16
-MAX_EVIDENCE_FIELD = 60 * 1024
-
-
-def file_key_info(grant_digest: bytes, header_digest: bytes, session_nonce: bytes,
-                  challenge: bytes | Secret) -> bytes:
-    """HPKE ``info`` of a sealed file key: binds it to the grant, the file, the session and the
-    runtime's challenge secret (which proves the answer comes from the holder of the cache key
-    the grant was issued to)."""
-    return FILE_KEY_INFO_LABEL + grant_digest + header_digest + session_nonce + bytes(challenge)
-
-
-def challenge_info(header_digest: bytes, session_nonce: bytes) -> bytes:
-    """HPKE ``info`` of the runtime's challenge sealed to the cache key: binds it to the file
-    and the session, so it cannot be replayed into another request context."""
-    return CHALLENGE_INFO_LABEL + header_digest + session_nonce
-
-
-def cache_audience(cache_public_key: bytes) -> bytes:
-    """The audience a runtime binds into its local evidence: SHA-256 of the cache's key."""
-    return hashlib.sha256(cache_public_key).digest()
-
 
 @dataclass(frozen=True)
 class PeerCred:

@@ -78,8 +78,8 @@ def start_cache(
 ) -> Cache:
     """Start lease loop, local socket and (if configured) health listener; returns at once."""
     from sealtorch.attestation import binding
-    from sealtorch.keyserver.client import KeyServerClient
     from sealtorch.protocol import hpke
+    from sealtorch.protocol.release_client import KeyServerClient
     from sealtorch.protocol.signing import key_id, load_public_key
 
     if upstream is None:

@@ -5,9 +5,11 @@ The admin token is read from ``--token-file`` or ``$SEALTORCH_ADMIN_TOKEN``, nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,26 +90,28 @@ def serve(data_dir: str, db: str | None, release_port: int | None, admin_port: i
 @click.option("--ttl-days", type=int, default=90)
 def tenant_add(data_dir: str, tenant: str, token_out: str, ttl_days: int) -> None:
     """(local, owner machine) Add a tenant and write its first admin token to a 0600 file."""
-    import re
+    from sealtorch.keyserver.admin import add_tenant
+    from sealtorch.keyserver.bootstrap import write_secret_file
 
-    from sealtorch.keyserver.bootstrap import _write_secret_file, open_store
+    with _local_store(data_dir) as store:
+        with store.states.change(store.now()) as ch:
+            _, token = add_tenant(ch, tenant, ttl_days * 86400, actor="local")
+        write_secret_file(Path(token_out), (token + "\n").encode("ascii"))
+    _echo({"tenant": tenant, "token_file": token_out})
+
+
+@contextlib.contextmanager
+def _local_store(data_dir: str) -> Iterator[Any]:
+    """The store of a data dir, for local (owner machine) commands."""
+    from sealtorch.keyserver.bootstrap import open_store
     from sealtorch.keyserver.config import load_config
 
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", tenant):
-        raise ConfigError("tenant names are [a-z0-9][a-z0-9_-]{0,63}")
-    cfg = load_config(data_dir)
-    store, kek = open_store(cfg)
+    store, kek = open_store(load_config(data_dir))
     try:
-        with store.tx() as conn:
-            store.add_tenant(conn, tenant)
-            _, token = store.create_token(conn, tenant, ttl_days * 86400)
-            store.append_audit(conn, actor="local", action="tenant_add", decision="admin",
-                               code="ok", tenant=tenant)
-        _write_secret_file(Path(token_out), (token + "\n").encode("ascii"))
+        yield store
     finally:
         store.close()
         kek.close()
-    _echo({"tenant": tenant, "token_file": token_out})
 
 
 class Admin:
@@ -116,7 +120,7 @@ class Admin:
     def __init__(self, url: str, ca_cert: str, token_file: str | None) -> None:
         import httpx
 
-        from sealtorch.keyserver.client import tls_client_context
+        from sealtorch.protocol.release_client import tls_client_context
 
         token = os.environ.get(TOKEN_ENV)
         if token_file:
@@ -323,35 +327,46 @@ def audit() -> None:
 
 @audit.command("show")
 @admin_options
-@click.option("--after", type=int, default=0)
-@click.option("--limit", type=int, default=100)
-def audit_show(after: int, limit: int, **kw: Any) -> None:
-    _echo(_admin(kw).call("GET", "/v1/admin/audit", params={"after": after, "limit": limit}))
+@click.option("--after", type=int, default=0, help="only entries after this sequence number")
+@click.option("--limit", type=int, default=100, help="at most this many entries (max 1000)")
+@click.option("--oldest", is_flag=True, help="the oldest entries instead of the newest")
+def audit_show(after: int, limit: int, oldest: bool, **kw: Any) -> None:
+    """Your tenant's audit entries (the newest LIMIT by default), in chain order."""
+    params = {"after": after, "limit": limit, "order": "oldest" if oldest else "newest"}
+    _echo(_admin(kw).call("GET", "/v1/admin/audit", params=params))
+
+
+@audit.command("head")
+@admin_options
+def audit_head(**kw: Any) -> None:
+    """Print the current signed audit head; keep it outside the database for 'audit verify
+    --head' (every release answer carries one too)."""
+    _echo(_admin(kw).call("GET", "/v1/admin/audit/head"))
 
 
 @audit.command("verify")
 @click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--head", "head_file", default=None, type=click.Path(exists=True),
-              help="a signed audit head a client saw (JSON); detects a truncated tail")
+              help="a signed audit head saved earlier (JSON, as 'audit head' prints it or a "
+                   "release answer carries it): detects a truncated or rewritten tail")
 def audit_verify(data_dir: str, head_file: str | None) -> None:
-    """(local) Verify the whole chain; names edited, deleted or reordered rows."""
-    from sealtorch.keyserver.audit import verify_chain
-    from sealtorch.keyserver.bootstrap import load_signing_key, open_store
+    """(local, needs the KEK) Verify the keyed chain; names edited, inserted, reordered,
+    deleted and truncated entries."""
+    from sealtorch.keyserver.admin import verify_audit
+    from sealtorch.keyserver.audit import Head
+    from sealtorch.keyserver.bootstrap import load_signing_key
     from sealtorch.keyserver.config import load_config
     from sealtorch.protocol.grant import GrantVerifier
 
-    cfg = load_config(data_dir)
-    store, kek = open_store(cfg)
-    try:
-        seq, hh = None, None
-        if head_file:
-            v = GrantVerifier(load_signing_key(cfg).public_key())
-            h = v.verify_audit_head(json.loads(Path(head_file).read_text()))
-            seq, hh = h.seq, h.head
-        problems = verify_chain(store.audit_rows(), head_seq=seq, head_hash=hh)
-    finally:
-        store.close()
-        kek.close()
+    head = None
+    if head_file:
+        doc = json.loads(Path(head_file).read_text())
+        doc = doc.get("audit_head", doc) if isinstance(doc, dict) else doc
+        v = GrantVerifier(load_signing_key(load_config(data_dir)).public_key())
+        h = v.verify_audit_head(doc)
+        head = Head(h.seq, h.head)
+    with _local_store(data_dir) as store:
+        problems, _ = verify_audit(store, head)
     _echo({"ok": not problems, "problems": problems})
     if problems:
         sys.exit(1)
@@ -359,24 +374,21 @@ def audit_verify(data_dir: str, head_file: str | None) -> None:
 
 @audit.command("export")
 @click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="new file: one JSON line per entry, then the signed head")
 def audit_export(data_dir: str, out: str) -> None:
     """(local) Write the chain as JSON lines plus a signed head, for write-once storage."""
     import time
 
-    from sealtorch.keyserver.bootstrap import load_signing_key, open_store
+    from sealtorch.keyserver import queries
+    from sealtorch.keyserver.bootstrap import load_signing_key
     from sealtorch.keyserver.config import load_config
     from sealtorch.protocol.grant import AuditHead, sign_audit_head
     from sealtorch.protocol.signing import key_id
 
-    cfg = load_config(data_dir)
-    store, kek = open_store(cfg)
-    try:
-        rows = store.audit_rows()
-    finally:
-        store.close()
-        kek.close()
-    sk = load_signing_key(cfg)
+    with _local_store(data_dir) as store:
+        rows = queries.audit_rows(store.db)
+    sk = load_signing_key(load_config(data_dir))
     seq, hh = (int(rows[-1]["seq"]), str(rows[-1]["hash"])) if rows else (0, "00" * 32)
     head = sign_audit_head(sk, AuditHead(seq, hh, int(time.time()), key_id(sk)))
     with open(out, "x") as f:
@@ -384,6 +396,33 @@ def audit_export(data_dir: str, out: str) -> None:
             f.write(json.dumps(r, sort_keys=True) + "\n")
         f.write(json.dumps({"audit_head": head}, sort_keys=True) + "\n")
     _echo({"entries": len(rows), "out": out})
+
+
+@cli.command()
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--reason", default="", help="why (recorded in the audit entry)")
+@click.option("--drop-invalid-rows", is_flag=True,
+              help="delete rows that fail their MAC (forged or edited without the KEK)")
+@click.option("--reseal-server-state", is_flag=True,
+              help="accept a server_state row that fails its MAC as it is")
+@click.option("--yes", is_flag=True, help="do it; without --yes only report what is wrong")
+def recover(data_dir: str, reason: str, drop_invalid_rows: bool, reseal_server_state: bool,
+            yes: bool) -> None:
+    """(local, needs the KEK) After a restore, rollback or tampering: report what the server
+    refuses, and with --yes accept the database as it now is (audited)."""
+    from sealtorch.keyserver import recovery
+
+    with _local_store(data_dir) as store:
+        if not yes:
+            report = recovery.inspect(store)
+            _echo(report.to_dict())
+            if not report.healthy:
+                sys.exit(1)
+            return
+        if not reason:
+            raise ConfigError("say why with --reason (it is recorded in the audit log)")
+        _echo(recovery.recover(store, reason=reason, drop_invalid_rows=drop_invalid_rows,
+                               reseal_server_state=reseal_server_state))
 
 
 @cli.group()

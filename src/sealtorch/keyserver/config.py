@@ -43,6 +43,9 @@ class ServerConfig:
     rate_per_token: float = 50.0
     workers: int = 1
     collateral_dir: str = "collateral"
+    #: the verified state is checked against every row at least this often (rows edited in
+    #: place are caught then); any change of the state sequence reloads it at once
+    state_recheck_seconds: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def path(self, rel: str) -> Path:
@@ -67,6 +70,8 @@ class ServerConfig:
             raise ConfigError("lease_seconds must be between 1 second and 30 days")
         if not 1 <= self.workers <= 64:
             raise ConfigError("workers must be between 1 and 64")
+        if not 0 <= self.state_recheck_seconds <= 3600:
+            raise ConfigError("state_recheck_seconds must be between 0 and 3600")
 
     def to_toml(self) -> str:
         lines = []

@@ -1,15 +1,13 @@
-"""KEK providers: wrap model keys at rest (AES-256-GCM, AAD = tenant|model|key version) and
-MAC policies, with a key the database never sees.
+"""KEK providers: wrap and unwrap secrets at rest with AES-256-GCM under a caller's AAD, with
+a key the database never sees. What gets wrapped, under which AAD, is ``keyring.py``'s business.
 
-``file``: a 32-byte KEK in a 0600 file; HKDF-SHA256 derives separate wrap and MAC keys from it.
-``pkcs11``: an AES-256 key and an HMAC key generated inside a PKCS#11 token (SoftHSM2 in tests),
+``file``: a 32-byte KEK in a 0600 file; HKDF-SHA256 derives the wrapping key from it.
+``pkcs11``: an AES-256 key generated inside a PKCS#11 token (SoftHSM2 in tests),
 non-extractable, so the KEK never leaves the token.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import stat
 import threading
@@ -22,17 +20,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sealtorch._secret import Secret
-from sealtorch.errors import ConfigError, StoreError, TamperError
-from sealtorch.protocol.canonical import canonical_json
+from sealtorch.errors import ConfigError, TamperError
 
 _WRAP_VERSION = b"\x01"
 _NONCE_LEN = 12
 KEK_FILE_MODE = 0o600
-
-
-def wrap_aad(tenant: str, model_id: str, key_version: int) -> bytes:
-    """The unambiguous AAD that pins a wrapped key to its tenant, model and key version."""
-    return b"sealtorch-kek/v1\x00" + canonical_json([tenant, model_id, key_version])
 
 
 class KekProvider(Protocol):
@@ -44,14 +36,7 @@ class KekProvider(Protocol):
 
     def unwrap(self, blob: bytes, aad: bytes) -> Secret: ...
 
-    def mac(self, data: bytes) -> bytes: ...
-
     def close(self) -> None: ...
-
-
-def verify_mac(kek: KekProvider, data: bytes, tag: bytes) -> bool:
-    """Constant-time check of ``tag`` over ``data``."""
-    return hmac.compare_digest(kek.mac(data), tag)
 
 
 def _tamper() -> TamperError:
@@ -62,7 +47,7 @@ def _tamper() -> TamperError:
 
 
 class FileKek:
-    """A 32-byte KEK held in a 0600 file; wrap and MAC keys are HKDF-derived from it."""
+    """A 32-byte KEK held in a 0600 file; the wrapping key is HKDF-derived from it."""
 
     name = "file"
 
@@ -80,7 +65,6 @@ class FileKek:
             raise ConfigError(f"KEK file {p} must hold exactly 32 raw bytes")
         with Secret.take(raw) as kek:
             self._wrap = AESGCM(self._derive(kek, b"wrap"))
-            self._mac_key = Secret(self._derive(kek, b"mac"))
 
     @staticmethod
     def _derive(kek: Secret, label: bytes) -> bytes:
@@ -107,19 +91,15 @@ class FileKek:
         except InvalidTag as e:
             raise _tamper() from e
 
-    def mac(self, data: bytes) -> bytes:
-        return hmac.new(bytes(self._mac_key), data, hashlib.sha256).digest()
-
     def close(self) -> None:
-        self._mac_key.wipe()
+        """Nothing to wipe by hand: the derived key lives only inside the AES-GCM context."""
 
 
 class Pkcs11Kek:
-    """KEK inside a PKCS#11 token: AES-256-GCM wrap and HMAC-SHA256 done by the token."""
+    """KEK inside a PKCS#11 token: AES-256-GCM wrapping done by the token."""
 
     name = "pkcs11"
     WRAP_LABEL = "sealtorch-kek-wrap"
-    MAC_LABEL = "sealtorch-kek-mac"
 
     def __init__(self, module: str, token_label: str, pin: str, *, create: bool = False) -> None:
         import pkcs11
@@ -151,8 +131,6 @@ class Pkcs11Kek:
 
         self._wrap_key = get_or_create(self.WRAP_LABEL, KeyType.AES,
                                        {Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
-        self._mac_key = get_or_create(self.MAC_LABEL, KeyType.GENERIC_SECRET,
-                                      {Attribute.SIGN: True, Attribute.VERIFY: True})
 
     def wrap(self, key: Secret, aad: bytes) -> bytes:
         from pkcs11 import Mechanism
@@ -179,16 +157,6 @@ class Pkcs11Kek:
         except PKCS11Error as e:
             raise _tamper() from e
         return Secret(pt)
-
-    def mac(self, data: bytes) -> bytes:
-        from pkcs11 import Mechanism, PKCS11Error
-
-        try:
-            with self._lock:
-                return bytes(self._mac_key.sign(
-                    data, mechanism=Mechanism.SHA256_HMAC))
-        except PKCS11Error as e:
-            raise StoreError(f"PKCS#11 HMAC failed ({type(e).__name__})") from e
 
     def close(self) -> None:
         try:

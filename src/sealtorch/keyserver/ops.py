@@ -8,6 +8,8 @@ import os
 import threading
 import time
 import traceback
+from collections import OrderedDict
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -66,24 +68,33 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 class RateLimiter:
-    """Token buckets per key (client address or token id): ``rate`` per second, burst 2x."""
+    """Token buckets per key (client address or token id): ``rate`` per second, burst 2x.
 
-    def __init__(self, rate: float, max_keys: int = 10000) -> None:
+    At most ``max_keys`` buckets are kept; when a new key arrives at the limit, the least
+    recently seen one is evicted (never all at once, so a flood of new addresses cannot reset
+    everyone's bucket). An evicted key starts again with a full burst, which is the cost of a
+    hard memory bound. (The ``limits`` package was considered: its memory storage bounds keys
+    by expiry, not by count.)"""
+
+    def __init__(self, rate: float, max_keys: int = 10000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = max(1.0, rate * 2)
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._max = max_keys
+        self._clock = clock
 
     def allow(self, key: str) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
-            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens, last = self._buckets.pop(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens < 1:
-                self._buckets[key] = (tokens, now)
-                return False
-            if len(self._buckets) >= self._max and key not in self._buckets:
-                self._buckets.clear()
-            self._buckets[key] = (tokens - 1, now)
-            return True
+            if len(self._buckets) >= self._max:
+                self._buckets.popitem(last=False)  # the least recently seen key
+            allowed = tokens >= 1
+            self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+            return allowed
+
+    def __len__(self) -> int:
+        return len(self._buckets)

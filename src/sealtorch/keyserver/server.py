@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from sealtorch._secret import harden_process
+from sealtorch.errors import StateRollbackError, TamperError
 from sealtorch.keyserver import ops
 from sealtorch.keyserver.app import admin_app, release_app
 from sealtorch.keyserver.bootstrap import load_signing_key, open_store
@@ -136,7 +137,16 @@ def _run(coro: Any) -> None:
 
 def _make(cfg: ServerConfig) -> KeyServer:
     store, _kek = open_store(cfg)
-    return KeyServer(cfg, store, load_signing_key(cfg))
+    ks = KeyServer(cfg, store, load_signing_key(cfg))
+    try:  # verify the state now, so a refusing server says why at start, not at first use
+        st = store.state()
+    except (StateRollbackError, TamperError) as e:
+        log.error("REFUSING TO SERVE: %s", e, extra={"fields": {"code": e.code}})
+        warnings.warn(f"dkeyserver refuses releases and admin writes: {e}", RuntimeWarning,
+                      stacklevel=2)
+    else:
+        store.watermark.raise_to(st.db_id, st.seq, store.audit_head().seq)
+    return ks
 
 
 RUN_FILE = "run.json"

@@ -73,6 +73,7 @@ class Grant:
     revocation_epoch: int
     issued_at: int
     server_key_id: str
+    state_seq: int = 0
 
     def body(self) -> dict[str, Any]:
         """The JSON body exactly as signed."""
@@ -92,6 +93,7 @@ class Grant:
             "revocation_epoch": self.revocation_epoch,
             "issued_at": self.issued_at,
             "server_key_id": self.server_key_id,
+            "state_seq": self.state_seq,
         }
 
     def digest(self) -> bytes:
@@ -129,6 +131,7 @@ class Grant:
             revocation_epoch=_int(body, "revocation_epoch"),
             issued_at=_int(body, "issued_at"),
             server_key_id=_str(body, "server_key_id", max_len=64),
+            state_seq=_int(body, "state_seq"),
         )
         return g
 
@@ -137,6 +140,7 @@ _EMPTY: dict[str, Any] = {
     "tenant": "", "model_id": "", "key_version": 0, "nonce": b"", "requester_key": b"",
     "kem_id": 0, "evidence_digest": "", "cache_id": "", "policy": {}, "policy_version": 0,
     "lease_seconds": 0, "revocation_epoch": 0, "issued_at": 0, "server_key_id": "",
+    "state_seq": 0,
 }
 
 
@@ -171,6 +175,7 @@ class Status:
     models: dict[str, ModelStatus]
     issued_at: int
     server_key_id: str
+    state_seq: int = 0
 
     def body(self) -> dict[str, Any]:
         return {
@@ -186,6 +191,7 @@ class Status:
             },
             "issued_at": self.issued_at,
             "server_key_id": self.server_key_id,
+            "state_seq": self.state_seq,
         }
 
     @classmethod
@@ -215,6 +221,7 @@ class Status:
             models=models,
             issued_at=_int(body, "issued_at"),
             server_key_id=_str(body, "server_key_id", max_len=64),
+            state_seq=_int(body, "state_seq"),
         )
 
 
@@ -251,13 +258,15 @@ def sign_audit_head(signing_key: Ed25519PrivateKey, head: AuditHead) -> dict[str
 class GrantVerifier:
     """Verify grants, status documents and audit heads against the pinned server key.
 
-    Keeps, per model id, the highest policy version seen and refuses anything lower, so a host
-    cannot replay an older (looser) policy. Thread-safe.
+    Keeps, per model id, the highest policy version seen and refuses anything lower, and the
+    highest server state sequence seen and refuses documents from older state, so a host cannot
+    replay an older (looser) policy and a restored key-server database is not believed. Thread-safe.
     """
 
     pinned_public_key: Ed25519PublicKey | bytes | str
     _pub: Ed25519PublicKey = field(init=False, repr=False)
     _seen: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _state_seq: int = field(default=0, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -279,6 +288,16 @@ class GrantVerifier:
             if record:
                 self._seen[model_id] = version
 
+    def check_state_seq(self, seq: int) -> None:
+        """Refuse an answer decided at older server state than one already seen."""
+        with self._lock:
+            if seq < self._state_seq:
+                raise GrantError(
+                    f"the key server answered from state {seq}, older than state "
+                    f"{self._state_seq} already seen: its database was restored or rolled back; "
+                    "refusing the answer")
+            self._state_seq = seq
+
     def verify(
         self,
         doc: object,
@@ -297,6 +316,7 @@ class GrantVerifier:
             raise GrantError("grant names another server key id than the pinned key")
         if model_id is not None and grant.model_id != model_id:
             raise GrantError("grant is for another model than the one requested")
+        self.check_state_seq(grant.state_seq)
         self._check_policy_version(grant.model_id, grant.policy_version, record=True)
         return grant
 
@@ -317,6 +337,7 @@ class GrantVerifier:
             raise GrantError("status document is for another cache id")
         if not hmac.compare_digest(status.server_key_id, self.server_key_id):
             raise GrantError("status document names another server key id")
+        self.check_state_seq(status.state_seq)
         for m, s in status.models.items():
             if s.state == "active":  # revoked entries carry no policy version (0)
                 self._check_policy_version(m, s.policy_version, record=True)

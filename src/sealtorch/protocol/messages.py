@@ -6,6 +6,8 @@ echoing its value. See ``docs/keyserver.md`` for the wire format.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,7 @@ from sealtorch.errors import ProtocolError
 from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
+from sealtorch.protocol.canonical import canonical_json
 from sealtorch.protocol.grant import NONCE_LEN
 
 MAX_BODY = 64 * 1024
@@ -109,20 +112,50 @@ def _x25519(value: object) -> tuple[bytes, X25519PublicKey]:
     return raw, hpke.load_public_key(raw)
 
 
+STATUS_KEY_LEN = 32
+_STATUS_MAC_TAG = b"sealtorch-status-request/v1\x00"
+_STATUS_KEY_INFO = b"sealtorch/v1 status key\x00"
+
+
+def status_key_info(cache_id: str, release_nonce: bytes) -> bytes:
+    """HPKE ``info`` of the status key sealed into a release answer: bound to the cache id
+    and to the release's nonce."""
+    return _STATUS_KEY_INFO + cache_id.encode("ascii") + b"\x00" + release_nonce
+
+
 @dataclass(frozen=True)
 class StatusRequest:
-    """``POST /v1/status``: a cache-chosen random nonce, the cache id and optional model ids."""
+    """``POST /v1/status``: a cache-chosen random nonce, the cache id and optional model ids,
+    authenticated with the cache's status key (HMAC-SHA256; the key server seals that key to
+    the cache's attested HPKE key in every release answer, so only the enrolled cache has it)."""
 
     nonce: bytes
     cache_id: str
     models: list[str] | None = None
+    mac: bytes = b""
+
+    def signed_part(self) -> bytes:
+        """What :attr:`mac` covers."""
+        return _STATUS_MAC_TAG + canonical_json(
+            {"nonce": b64e(self.nonce), "cache_id": self.cache_id, "models": self.models})
+
+    def authenticated(self, status_key: bytes | bytearray | memoryview) -> StatusRequest:
+        """This request with its MAC under ``status_key``."""
+        tag = hmac.new(bytes(status_key), self.signed_part(), hashlib.sha256).digest()
+        return StatusRequest(self.nonce, self.cache_id, self.models, tag)
+
+    def check_mac(self, status_key: bytes | bytearray | memoryview) -> bool:
+        """Constant-time check of :attr:`mac`."""
+        want = hmac.new(bytes(status_key), self.signed_part(), hashlib.sha256).digest()
+        return hmac.compare_digest(want, self.mac)
 
     def to_json(self) -> dict[str, Any]:
-        return {"nonce": b64e(self.nonce), "cache_id": self.cache_id, "models": self.models}
+        return {"nonce": b64e(self.nonce), "cache_id": self.cache_id, "models": self.models,
+                "mac": b64e(self.mac)}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> StatusRequest:
-        _only(obj, {"nonce", "cache_id", "models"}, "status request")
+        _only(obj, {"nonce", "cache_id", "models", "mac"}, "status request")
         cid = obj.get("cache_id")
         if not isinstance(cid, str) or len(cid) != CACHE_ID_LEN or not all(
             c in "0123456789abcdef" for c in cid
@@ -132,6 +165,7 @@ class StatusRequest:
             nonce=b64d(obj.get("nonce"), field="nonce", max_len=NONCE_LEN, exact_len=NONCE_LEN),
             cache_id=cid,
             models=parse_models(obj.get("models")),
+            mac=b64d(obj.get("mac"), field="mac", max_len=32, exact_len=32),
         )
 
 

@@ -146,8 +146,8 @@ def run_demo(
     from sealtorch.format.keyfile import generate_model_key, write_key_file
     from sealtorch.format.writer import seal
     from sealtorch.keycache.client import KeyCacheClient
-    from sealtorch.keyserver.client import KeyServerClient
     from sealtorch.protocol import hpke
+    from sealtorch.protocol.release_client import KeyServerClient
     from sealtorch.runtime.app import ServeOptions, build_app
     from sealtorch.runtime.batcher import reference_forward
     from sealtorch.runtime.config import render_runtime_config

@@ -72,16 +72,21 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+#: /readyz codes of a key server that runs but refuses its database (until 'recover')
+REFUSING = ("state_rollback", "state_tampered")
+
+
 def wait_keyserver(proc: subprocess.Popen[bytes], data_dir: Path, log: Path, deadline: float
                    ) -> tuple[str, str, bytes]:
     """Wait until a starting ``dkeyserver serve --data-dir data_dir`` has written its run.json
-    (from which a stale copy must have been removed) and answers ``/readyz``; returns its
-    release URL, admin URL and raw Ed25519 release-signing key. Raises as
-    :func:`check_starting` does if it exits or the ``deadline`` passes."""
+    (from which a stale copy must have been removed) and answers ``/readyz`` (ready, or up and
+    refusing a rolled-back or tampered database); returns its release URL, admin URL and raw
+    Ed25519 release-signing key. Raises as :func:`check_starting` does if it exits or the
+    ``deadline`` passes."""
     import httpx
     from cryptography.hazmat.primitives import serialization
 
-    from sealtorch.keyserver.client import tls_client_context
+    from sealtorch.protocol.release_client import tls_client_context
 
     run_file = data_dir / "run.json"
     while not run_file.exists():
@@ -94,8 +99,9 @@ def wait_keyserver(proc: subprocess.Popen[bytes], data_dir: Path, log: Path, dea
     raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     ctx = tls_client_context(data_dir / "tls" / "ca.crt")
     while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", verify=ctx, timeout=5).status_code == 200:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            r = httpx.get(url + "/readyz", verify=ctx, timeout=5)
+            if r.status_code == 200 or r.json()["error"]["code"] in REFUSING:
                 return url, admin_url, raw
         check_starting(proc, "dkeyserver", log, deadline)
         time.sleep(0.05)
@@ -182,7 +188,7 @@ class LocalDeployment:
         """Call the admin API (HTTPS, the server's CA, the first tenant's token)."""
         import httpx
 
-        from sealtorch.keyserver.client import tls_client_context
+        from sealtorch.protocol.release_client import tls_client_context
 
         token = (self.ks_dir / "admin.token").read_text().strip()
         with httpx.Client(verify=tls_client_context(self.ca_cert), timeout=30) as h:

@@ -1,4 +1,6 @@
-"""Length-prefixed canonical JSON frames on the local Unix socket (runtime <-> dkeycache).
+"""The local protocol between an inference runtime and dkeycache, as both ends must speak it:
+its version, frames, the HPKE ``info`` labels that bind each sealed secret to its context, and
+the runtime's check of the grant the cache relays. Wire format: docs/keycache.md.
 
 A frame is a 4-byte big-endian length followed by that many bytes of canonical JSON (an
 object). Frames are limited to 64 KiB and every read runs against a per-connection deadline, so
@@ -7,17 +9,78 @@ a slow or hostile peer cannot hold a worker or make the cache buffer unbounded i
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import socket
 import struct
 import time
 from typing import Any
 
-from sealtorch.errors import ProtocolError, ServiceUnavailableError
-from sealtorch.protocol.canonical import canonical_json
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sealtorch._secret import Secret
+from sealtorch.errors import GrantError, ProtocolError, ServiceUnavailableError
+from sealtorch.protocol.canonical import canonical_json
+from sealtorch.protocol.grant import Grant
+from sealtorch.protocol.signing import KIND_GRANT, verify_document
+
+LOCAL_PROTOCOL = "sealtorch-local/v1"
 MAX_FRAME = 64 * 1024
 _LEN = struct.Struct(">I")
+FILE_KEY_INFO_LABEL = b"sealtorch/v1 local file key\x00"
+CHALLENGE_INFO_LABEL = b"sealtorch/v1 local cache challenge\x00"
+#: the runtime's fresh secret that only the holder of the cache's HPKE key can open
+CHALLENGE_LEN = 32
+#: HPKE ``enc`` (32) + the sealed 32-byte secret + AES-GCM tag (16)
+SEALED_CHALLENGE_LEN = 32 + CHALLENGE_LEN + 16
+MAX_EVIDENCE_FIELD = 60 * 1024
+
+
+def file_key_info(grant_digest: bytes, header_digest: bytes, session_nonce: bytes,
+                  challenge: bytes | Secret) -> bytes:
+    """HPKE ``info`` of a sealed file key: binds it to the grant, the file, the session and the
+    runtime's challenge secret (which proves the answer comes from the holder of the cache key
+    the grant was issued to)."""
+    return FILE_KEY_INFO_LABEL + grant_digest + header_digest + session_nonce + bytes(challenge)
+
+
+def challenge_info(header_digest: bytes, session_nonce: bytes) -> bytes:
+    """HPKE ``info`` of the runtime's challenge sealed to the cache key: binds it to the file
+    and the session, so it cannot be replayed into another request context."""
+    return CHALLENGE_INFO_LABEL + header_digest + session_nonce
+
+
+def cache_audience(cache_public_key: bytes) -> bytes:
+    """The audience a runtime binds into its local evidence: SHA-256 of the cache's key."""
+    return hashlib.sha256(cache_public_key).digest()
+
+
+def verify_relayed_grant(server_key: Ed25519PublicKey, doc: object, *, cache_key: bytes,
+                         model_id: str, seen_policy: dict[str, int]) -> Grant:
+    """The runtime's check of a grant its cache relays: signed by the pinned server key,
+    issued to the cache this runtime attested to (its HPKE key), for the model asked for, and
+    never with a lower policy version than ``seen_policy`` holds (updated on success)."""
+    from sealtorch.protocol.signing import key_id
+
+    grant = Grant.from_body(verify_document(server_key, KIND_GRANT, doc))
+    if not hmac.compare_digest(grant.requester_key, cache_key):
+        raise GrantError(
+            "the relayed grant was issued to another key cache than the one this runtime "
+            "attested to; refusing it"
+        )
+    if not hmac.compare_digest(grant.server_key_id, key_id(server_key)):
+        raise GrantError("the relayed grant names another server key than the pinned one")
+    if grant.model_id != model_id:
+        raise GrantError("the relayed grant is for another model than the one requested")
+    seen = seen_policy.get(model_id, 0)
+    if grant.policy_version < seen:
+        raise GrantError(
+            f"policy version {grant.policy_version} of model {model_id!r} is lower than "
+            f"version {seen} already seen; refusing a rollback"
+        )
+    seen_policy[model_id] = grant.policy_version
+    return grant
 
 
 def send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """``KeyServerClient``: the typed client of dkeyserver's release API (used by dkeycache).
 
-Everything the server returns is checked against the pinned release-signing key; TLS (1.3 only,
-pinned CA) protects the transport, but key confidentiality and grant integrity never depend on it.
+Everything the server returns is checked against the pinned release-signing key, and never
+believed when it comes from older server state than already seen; TLS (1.3 only, pinned CA)
+protects the transport, but key confidentiality and grant integrity never depend on it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from sealtorch.errors import GrantError, ProtocolError, ReleaseDenied, ServiceUn
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.grant import NONCE_LEN, AuditHead, Grant, GrantVerifier, Status
-from sealtorch.protocol.messages import ReleaseRequest, StatusRequest
+from sealtorch.protocol.messages import (
+    STATUS_KEY_LEN,
+    ReleaseRequest,
+    StatusRequest,
+    status_key_info,
+)
 
 _MAX_RESPONSE = 4 * 1024 * 1024
 
@@ -47,7 +53,8 @@ class ReleasedKey:
 @dataclass
 class ReleaseResult:
     """The verified answer to a release: grants (keys opened if a private key was given),
-    public denial codes per model, the signed audit head and the cache's enrolment state."""
+    public denial codes per model, the signed audit head, the cache's enrolment state, and the
+    server state sequence the answer was decided at."""
 
     grants: list[ReleasedKey]
     denials: dict[str, str]
@@ -55,6 +62,7 @@ class ReleaseResult:
     audit_head_document: dict[str, Any]
     cache_id: str
     cache_state: str
+    state_seq: int = 0
 
 
 class KeyServerClient:
@@ -82,6 +90,7 @@ class KeyServerClient:
                 raise ProtocolError("CA certificate file for the key server does not exist")
             verify = tls_client_context(ca_cert)
         self._http = httpx.Client(base_url=self.url, verify=verify, timeout=timeout)
+        self._status_keys: dict[str, Secret] = {}
 
     @property
     def audience(self) -> bytes:
@@ -90,6 +99,9 @@ class KeyServerClient:
 
     def close(self) -> None:
         self._http.close()
+        for k in self._status_keys.values():
+            k.wipe()
+        self._status_keys.clear()
 
     def __enter__(self) -> KeyServerClient:
         return self
@@ -199,12 +211,35 @@ class KeyServerClient:
         for rk in grants:
             if rk.grant.cache_id != cid:
                 raise GrantError("grant names another cache id than the response")
-        return ReleaseResult(grants, denials, head, head_doc, cid, cstate)  # type: ignore[arg-type]
+        seq = obj.get("state_seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or any(
+                rk.grant.state_seq != seq for rk in grants):
+            raise ProtocolError("release response state_seq is missing or differs from its grants")
+        self.verifier.check_state_seq(seq)
+        if private_key is not None:
+            sealed_sk = b64d(obj.get("status_key"), field="status_key",
+                             max_len=hpke.MAX_SEALED_LEN)
+            sk = hpke.open(sealed_sk, private_key, status_key_info(cid, nonce))
+            if len(sk) != STATUS_KEY_LEN:
+                sk.wipe()
+                raise ProtocolError("release response carried a status key of the wrong length")
+            old = self._status_keys.pop(cid, None)
+            if old is not None:
+                old.wipe()
+            self._status_keys[cid] = sk
+        return ReleaseResult(grants, denials, head, head_doc, cid, cstate,  # type: ignore[arg-type]
+                             seq)
 
     def status(self, cache_id: str, models: list[str] | None = None) -> Status:
-        """Poll revocation state with a fresh random nonce; returns the verified status."""
+        """Poll revocation state with a fresh random nonce, authenticated with the status key
+        the last release to ``cache_id`` delivered; returns the verified status."""
+        key = self._status_keys.get(cache_id)
+        if key is None:
+            raise ProtocolError(
+                "no status key for this cache: attest (release with the private key) first")
         nonce = os.urandom(NONCE_LEN)
-        req = StatusRequest(nonce=nonce, cache_id=cache_id, models=models)
+        req = StatusRequest(nonce=nonce, cache_id=cache_id, models=models).authenticated(
+            key.view())
         status, obj = self._post("/v1/status", req.to_json())
         if status != 200:
             self._raise_error(status, obj, "/v1/status")

@@ -1,0 +1,93 @@
+"""The key server's operational statements: what the release path writes (nonce burns, cache
+enrolments, audit entries) and what admins list. None of these rows decides a release on its
+own; those live in ``state.py``.
+
+The release hot path uses plain DBAPI statements (one round trip each, no SQLAlchemy compile).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+
+from sealtorch.keyserver import audit as chain
+from sealtorch.keyserver.audit import Head
+from sealtorch.keyserver.db import Database
+from sealtorch.keyserver.keyring import Keyring
+from sealtorch.keyserver.schema import audit_log, cache_seen, caches
+
+
+def append_audit(db: Database, conn: Connection, keyring: Keyring, head: Head, keyed_from: int,
+                 ts: int, **fields: Any) -> Head:
+    """Append one entry after ``head`` in ``conn``'s transaction; returns the new head."""
+    entry = chain.new_entry(head.seq + 1, head.hash, ts, **fields)
+    entry["hash"] = (chain.entry_mac(keyring.audit, entry) if entry["seq"] >= keyed_from
+                     else chain.legacy_hash(entry))
+    db.cursor(conn).execute(db.sql(
+        "INSERT INTO audit_log (seq, ts, tenant, actor, action, model_id, cache_id, decision,"
+        " code, details, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+        tuple(entry[k] for k in (*chain.ENTRY_FIELDS[:10], "prev_hash", "hash")))
+    return Head(int(entry["seq"]), str(entry["hash"]))
+
+
+def enrol_cache(db: Database, conn: Connection, cache_id: str, tee: str, platform_id: str,
+                public_key: str, measurement: str, now: int) -> None:
+    """Record (or refresh) an attested cache, in at most two statements."""
+    cur = db.cursor(conn)
+    cur.execute(db.sql("UPDATE caches SET public_key = ?, measurement = ?, last_seen = ?"
+                       " WHERE cache_id = ?"), (public_key, measurement[:256], now, cache_id))
+    if cur.rowcount == 0:
+        cur.execute(db.sql(
+            "INSERT INTO caches (cache_id, tee, platform_id, public_key, measurement,"
+            " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+            (cache_id, tee, platform_id[:128], public_key, measurement[:256], now, now))
+
+
+def note_cache_seen(db: Database, conn: Connection, tenant: str, cache_id: str, now: int
+                    ) -> None:
+    """Remember that ``cache_id`` asked for a model of ``tenant`` (so the tenant lists it)."""
+    db.cursor(conn).execute(db.sql(
+        "INSERT INTO cache_seen (tenant, cache_id, first_seen) VALUES (?, ?, ?)"
+        " ON CONFLICT DO NOTHING"), (tenant, cache_id, now))
+
+
+def count_in(db: Database, conn: Connection, code: str, now: int) -> None:
+    """Count an anonymous failure (malformed request, forged or reused nonce, evidence that
+    does not verify, an unauthenticated status poll) in an hourly aggregate row, in
+    ``conn``'s transaction: never one row each, so an unauthenticated caller cannot grow the
+    database."""
+    db.cursor(conn).execute(db.sql(
+        'INSERT INTO anon_counters ("window", code, count) VALUES (?, ?, 1)'
+        ' ON CONFLICT ("window", code) DO UPDATE SET count = anon_counters.count + 1'),
+        (now // 3600 * 3600, code))
+
+
+def audit_rows(db: Database, *, tenant: str | None = None, after: int = 0,
+               limit: int | None = None, newest: bool = False) -> list[dict[str, Any]]:
+    """Audit entries after ``after`` in chain order; ``newest``: the last ``limit`` of them."""
+    q = select(audit_log).where(audit_log.c.seq > after)
+    if tenant is not None:
+        q = q.where(audit_log.c.tenant == tenant)
+    q = q.order_by(audit_log.c.seq.desc() if newest else audit_log.c.seq)
+    if limit is not None:
+        q = q.limit(limit)
+    with db.read() as conn:
+        out = [dict(r._mapping) for r in conn.execute(q)]
+    return out[::-1] if newest else out
+
+
+def cache_rows(db: Database, cache_ids: set[str] | None = None) -> list[dict[str, Any]]:
+    """Enrolled caches (all, or those named), oldest first."""
+    q = select(caches).order_by(caches.c.first_seen)
+    with db.read() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)
+                if cache_ids is None or r.cache_id in cache_ids]
+
+
+def caches_seen_by(db: Database, tenant: str) -> set[str]:
+    """Cache ids that asked for a model of ``tenant``."""
+    with db.read() as conn:
+        return {str(r[0]) for r in conn.execute(
+            select(cache_seen.c.cache_id).where(cache_seen.c.tenant == tenant))}
