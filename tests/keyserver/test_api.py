@@ -390,3 +390,25 @@ def test_slow_body_is_cut_off(ks: RunningKeyServer) -> None:
         while chunk := s.recv(4096):  # the server answers 408 and closes
             data += chunk
     assert data.startswith(b"HTTP/1.1 408")
+
+
+def test_a_model_id_the_format_accepts_is_registered(ks: RunningKeyServer, cache: SimCache,
+                                                     tmp_path: Path) -> None:
+    """One model-id rule: a file sealed as 'acme@v1' can be registered and released."""
+    import torch
+
+    from sealtorch.format.header import read_header
+    from sealtorch.format.keyfile import generate_model_key, write_key_file
+    from sealtorch.format.writer import seal
+
+    mk = generate_model_key("acme@v1")
+    kf = tmp_path / "acme.key"
+    write_key_file(kf, mk)
+    seal({"w": torch.ones(2)}, tmp_path / "acme.sealed", mk)
+    assert read_header(tmp_path / "acme.sealed").model_id == "acme@v1"
+    ks.add_model_file("acme@v1", kf)
+    ks.set_policy("acme@v1", sim_policy(MEAS, cache.platform_key))
+    with ks.client() as client:
+        ev, sk, pk, n = cache.request(client)
+        res = client.release(ev, pk, n, ["acme@v1"], private_key=sk)
+    assert res.grants[0].grant.model_id == "acme@v1" and res.grants[0].key.equals(mk.key)
