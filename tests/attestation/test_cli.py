@@ -101,12 +101,13 @@ def test_policy_init_from_expected_values(tmp_path: Path) -> None:
     out = tmp_path / "p.toml"
     r = run("policy", "init", "-o", out, "--tee", "snp", "--measurement", "ab" * 48,
             "--product", "genoa", "--min-tcb", "bootloader=3", "--min-tcb", "snp=8",
+            "--min-tcb", "tee=0", "--min-tcb", "microcode=115",
             "--max-vmpl", "0", "--for", "caches", "--factory",
             "sealtorch.models.resnet:resnet50", "--lease-seconds", "600", "--version", "2")
     assert r.returncode == 0, r.stderr
     p = ModelPolicy.load(out)
     assert p.version == 2 and p.lease_seconds == 600 and p.runtimes == ()
-    assert p.caches[0].min_tcb == {"bootloader": 3, "snp": 8}
+    assert p.caches[0].min_tcb == {"bootloader": 3, "snp": 8, "tee": 0, "microcode": 115}
     assert p.factories == ("sealtorch.models.resnet:resnet50",)
     r = run("policy", "init", "-o", tmp_path / "bad.toml", "--tee", "sgx", "--mrenclave", "zz")
     assert r.returncode == 2 and "error [policy_invalid]" in r.stderr and "hex" in r.stderr

@@ -37,7 +37,9 @@ max_vmpl = 0
 product = "genoa"
 [caches.min_tcb]
 bootloader = 3
+tee = 0
 snp = 8
+microcode = 115
 
 [[runtimes]]
 tee = "tdx"
@@ -188,7 +190,7 @@ def test_snp_checks() -> None:
     d = pol.evaluate_cache(snp_claims(vmpl=1, product="milan", migration_agent=True,
                                       reported_tcb={"bootloader": 2, "snp": 8}))
     snp_reasons = [r for r in d.reasons if r.startswith("caches[1]")]
-    assert len(snp_reasons) == 4
+    assert len(snp_reasons) == 6  # product, vmpl, migration agent, 3 TCB components
     assert any("reported_tcb.bootloader is 2" in r for r in snp_reasons)
 
 

@@ -38,7 +38,9 @@ def test_real_vectors_policy_test_release_and_collateral(tmp_path: Path, vectors
 
         ks.add_model("snp-m", os.urandom(32))
         policy = {"version": 1, "caches": [{"tee": "snp", "measurement": TRUSTEE_MEAS,
-                                            "product": "milan", "max_vmpl": 3}]}
+                                            "product": "milan", "max_vmpl": 3, "min_tcb": {
+                                                "bootloader": 3, "tee": 0, "snp": 8,
+                                                "microcode": 115}}]}
         ks.set_policy("snp-m", policy)
         d = vectors / "amd-snp"
         good = Evidence("snp", (d / "trustee-vcek" / "test-report.bin").read_bytes(),

@@ -41,8 +41,10 @@ class Claims:
     isv_prod_id: int | None = None
     isv_svn: int | None = None
     attributes: bytes | None = None  # 16 bytes; bit 1 of byte 0 = DEBUG
-    config_id: bytes | None = None
-    config_svn: int | None = None
+    config_id: bytes | None = None  # 64 bytes (KSS)
+    config_svn: int | None = None  # (KSS)
+    isv_ext_prod_id: bytes | None = None  # 16 bytes (KSS)
+    isv_family_id: bytes | None = None  # 16 bytes (KSS)
     # --- tdx ---
     mrtd: bytes | None = None
     rtmr0: bytes | None = None

@@ -29,32 +29,45 @@ MAX_IDENTITIES = 64
 TEES = ("sgx", "tdx", "snp", "sim")
 SNP_PRODUCTS = ("milan", "genoa", "turin")
 TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
+#: the REPORTED_TCB components of each SNP product: an identity's min_tcb must name them all
+SNP_TCB_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "milan": ("bootloader", "tee", "snp", "microcode"),
+    "genoa": ("bootloader", "tee", "snp", "microcode"),
+    "turin": ("fmc", "bootloader", "tee", "snp", "microcode"),
+}
+#: SGX ATTRIBUTES bits a workload enclave never needs (byte 0): PROVISIONKEY, EINITTOKENKEY
+SGX_PROVISION_BITS = 0x30
+#: TD_ATTRIBUTES bits a production TD may have without naming them: SEPT_VE_DISABLE (28), PKS
+#: (30), KL (31); DEBUG (0), PERFMON (63) and every reserved bit are denied by default
+TDX_DEFAULT_ATTRIBUTES = (1 << 28) | (1 << 30) | (1 << 31)
 FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 ADVISORY_RE = re.compile(r"^[A-Z]+-[A-Z]+-\d+$")
 MAX_LEASE_SECONDS = 7 * 24 * 3600
 
 #: hex fields and their byte length, per TEE type
 _HEX: dict[str, dict[str, int]] = {
-    "sgx": {"mrenclave": 32, "mrsigner": 32},
+    "sgx": {"mrenclave": 32, "mrsigner": 32, "isv_ext_prod_id": 16, "isv_family_id": 16,
+            "config_id": 64},
     "tdx": {"mrtd": 48, "rtmr1": 48, "rtmr2": 48, "rtmr3": 48, "mrconfigid": 48,
-            "min_tee_tcb_svn": 16},
+            "min_tee_tcb_svn": 16, "td_attributes": 8, "xfam": 8},
     "snp": {"measurement": 48, "host_data": 32},
     "sim": {"measurement": 32, "platform_key": 32},
 }
 _INT: dict[str, tuple[str, ...]] = {
-    "sgx": ("isv_prod_id", "min_isv_svn"),
+    "sgx": ("isv_prod_id", "min_isv_svn", "min_config_svn"),
     "tdx": (),
     "snp": ("max_vmpl",),
     "sim": (),
 }
 _COMMON = ("tee", "name", "allow_debug")
 _EXTRA: dict[str, tuple[str, ...]] = {
-    "sgx": ("accept_tcb",),
+    "sgx": ("accept_tcb", "allow_provision_key"),
     "tdx": ("accept_tcb", "rtmr0"),
     "snp": ("min_tcb", "product", "allow_migration_agent"),
     "sim": (),
 }
 DEFAULT_ACCEPT_TCB: dict[str, tuple[str, ...]] = {"UpToDate": ()}
+_FLAGS = ("allow_debug", "allow_migration_agent", "allow_provision_key")
 
 
 def _hex(value: object, n: int, where: str) -> str:
@@ -88,6 +101,11 @@ class Identity:
     mrsigner: str | None = None
     isv_prod_id: int | None = None
     min_isv_svn: int | None = None
+    isv_ext_prod_id: str | None = None  # KSS, 16 bytes hex
+    isv_family_id: str | None = None  # KSS, 16 bytes hex
+    config_id: str | None = None  # KSS, 64 bytes hex
+    min_config_svn: int | None = None  # KSS
+    allow_provision_key: bool = False  # PROVISIONKEY/EINITTOKENKEY attributes
     # tdx
     mrtd: str | None = None
     rtmr0: tuple[str, ...] | None = None  # allowed RTMR0 values
@@ -96,6 +114,8 @@ class Identity:
     rtmr3: str | None = None
     mrconfigid: str | None = None
     min_tee_tcb_svn: str | None = None  # 16 bytes hex, compared component by component
+    td_attributes: str | None = None  # 8 bytes hex, exact (unset: only default-safe bits)
+    xfam: str | None = None  # 8 bytes hex, exact
     # snp (measurement shared with sim)
     measurement: str | None = None
     host_data: str | None = None
@@ -130,7 +150,7 @@ class Identity:
             if not isinstance(obj["name"], str) or not 0 < len(obj["name"]) <= 128:
                 raise PolicyError(f"{where}.name: expected a string of 1..128 characters")
             kw["name"] = obj["name"]
-        for k in ("allow_debug", "allow_migration_agent"):
+        for k in ("allow_debug", "allow_migration_agent", "allow_provision_key"):
             if k in obj:
                 if not isinstance(obj[k], bool):
                     raise PolicyError(f"{where}.{k}: expected true or false")
@@ -175,6 +195,22 @@ class Identity:
             raise PolicyError(f"{where}: a tdx identity needs mrtd")
         if self.tee in ("snp", "sim") and not self.measurement:
             raise PolicyError(f"{where}: a {self.tee} identity needs measurement")
+        if self.tee == "snp":
+            if self.product is None:
+                raise PolicyError(
+                    f"{where}: an snp identity needs product (one of {', '.join(SNP_PRODUCTS)}): "
+                    "the TCB floor and the root key depend on it")
+            need = SNP_TCB_COMPONENTS[self.product]
+            missing = [c for c in need if c not in (self.min_tcb or {})]
+            if missing:
+                raise PolicyError(
+                    f"{where}: an snp identity on {self.product} needs min_tcb for "
+                    f"{', '.join(need)}; add {', '.join(missing)} (the lowest firmware you "
+                    "accept; 'sealtorch policy init --from-evidence' fills them in)")
+            extra = set(self.min_tcb or {}) - set(need)
+            if extra:
+                raise PolicyError(f"{where}: {self.product} has no TCB component "
+                                  f"{', '.join(sorted(extra))}")
         if self.tee == "sim" and not self.platform_key:
             raise PolicyError(
                 f"{where}: a sim identity needs platform_key (the fingerprint of a sim platform "
@@ -189,7 +225,7 @@ class Identity:
                 if self.tee in ("sgx", "tdx"):
                     out["accept_tcb"] = {k: list(a) for k, a in sorted(v.items())}
                 continue
-            if v is None or (f.name in ("allow_debug", "allow_migration_agent") and not v):
+            if v is None or (f.name in _FLAGS and not v):
                 continue
             if isinstance(v, tuple):
                 v = list(v)
@@ -445,10 +481,26 @@ def check_identity(ident: Identity, claims: Claims) -> list[str]:
             r.append(f"isv_prod_id is {claims.isv_prod_id}, the identity requires "
                      f"{ident.isv_prod_id}")
         at_least("isv_svn", ident.min_isv_svn, claims.isv_svn)
+        for n in ("isv_ext_prod_id", "isv_family_id", "config_id"):
+            eq(n, getattr(ident, n), getattr(claims, n))
+        at_least("config_svn", ident.min_config_svn, claims.config_svn)
+        attrs = claims.attributes or b""
+        if attrs and attrs[0] & SGX_PROVISION_BITS and not ident.allow_provision_key:
+            r.append("the enclave may use PROVISIONKEY/EINITTOKENKEY, which no workload "
+                     "enclave needs, and the identity does not allow it")
     elif claims.tee == "tdx":
         eq("mrtd", ident.mrtd, claims.mrtd)
         for n in ("rtmr1", "rtmr2", "rtmr3", "mrconfigid"):
             eq(n, getattr(ident, n), getattr(claims, n))
+        eq("xfam", ident.xfam, claims.xfam)
+        if ident.td_attributes is not None:
+            eq("td_attributes", ident.td_attributes, claims.td_attributes)
+        else:
+            td_bits = int.from_bytes(claims.td_attributes or bytes(8), "little")
+            odd = td_bits & ~TDX_DEFAULT_ATTRIBUTES & ~1  # DEBUG is reported on its own above
+            if odd:
+                r.append(f"td_attributes {td_bits:#018x} set bits a production TD does not have "
+                         f"({odd:#x}); name the exact td_attributes to allow them")
         if ident.rtmr0 is not None and (
             claims.rtmr0 is None or claims.rtmr0.hex() not in ident.rtmr0
         ):
@@ -514,11 +566,15 @@ def identity_from_claims(claims: Claims, *, name: str = PINNED_LABEL) -> Identit
 
     if claims.tee == "sgx":
         d.update(mrenclave=hx(claims.mrenclave), mrsigner=hx(claims.mrsigner),
-                 isv_prod_id=claims.isv_prod_id, min_isv_svn=claims.isv_svn)
+                 isv_prod_id=claims.isv_prod_id, min_isv_svn=claims.isv_svn,
+                 isv_ext_prod_id=hx(claims.isv_ext_prod_id),
+                 isv_family_id=hx(claims.isv_family_id), config_id=hx(claims.config_id),
+                 min_config_svn=claims.config_svn)
     elif claims.tee == "tdx":
         d.update(mrtd=hx(claims.mrtd), rtmr0=[hx(claims.rtmr0)], rtmr1=hx(claims.rtmr1),
                  rtmr2=hx(claims.rtmr2), mrconfigid=hx(claims.mrconfigid),
-                 min_tee_tcb_svn=hx(claims.tee_tcb_svn))
+                 min_tee_tcb_svn=hx(claims.tee_tcb_svn), td_attributes=hx(claims.td_attributes),
+                 xfam=hx(claims.xfam))
     elif claims.tee == "snp":
         d.update(measurement=hx(claims.measurement), host_data=hx(claims.host_data),
                  product=claims.product, max_vmpl=claims.vmpl,

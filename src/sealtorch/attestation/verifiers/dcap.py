@@ -208,6 +208,10 @@ def verify(evidence: Evidence, source: CollateralSource, *, now: int) -> Claims:
             raise VerificationError("quote body type does not match the evidence tee")
         r = rep["SgxEnclave"]
         attributes = _h(r, "attributes")
+        # dcap-qvl names the KSS fields by the reserved runs that hold them: ISVEXTPRODID is
+        # bytes 12..28 of reserved1 (report offset 32), CONFIGID bytes 32..96 of reserved3
+        # (offset 192), CONFIGSVN bytes 0..2 and ISVFAMILYID bytes 44..60 of reserved4
+        reserved1 = _h(r, "reserved1")
         reserved3, reserved4 = _h(r, "reserved3"), _h(r, "reserved4")
         return Claims(
             tee="sgx",
@@ -220,6 +224,8 @@ def verify(evidence: Evidence, source: CollateralSource, *, now: int) -> Claims:
             attributes=attributes,
             config_id=reserved3[32:96],
             config_svn=int.from_bytes(reserved4[0:2], "little"),
+            isv_ext_prod_id=reserved1[12:28],
+            isv_family_id=reserved4[44:60],
             **common,
         )
     td = rep.get("TD10") or rep.get("TD15")
