@@ -370,6 +370,7 @@ class KeyCacheLoad:
         self.header = read_header(rig.sealed)
         self.clients: dict[int, Any] = {}
         self.fetched = 0
+        self._probe_fetches = 0
         self._lock = threading.Lock()
 
     def _client(self, i: int) -> Any:
@@ -397,8 +398,12 @@ class KeyCacheLoad:
         await asyncio.to_thread(self._fetch, i)
 
     def releases_counted_by_cache(self) -> int:
-        health = self._client(10_000).status()
-        return sum(int(ls["releases"]) for ls in health["leases"])
+        """File keys the cache counted (a session sees the leases of models it was allowed:
+        this probe fetches one key per call to be allowed; its own fetches are not counted)."""
+        client = self._client(10_000)
+        client.file_key(self.header).wipe()
+        self._probe_fetches += 1
+        return sum(int(ls["releases"]) for ls in client.status()["leases"]) - self._probe_fetches
 
     async def close(self) -> None:
         for c in self.clients.values():

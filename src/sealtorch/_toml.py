@@ -1,7 +1,9 @@
-"""Strict reading of a measured configuration file: one TOML table, known fields only.
+"""Strict reading of a measured configuration file: the role's TOML table, known fields only.
 
-Both in-TEE roles (dkeycache and ``sealtorch serve``) read such a file; its exact bytes are part
-of their measurement, so anything unexpected is an error rather than ignored. Both also pin the
+Both in-TEE roles (dkeycache, table ``[keycache]``; ``sealtorch serve``, table ``[runtime]``)
+read such a file; its exact bytes are part of their measurement, so anything unexpected is an
+error rather than ignored. One file may hold both tables, so that in a confidential VM one
+launch value (TDX MRCONFIGID, SNP HOST_DATA) binds both roles' configuration. Both also pin the
 dkeyserver release-signing key, checked here by one rule.
 """
 
@@ -12,11 +14,14 @@ from typing import Any
 
 from sealtorch.errors import ConfigError
 
+#: the tables a measured configuration file may hold (each read by its own role)
+ROLE_TABLES = frozenset({"keycache", "runtime"})
+
 
 def load_table(raw: bytes, *, table: str, allowed: set[str], max_bytes: int, what: str
                ) -> dict[str, Any]:
-    """Return the ``[table]`` of ``raw``; refuse oversize, non-UTF-8/TOML, other tables and
-    unknown fields (named in the error only by the allowed set, never by the input)."""
+    """Return the ``[table]`` of ``raw``; refuse oversize, non-UTF-8/TOML, tables other than the
+    roles' and unknown fields (named in the error only by the allowed set, never by the input)."""
     if len(raw) > max_bytes:
         raise ConfigError(f"{what} larger than {max_bytes} bytes")
     try:
@@ -24,8 +29,9 @@ def load_table(raw: bytes, *, table: str, allowed: set[str], max_bytes: int, wha
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{what} is not valid UTF-8 TOML ({type(e).__name__})") from e
     body = doc.get(table)
-    if not isinstance(body, dict) or set(doc) != {table}:
-        raise ConfigError(f"{what} must contain exactly one [{table}] table")
+    if not isinstance(body, dict) or set(doc) - ROLE_TABLES:
+        raise ConfigError(f"{what} must contain a [{table}] table and no table other than "
+                          f"{', '.join(f'[{t}]' for t in sorted(ROLE_TABLES))}")
     if set(body) - allowed:
         raise ConfigError(f"unknown {what} field(s); allowed: {sorted(allowed)}")
     return body

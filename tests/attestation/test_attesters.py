@@ -143,3 +143,37 @@ def test_detect_prefers_hardware_and_explains(tmp_path: Path) -> None:
         detect(gramine_dir=tmp_path / "none", tsm_dir=tsm_root)
     with pytest.raises(AttesterUnavailableError, match="choose the sim attester explicitly"):
         detect(gramine_dir=tmp_path / "none", tsm_dir=tmp_path / "none2")
+
+
+TDX_MRCONFIGID = slice(232, 280)  # 48-byte quote header, then the TD report's MRCONFIGID
+SNP_HOST_DATA = slice(0xC0, 0xE0)
+
+
+@pytest.mark.parametrize("tee", ["tdx", "snp"])
+def test_a_vm_checks_its_own_configuration_binding(tmp_path: Path, dcap_dir: Path,
+                                                  snp_dir: Path, tee: str) -> None:
+    """MRCONFIGID (TDX) / HOST_DATA (SNP) must be the digest of the measured config the role
+    was given; zero means the platform binds none (allowed, logged)."""
+    from sealtorch.attestation.selfcheck import check_own_config, config_digest
+    from sealtorch.errors import ConfigError
+
+    config = b"[keycache]\nkeyserver_url = 'https://owner.example:8443'\n"
+    if tee == "tdx":
+        template, field, rd_at, provider = ((dcap_dir / "tdx_quote").read_bytes(),
+                                            TDX_MRCONFIGID, slice(568, 632), "tdx_guest")
+    else:
+        template, field, rd_at, provider = ((snp_dir / "milan-vcek/report.bin").read_bytes(),
+                                            SNP_HOST_DATA, slice(0x50, 0x90), "sev_guest")
+
+    def vm(value: bytes) -> FakeTsm:
+        t = bytearray(template)
+        t[field] = value
+        d = tmp_path / value[:4].hex()
+        d.mkdir()
+        return FakeTsm(d, provider, bytes(t), rd_at=rd_at)
+
+    width = field.stop - field.start
+    assert not check_own_config(vm(bytes(width)), config, role="dkeycache").bound
+    assert check_own_config(vm(config_digest(tee, config)), config, role="dkeycache").bound
+    with pytest.raises(ConfigError, match="launched for another configuration"):
+        check_own_config(vm(config_digest(tee, b"another config")), config, role="serve")

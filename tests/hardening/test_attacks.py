@@ -30,7 +30,7 @@ from sealtorch._secret import Secret
 from sealtorch.attestation import sim
 from sealtorch.attestation.attesters.sim import SimAttester
 from sealtorch.errors import GrantError, ProtocolError, ReleaseDenied
-from sealtorch.format.header import read_header
+from sealtorch.format.header import parse_header, read_header
 from sealtorch.format.keyfile import ModelKey
 from sealtorch.format.keys import derive_file_key
 from sealtorch.format.writer import seal
@@ -38,7 +38,15 @@ from sealtorch.keycache.client import KeyCacheClient
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.grant import Grant, sign_grant
-from sealtorch.protocol.local import LOCAL_PROTOCOL, file_key_info, recv_frame, send_frame
+from sealtorch.protocol.local import (
+    LOCAL_PROTOCOL,
+    challenge_info,
+    file_key_info,
+    grant_info,
+    recv_frame,
+    seal_grant,
+    send_frame,
+)
 from sealtorch.protocol.release_client import KeyServerClient, tls_client_context
 from sealtorch.protocol.signing import key_id
 
@@ -159,11 +167,14 @@ def test_mitm_swapping_the_requester_key_in_flight(world: World) -> None:
 
 # --- 2. a fake dkeycache serving an attacker's key to a runtime ------------------------------
 class FakeCache:
-    """Speaks the local protocol; ``file_key`` answers with whatever the test configured."""
+    """Speaks the local protocol; ``file_key`` answers with whatever the test configured. With
+    ``private_key`` it holds its own cache key (a host-run cache the runtime attests to), and
+    can open the runtime's challenges; without, it advertises a key it does not hold."""
 
-    def __init__(self, server_key_id: str, cache_key: bytes,
-                 answer: Any) -> None:
+    def __init__(self, server_key_id: str, cache_key: bytes, answer: Any,
+                 private_key: Any = None) -> None:
         self.server_key_id, self.cache_key, self.answer = server_key_id, cache_key, answer
+        self.private_key = private_key
         d = tempfile.mkdtemp(prefix="fk-", dir="/tmp")
         self.path = os.path.join(d, "c.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -199,7 +210,14 @@ class FakeCache:
                     runtime_pk = b64d(req["public_key"], field="pk", max_len=32)
                     send_frame(conn, {"ok": True, "auth": "evidence"})
                 else:
-                    send_frame(conn, self.answer(req, runtime_pk, nonce))
+                    challenge = None
+                    if self.private_key is not None:
+                        h = parse_header(b64d(req["header"], field="h", max_len=1 << 20))
+                        opened = hpke.open(
+                            b64d(req["challenge"], field="c", max_len=80), self.private_key,
+                            challenge_info(h.digest(), nonce))
+                        challenge = bytes(opened.view())  # before ``opened`` is wiped
+                    send_frame(conn, self.answer(req, runtime_pk, nonce, challenge))
 
     def close(self) -> None:
         self.sock.close()
@@ -234,34 +252,38 @@ def test_fake_cache_cannot_hand_a_runtime_an_attacker_key(
     swapped_header = read_header(swapped)
     seen_challenges: list[str] = []
 
-    def wrong_key_with_genuine_grant(req: Any, rpk: bytes, nonce: bytes) -> dict[str, Any]:
-        # the fake cache cannot open the runtime's challenge (sealed to the genuine cache
-        # key): it keeps the ciphertext and guesses the secret
-        seen_challenges.append(req.get("challenge", ""))
-        h = swapped_header if req["header"] == b64e(swapped_header.raw) else header
-        mk = ModelKey(MODEL, 1, Secret(attacker_key), "x")
-        fk = derive_file_key(mk.key, h)
-        sealed = hpke.seal(fk, rpk, file_key_info(genuine.grant.digest(), h.digest(), nonce,
-                                                  os.urandom(32)))
-        return {"ok": True, "grant": genuine.document, "sealed_key": b64e(sealed)}
+    def answer_with(grant_doc: dict[str, Any]) -> Any:
+        def answer(req: Any, rpk: bytes, nonce: bytes, challenge: bytes | None
+                   ) -> dict[str, Any]:
+            # without the cache key the fake cannot open the runtime's challenge: it keeps
+            # the ciphertext and guesses the secret it must bind the answer to
+            seen_challenges.append(req.get("challenge", ""))
+            secret = challenge if challenge is not None else os.urandom(32)
+            h = swapped_header if req["header"] == b64e(swapped_header.raw) else header
+            fk = derive_file_key(Secret(attacker_key), h)
+            sealed = hpke.seal(fk, rpk, file_key_info(genuine.grant.digest(), h.digest(), nonce,
+                                                      secret))
+            grant = seal_grant(grant_doc, rpk, grant_info(h.digest(), nonce, secret))
+            return {"ok": True, "sealed_grant": b64e(grant), "sealed_key": b64e(sealed)}
+        return answer
 
-    def self_signed_grant(req: Any, rpk: bytes, nonce: bytes) -> dict[str, Any]:
-        g = Grant(**{**genuine.grant.__dict__, "server_key_id": server_kid})
-        return {"ok": True, "grant": sign_grant(attacker_sk, g), "sealed_key": b64e(b"x" * 64)}
-
-    no_proof = "did not prove possession of the key its grant was issued to"
-    cases = [("attacker_key_genuine_grant", header, cache_pk, server_kid,
-              wrong_key_with_genuine_grant, ProtocolError, no_proof),
-             ("attacker_key_genuine_grant_swapped_file", swapped_header, cache_pk, server_kid,
-              wrong_key_with_genuine_grant, ProtocolError, no_proof),
-             ("self_signed_grant", header, cache_pk, server_kid, self_signed_grant, GrantError,
+    genuine_grant = answer_with(genuine.document)
+    self_signed = answer_with(sign_grant(attacker_sk, Grant(
+        **{**genuine.grant.__dict__, "server_key_id": server_kid})))
+    own_sk, own_pk = hpke.generate_keypair()  # a cache run by the host, with its own key
+    not_for_this_request = "does not open for this request"
+    cases = [("attacker_key_genuine_grant", header, cache_pk, None, server_kid,
+              genuine_grant, ProtocolError, not_for_this_request),
+             ("attacker_key_genuine_grant_swapped_file", swapped_header, cache_pk, None,
+              server_kid, genuine_grant, ProtocolError, not_for_this_request),
+             ("self_signed_grant", header, own_pk, own_sk, server_kid, self_signed, GrantError,
               "signature"),
-             ("grant_for_other_cache", header, os.urandom(32), server_kid,
-              wrong_key_with_genuine_grant, GrantError, "another key cache"),
-             ("other_server_key", header, cache_pk, "00" * 32, wrong_key_with_genuine_grant,
+             ("grant_for_other_cache", header, own_pk, own_sk, server_kid, genuine_grant,
+              GrantError, "another key cache"),
+             ("other_server_key", header, cache_pk, None, "00" * 32, genuine_grant,
               GrantError, "another key server")]
-    for name, hdr, ck, kid, answer, exc, match in cases:
-        fake = FakeCache(kid, ck, answer)
+    for name, hdr, ck, sk, kid, answer, exc, match in cases:
+        fake = FakeCache(kid, ck, answer, sk)
         try:
             with _runtime(world, fake.path) as rt, pytest.raises(exc, match=match) as ei:
                 rt.file_key(hdr)

@@ -22,12 +22,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sealtorch.keyserver.tlsutil import make_loopback_tls
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
+from sealtorch.protocol.collateral import CollateralBundle, sign_bundle
 from sealtorch.protocol.grant import (
     AuditHead,
+    ClaimsDocument,
     Grant,
     ModelStatus,
     Status,
     sign_audit_head,
+    sign_claims,
     sign_grant,
     sign_status,
 )
@@ -50,6 +53,11 @@ class RogueKeyServer:
         self.policy = policy
         self.policy_version = 1
         self.state_seq = 1
+        self.clock_offset = 0  # seconds added to the times it signs (its clock)
+        self.collateral: tuple[str, ...] = ()  # the DCAP collateral it signs for caches
+        #: what it signs as the cache's verified claims (a test may give a TDX VM's)
+        self.cache_claims: dict[str, Any] = {"tee": "sim", "report_data": "00" * 64,
+                                             "verified_at": 0, "debug": False}
         self.poll_key = os.urandom(32)  # the status key it seals into every release answer
         self.status_policy_version: int | None = None
         self.revoked: set[str] = set()
@@ -77,6 +85,10 @@ class RogueKeyServer:
                     return self._send(200, owner._release(body))
                 if self.path == "/v1/status":
                     return self._send(200, owner._status(body))
+                if self.path == "/v1/collateral":
+                    return self._send(200, {"collateral": sign_bundle(
+                        owner.signing_key, CollateralBundle(owner.collateral, owner._now(),
+                                                            owner.server_key_id))})
                 return self._send(404, {"error": {"code": "not_found"}})
 
             def _send(self, code: int, obj: dict[str, Any]) -> None:
@@ -107,8 +119,11 @@ class RogueKeyServer:
     def server_key_id(self) -> str:
         return key_id(self.signing_key)
 
+    def _now(self) -> int:
+        return int(time.time()) + self.clock_offset
+
     def _head(self) -> dict[str, Any]:
-        return sign_audit_head(self.signing_key, AuditHead(1, "00" * 32, int(time.time()),
+        return sign_audit_head(self.signing_key, AuditHead(1, "00" * 32, self._now(),
                                                            self.server_key_id))
 
     def _release(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -124,12 +139,15 @@ class RogueKeyServer:
                       kem_id=hpke.KEM_ID, evidence_digest="00" * 32, cache_id=CACHE_ID,
                       policy=self.policy, policy_version=self.policy_version,
                       lease_seconds=self.lease_seconds, revocation_epoch=0,
-                      issued_at=int(time.time()), server_key_id=self.server_key_id,
+                      issued_at=self._now(), server_key_id=self.server_key_id,
                       state_seq=self.state_seq)
             sealed = hpke.seal(self.models[mid], pk, g.digest())
             grants.append({"grant": sign_grant(self.grant_key, g), "sealed_key": b64e(sealed)})
         return {"grants": grants, "denials": denials, "audit_head": self._head(),
                 "cache_id": CACHE_ID, "cache_state": "approved", "state_seq": self.state_seq,
+                "claims": sign_claims(self.signing_key, ClaimsDocument(
+                    nonce, pk, CACHE_ID, self.cache_claims, self._now(),
+                    self.server_key_id)),
                 "status_key": b64e(hpke.seal(self.poll_key, pk,
                                              status_key_info(CACHE_ID, nonce)))}
 
@@ -144,7 +162,7 @@ class RogueKeyServer:
         }
         assert StatusRequest.from_json(body).check_mac(self.poll_key), "unauthenticated poll"
         st = Status(nonce=nonce, cache_id=body["cache_id"], revocation_epoch=0,
-                    cache_state="approved", models=models, issued_at=int(time.time()),
+                    cache_state="approved", models=models, issued_at=self._now(),
                     server_key_id=self.server_key_id, state_seq=self.state_seq)
         return {"status": sign_status(self.status_key, st)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -51,7 +52,8 @@ def _config(server: RogueKeyServer, sock: str, sim_dir: Path, **extra: Any) -> A
 class Env:
     def __init__(self, sim_dir: Path, platform_fp: str, sealed: Any, *, lease_seconds: int = 60,
                  max_releases: int = 1000, local_auth: Any = None,
-                 runtimes: list[dict[str, Any]] | None = None, **cfg: Any) -> None:
+                 runtimes: list[dict[str, Any]] | None = None,
+                 cache_claims: dict[str, Any] | None = None, **cfg: Any) -> None:
         self.path, self.mk, self.sd = sealed
         self.sim_dir = sim_dir
         self.sock = short_socket()
@@ -65,6 +67,8 @@ class Env:
                                          max_releases=max_releases)
         if runtimes is not None:
             self.server.policy["runtimes"] = runtimes
+        if cache_claims is not None:
+            self.server.cache_claims = cache_claims
         self.cache = start_cache(self.config, self.cache_att, local_auth=local_auth)
 
     def client(self, attester: Any = "default") -> KeyCacheClient:
@@ -261,10 +265,10 @@ def test_client_refuses_grant_for_other_cache(env: Env) -> None:
     with env.client() as kc:
         kc.connect()
         kc._cache_key = hpke.generate_keypair()[1]  # as if it had attested to another cache
-        with pytest.raises(GrantError, match="another key cache"):
+        # every request's challenge is sealed to that other key, so the genuine cache cannot
+        # open it and refuses before any grant or key is sealed (proof of possession)
+        with pytest.raises(ProtocolError, match="challenge does not open"):
             kc.grant(MODEL)
-        # file_key: the challenge is sealed to that other key, so the genuine cache cannot
-        # open it and refuses before any key is sealed (finding 5's proof of possession)
         with pytest.raises(ProtocolError, match="challenge does not open"):
             kc.file_key(read_header(env.path))
 
@@ -329,14 +333,31 @@ def test_release_cap_per_lease(sim_dir, platform_fp, sealed) -> None:
 
 def test_metrics_and_status(env: Env) -> None:
     with env.client() as kc:
+        assert kc.status()["leases"] == []  # a session sees only the models it was allowed
         kc.file_key(read_header(env.path))
         st = kc.status()
     assert st["state"] == "ok" and st["leases"][0]["model_id"] == MODEL
     text = env.cache.server.metrics.render().decode()
     assert 'dkeycache_local_requests_total{op="file_key"} 1.0' in text
-    assert "dkeycache_lease_remaining_seconds" in text
+    assert "dkeycache_leases 1.0" in text and MODEL not in text  # aggregates, no model ids
     assert set(st["leases"][0]) == {"model_id", "key_version", "policy_version",
                                     "remaining_seconds", "releases", "max_releases", "state"}
+
+
+def test_status_needs_a_session_and_health_tells_no_model(env: Env) -> None:
+    from sealtorch.keycache.address import connect, parse_endpoint
+
+    with env.client() as kc:
+        kc.file_key(read_header(env.path))
+        health = kc.health()
+    assert health["state"] == "ok" and health["leases"] == 1
+    assert MODEL not in json.dumps(health)
+    s = connect(parse_endpoint(env.sock), 5)
+    try:  # a process that did not attest asks for the detailed status: refused
+        ans = call(s, {"op": "status"}, timeout=5)
+    finally:
+        s.close()
+    assert ans["ok"] is False and ans["error"]["code"] == "no_session"
 
 
 def test_health_listener(sim_dir, platform_fp, sealed) -> None:
@@ -352,12 +373,15 @@ def test_health_listener(sim_dir, platform_fp, sealed) -> None:
             kc.file_key(read_header(e.path))
         r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert r.status_code == 200 and r.json()["state"] == "ok"
-        dec = r.json()["decisions"]
-        assert dec["counts"] == {"allow": 1, "deny": 1}  # the session, then the file key
-        assert dec["recent"][-1]["code"] == "policy_denied" and dec["recent"][-1]["reasons"]
+        # state and counts only: no model, lease, peer or reason on a host-reachable listener
+        assert r.json()["decisions"] == {"allow": 1, "deny": 1}  # the session, the file key
+        assert r.json()["leases"] == 1
+        assert MODEL not in r.text and "pid" not in r.text and "reasons" not in r.text
+        recent = e.cache.server.decisions.recent()  # the reasons stay in the cache's log
+        assert recent[-1]["code"] == "policy_denied" and recent[-1]["reasons"]
         m = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert 'dkeycache_denials_total{code="policy_denied"} 1.0' in m
-        assert 'dkeycache_health{state="ok"} 1.0' in m
+        assert 'dkeycache_health{state="ok"} 1.0' in m and MODEL not in m
     finally:
         e.close()
 
@@ -404,14 +428,27 @@ def test_second_cache_on_same_socket_refused(env: Env) -> None:
         assert len(kc.file_key(read_header(env.path))) == 32
 
 
+def _tdx_vm_claims(vectors: Path) -> dict[str, Any]:
+    """What the key server verifies about a real TDX VM (the shared vector, at its time)."""
+    from sealtorch.attestation.evidence import Evidence
+    from sealtorch.attestation.verifiers import VerifierSet
+
+    d = vectors / "intel-dcap"
+    return VerifierSet(collateral=d / "tdx_quote_collateral.json").verify(
+        Evidence("tdx", (d / "tdx_quote").read_bytes()), now=1752919234).to_dict()
+
+
 @pytest.mark.parametrize("allowed_ok", [True, False])
-def test_peercred_mode(sim_dir, platform_fp, sealed, allowed_ok: bool) -> None:
-    """TDX/SNP mode: no per-process evidence, the kernel's peer uid must be allowed."""
+def test_peercred_mode(sim_dir, platform_fp, sealed, vectors, allowed_ok: bool) -> None:
+    """TDX/SNP mode: no per-process evidence, the kernel's peer uid must be allowed, and the
+    runtimes allow-list is evaluated on the VM's own (server-verified) claims."""
     from sealtorch.keycache.localauth import PeerCredAuth
 
+    vm = _tdx_vm_claims(vectors)
     uid = os.getuid() if allowed_ok else os.getuid() + 1
-    e = Env(sim_dir, platform_fp, sealed, local_auth=PeerCredAuth("tdx", {uid}),
-            runtimes=[{"tee": "tdx", "mrtd": "ab" * 48}])
+    e = Env(sim_dir, platform_fp, sealed, runtimes=[{"tee": "tdx", "mrtd": vm["mrtd"]}],
+            local_auth=lambda leases: PeerCredAuth("tdx", {uid}, lambda: leases.own_claims),
+            cache_claims=vm)
     try:
         with e.client(None) as kc:
             if allowed_ok:
@@ -421,6 +458,35 @@ def test_peercred_mode(sim_dir, platform_fp, sealed, allowed_ok: bool) -> None:
                 with pytest.raises(ReleaseDenied) as ei:
                     kc.file_key(read_header(e.path))
                 assert ei.value.denial == "uid_not_allowed"
+    finally:
+        e.close()
+
+
+def test_peercred_runtime_identity_is_checked_against_the_vm(sim_dir, platform_fp, sealed,
+                                                             vectors) -> None:
+    """A peer-credential runtime whose VM matches no runtime identity is denied, and a cache
+    whose own VM matches none of the models it holds refuses to start."""
+    from sealtorch.errors import ConfigError
+    from sealtorch.keycache.localauth import PeerCredAuth
+    from sealtorch.keycache.service import check_own_runtime_identity
+
+    vm = _tdx_vm_claims(vectors)
+    uid = os.getuid()
+    e = Env(sim_dir, platform_fp, sealed, runtimes=[{"tee": "tdx", "mrtd": vm["mrtd"]}],
+            local_auth=lambda leases: PeerCredAuth("tdx", {uid}, lambda: leases.own_claims),
+            cache_claims=vm)
+    try:
+        # the owner now allows only another image as runtime
+        e.server.policy = {**e.server.policy, "runtimes": [{"tee": "tdx", "mrtd": "ab" * 48}]}
+        e.server.policy_version = 2
+        e.cache.leases.refresh()
+        with e.client(None) as kc, pytest.raises(ReleaseDenied) as ei:
+            kc.file_key(read_header(e.path))
+        assert ei.value.denial == "policy_denied"
+        reasons = e.cache.server.decisions.recent()[-1]["reasons"]
+        assert any("mrtd is " + vm["mrtd"] in r for r in reasons)
+        with pytest.raises(ConfigError, match="match no runtime identity"):
+            check_own_runtime_identity(e.cache.server.auth, e.cache.leases)
     finally:
         e.close()
 

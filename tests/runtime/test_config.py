@@ -30,7 +30,7 @@ def test_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("raw,msg", [
     (b"not toml [", "not valid UTF-8 TOML"),
     (b"\xff\xfe", "not valid UTF-8 TOML"),
-    (b"[other]\nx = 1\n", "exactly one [runtime] table"),
+    (b"[other]\nx = 1\n", "a [runtime] table and no table other than"),
     (b"[runtime]\n", "server_public_key"),
     (b'[runtime]\nserver_public_key = "abc"\n', "raw Ed25519 key"),
     (f'[runtime]\nserver_public_key = "{KEY}"\nurl = "x"\n'.encode(), "unknown runtime config"),
@@ -46,3 +46,14 @@ def test_missing_file(tmp_path: Path) -> None:
         load_runtime_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="base64"):
         render_runtime_config('a"b')
+
+
+def test_one_file_can_hold_both_roles_tables(tmp_path: Path) -> None:
+    """In a confidential VM one launch value binds one file: both roles read their table."""
+    from sealtorch.keycache.config import parse_config
+
+    raw = (f'[runtime]\nserver_public_key = "{KEY}"\n\n[keycache]\n'
+           f'keyserver_url = "https://127.0.0.1:8443"\nserver_public_key = "{KEY}"\n').encode()
+    (tmp_path / "sealtorch.toml").write_bytes(raw)
+    assert load_runtime_config(tmp_path / "sealtorch.toml").server_public_key == KEY
+    assert parse_config(raw).keyserver_url == "https://127.0.0.1:8443"

@@ -105,3 +105,14 @@ def test_invalid_config_is_refused(tmp_path: Path) -> None:
                         str(tmp_path / "m.toml"), "--role", "serve", "--config", str(cfg)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "config_invalid" in p.stderr
+
+
+def test_roles_get_distinct_isvprodids(tmp_path: Path) -> None:
+    """An MRSIGNER policy must be able to tell the key cache from the runtime."""
+    from sealtorch.runtime.gramine import ManifestOptions, render_manifest
+
+    ids = {role: tomllib.loads(render_manifest(ManifestOptions(role=role)))["sgx"]["isvprodid"]
+           for role in ("keycache", "serve")}
+    assert ids == {"keycache": 1, "serve": 2}
+    custom = render_manifest(ManifestOptions(role="serve", isvprodid=7))
+    assert tomllib.loads(custom)["sgx"]["isvprodid"] == 7

@@ -157,4 +157,4 @@ def test_serve_with_another_measurement_is_denied(deployment: LocalDeployment,
     p.wait(120)
     err = p.communicate()[1]
     assert p.returncode == 2
-    assert "key cache refused the key" in err and "does not allow this runtime" in err
+    assert "key cache refused the policy" in err and "does not allow this runtime" in err

@@ -161,12 +161,14 @@ def gramine() -> None:
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--enclave-size", default=None, help="e.g. 16G (default by role)")
 @click.option("--max-threads", default=None, type=click.IntRange(4, 4096))
-@click.option("--isvprodid", default=1, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--isvprodid", default=None, type=click.IntRange(0, 65535),
+              help="SGX ISVPRODID (default by role: keycache 1, serve 2, so that an MRSIGNER "
+                   "policy tells them apart)")
 @click.option("--isvsvn", default=1, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 def gramine_manifest(role: str, output: Path, config_path: Path | None, model: Path,
                      factory: str, socket_path: str, host: str, port: int, max_batch: int,
-                     enclave_size: str | None, max_threads: int | None, isvprodid: int,
+                     enclave_size: str | None, max_threads: int | None, isvprodid: int | None,
                      isvsvn: int, force: bool) -> None:
     """Write a Gramine manifest template for ROLE in an SGX enclave with DCAP attestation."""
     import re

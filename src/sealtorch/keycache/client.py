@@ -40,10 +40,14 @@ from sealtorch.protocol.grant import NONCE_LEN, Grant
 from sealtorch.protocol.local import (
     CHALLENGE_LEN,
     LOCAL_PROTOCOL,
+    MAX_FRAME,
     cache_audience,
     call,
     challenge_info,
     file_key_info,
+    grant_info,
+    model_context,
+    open_grant,
     verify_relayed_grant,
 )
 from sealtorch.protocol.signing import key_id, load_public_key
@@ -205,38 +209,67 @@ class KeyCacheClient:
         return verify_relayed_grant(self._pub, doc, cache_key=self._cache_key,
                                     model_id=model_id, seen_policy=self._seen_policy)
 
-    # --- KeyProvider ---------------------------------------------------------------------
-    def file_key(self, header: Header) -> Secret:
-        """The file key of the sealed file with ``header`` (checked against its commitment).
-
-        Each request carries a fresh secret sealed to the cache key this runtime attested to;
-        the answer only opens if the cache opened it, i.e. holds the key the grant names.
-        """
+    def _challenged(self, what: str, context: bytes, make: Callable[[bytes], dict[str, Any]]
+                    ) -> tuple[dict[str, Any], Secret]:
+        """Send ``make(sealed challenge)`` on the session with a fresh secret sealed to the
+        cache key for ``context``; returns the answer and the secret it must be bound to."""
         challenges: list[Secret] = []
 
-        def make() -> dict[str, Any]:
+        def build() -> dict[str, Any]:
             assert self._cache_key is not None and self._nonce is not None
             r = Secret(os.urandom(CHALLENGE_LEN))
             challenges.append(r)
-            sealed_r = hpke.seal(r, self._cache_key, challenge_info(header.digest(), self._nonce))
-            return {"op": "file_key", "model_id": header.model_id, "header": b64e(header.raw),
-                    "challenge": b64e(sealed_r)}
+            return make(hpke.seal(r, self._cache_key, challenge_info(context, self._nonce)))
 
         try:
-            with self._lock:
-                ans = self._request(make, f"the key of model {header.model_id!r}")
-                grant = self._verify_grant(ans.get("grant"), header.model_id)
+            ans = self._request(build, what)
+        except BaseException:
+            for r in challenges:
+                r.wipe()
+            raise
+        for r in challenges[:-1]:
+            r.wipe()
+        return ans, challenges[-1]
+
+    def _open_grant(self, ans: dict[str, Any], context: bytes, challenge: Secret,
+                    model_id: str) -> Grant:
+        """The relayed grant of an answer: sealed to this session for this request."""
+        sealed = b64d(ans.get("sealed_grant"), field="sealed_grant", max_len=MAX_FRAME)
+        assert self._nonce is not None
+        try:
+            doc = open_grant(sealed, self._sk, grant_info(context, self._nonce, challenge))
+        except ProtocolError as e:
+            raise ProtocolError(
+                "the relayed grant does not open for this request (replayed, altered, or not "
+                "from the cache this runtime attested to); refusing it"
+            ) from e
+        return self._verify_grant(doc, model_id)
+
+    # --- KeyProvider ---------------------------------------------------------------------
+    def file_key(self, header: Header) -> Secret:
+        """The file key of the sealed file with ``header`` (checked against its commitment)."""
+        return self.file_key_and_grant(header)[0]
+
+    def file_key_and_grant(self, header: Header) -> tuple[Secret, Grant]:
+        """The file key of ``header`` and the grant it was released under, both from one fresh
+        answer: the request carries a secret sealed to the cache key this runtime attested to,
+        and the grant and the key only open if the cache opened it (and holds that key)."""
+        with self._lock:
+            ans, challenge = self._challenged(
+                f"the key of model {header.model_id!r}", header.digest(),
+                lambda ch: {"op": "file_key", "model_id": header.model_id,
+                            "header": b64e(header.raw), "challenge": b64e(ch)})
+            try:
+                grant = self._open_grant(ans, header.digest(), challenge, header.model_id)
                 if grant.key_version != header.key_version:
-                    raise GrantError(
-                        "the relayed grant is for another key version than the file"
-                    )
+                    raise GrantError("the relayed grant is for another key version than the file")
                 sealed = b64d(ans.get("sealed_key"), field="sealed_key",
                               max_len=hpke.MAX_SEALED_LEN)
                 assert self._nonce is not None
                 try:
                     key = hpke.open(sealed, self._sk,
                                     file_key_info(grant.digest(), header.digest(), self._nonce,
-                                                  challenges[-1]))
+                                                  challenge))
                 except ProtocolError as e:
                     raise ProtocolError(
                         "the key cache did not prove possession of the key its grant was "
@@ -244,9 +277,8 @@ class KeyCacheClient:
                         "refusing it: this is not the cache this runtime attested to, or the "
                         "answer was altered"
                     ) from e
-        finally:
-            for r in challenges:
-                r.wipe()
+            finally:
+                challenge.wipe()
         if len(key) != 32:
             key.wipe()
             raise ProtocolError("key cache returned a file key of the wrong length")
@@ -255,28 +287,43 @@ class KeyCacheClient:
         except BaseException:
             key.wipe()
             raise
-        return key
+        return key, grant
 
     def grant(self, model_id: str) -> Grant:
-        """The verified grant of ``model_id`` as relayed by the cache."""
+        """The verified grant of ``model_id`` as relayed by the cache, fresh: bound to this
+        request's challenge, so an older recorded answer (an older policy) is refused."""
+        context = model_context(model_id)
         with self._lock:
-            ans = self._request(lambda: {"op": "policy", "model_id": model_id},
-                                f"the policy of model {model_id!r}")
-            return self._verify_grant(ans.get("grant"), model_id)
+            ans, challenge = self._challenged(
+                f"the policy of model {model_id!r}", context,
+                lambda ch: {"op": "policy", "model_id": model_id, "challenge": b64e(ch)})
+            try:
+                return self._open_grant(ans, context, challenge, model_id)
+            finally:
+                challenge.wipe()
 
     def policy(self, model_id: str) -> Any:
-        """The model's :class:`~sealtorch.attestation.policy.ModelPolicy`, from its signed grant."""
+        """The model's :class:`~sealtorch.attestation.policy.ModelPolicy`, from a fresh grant."""
         from sealtorch.keycache.localauth import policy_from_grant
 
         return policy_from_grant(self.grant(model_id))
 
     def status(self) -> dict[str, Any]:
-        """The cache's health snapshot (no session needed)."""
+        """Lease state of the models this session was allowed (needs the session)."""
+        with self._lock:
+            ans = self._request(lambda: {"op": "status"}, "status")
+        status = ans.get("status")
+        if not isinstance(status, dict):
+            raise ProtocolError("key cache answered status without a status")
+        return status
+
+    def health(self) -> dict[str, Any]:
+        """The cache's state and counts (no session needed, nothing about any model)."""
         sock = self._connect()
         try:
-            ans = call(sock, {"op": "status"}, timeout=self._timeout)
+            ans = call(sock, {"op": "health"}, timeout=self._timeout)
         finally:
             sock.close()
         if not ans.get("ok") or not isinstance(ans.get("health"), dict):
-            _raise_for(ans, "status")
+            _raise_for(ans, "health")
         return ans["health"]

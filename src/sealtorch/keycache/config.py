@@ -19,7 +19,6 @@ Example::
     allowed_uids = []           # peercred mode: uids allowed to connect (default: own uid)
     health_port = 0             # loopback health/metrics listener; 0 = off
     sim_platform_keys = []      # sim only: registered sim platform keys for local evidence
-    collateral = ""             # SGX local evidence: DCAP collateral file or directory
     pccs_url = ""               # SGX local evidence: PCCS to fetch collateral from
     tcp_listen = ""             # optional loopback TCP listener, e.g. "127.0.0.1:7001" (SGX:
                                 # Gramine's Unix sockets do not cross enclaves); evidence only
@@ -42,8 +41,9 @@ LOCAL_AUTH_MODES = ("auto", "evidence", "peercred")
 _ALLOWED = {
     "keyserver_url", "server_public_key", "ca_cert", "poll_interval", "models", "socket",
     "socket_group", "local_auth", "allowed_uids", "health_port", "sim_platform_keys",
-    "renew_fraction", "retry_min", "retry_max", "request_timeout", "collateral", "pccs_url",
+    "renew_fraction", "retry_min", "retry_max", "request_timeout", "pccs_url",
     "tcp_listen",
+    "collateral",  # refused below with an explanation (it was a host directory)
 }
 
 
@@ -66,7 +66,6 @@ class CacheConfig:
     retry_min: float = 0.5
     retry_max: float = 30.0
     request_timeout: float = 10.0
-    collateral: str | None = None
     pccs_url: str | None = None
     tcp_listen: TcpAddress | None = None
     raw: bytes = field(default=b"", repr=False)
@@ -118,10 +117,11 @@ def parse_config(raw: bytes) -> CacheConfig:
     if not isinstance(simkeys, list) or not all(isinstance(k, str) for k in simkeys):
         raise ConfigError("sim_platform_keys must be a list of strings")
     retry_min = _num(kc, "retry_min", 0.5, 0.01, 60)
-    collateral = kc.get("collateral") or None
+    if "collateral" in kc:  # a host directory is not a trusted file
+        raise ConfigError("collateral is no longer read from a file: an SGX cache takes the "
+                          "DCAP collateral its key server signed ('dkeyserver collateral "
+                          "import' on the owner machine); remove the setting")
     pccs = kc.get("pccs_url") or None
-    if collateral is not None and not isinstance(collateral, str):
-        raise ConfigError("collateral must be a path to DCAP collateral (file or directory)")
     if pccs is not None and (not isinstance(pccs, str) or not pccs.startswith("https://")):
         raise ConfigError("pccs_url must be an https:// URL")
     tcp_raw = kc.get("tcp_listen", "")
@@ -150,7 +150,6 @@ def parse_config(raw: bytes) -> CacheConfig:
         retry_min=retry_min,
         retry_max=_num(kc, "retry_max", 30.0, retry_min, 3600),
         request_timeout=_num(kc, "request_timeout", 10.0, 0.1, 300),
-        collateral=collateral,
         pccs_url=pccs,
         tcp_listen=tcp,
         raw=bytes(raw),

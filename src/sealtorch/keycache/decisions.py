@@ -101,6 +101,11 @@ class DecisionLog:
         with self._lock:
             return [dict(e) for e in self._ring]
 
+    def counts(self) -> dict[str, int]:
+        """Decisions since start, by outcome (no identities, models or reasons)."""
+        with self._lock:
+            return {"allow": self.allowed, "deny": self.denied}
+
     def summary(self) -> dict[str, Any]:
         """Counts since start and the newest decisions that fit :data:`STATUS_BUDGET` bytes
         (what ``status`` shows: the answer must fit one local frame even after a flood of

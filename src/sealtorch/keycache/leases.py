@@ -1,10 +1,15 @@
 """Leases on model keys: remote attestation to dkeyserver, renewal, revocation polls, outages.
 
 A lease is a relative duration measured on :func:`time.monotonic` from *before* the release
-request was sent, so neither the host's wall clock nor network delay can stretch it. The manager
-renews before expiry by attesting again, polls a signed, nonce-bound status document on an
-interval, drops (wipes) keys that are revoked, retired, denied or expired, and during an outage
-keeps serving unexpired leases while retrying with exponential backoff and jitter.
+request was sent, so neither the host's wall clock nor network delay can stretch it; and it
+never outlives the key server's own signed time: once a signed answer (status poll, release)
+says the server's clock is past the grant's issue time plus its lease, the lease is gone, even
+if the host froze or turned back this process's clock. The manager renews before expiry by
+attesting again, polls a signed, nonce-bound status document on an interval, drops (wipes)
+keys that are revoked, retired, denied or expired, and during an outage keeps serving
+unexpired leases while retrying with exponential backoff and jitter. (A host that both freezes
+the clock and blocks every poll can keep a lease alive: ``max_releases_per_lease`` still bounds
+its use; docs/threat-model.md.)
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -57,6 +62,8 @@ class Upstream(Protocol):
 
     def status(self, cache_id: str, models: list[str] | None = None) -> Any: ...
 
+    def collateral(self) -> tuple[str, ...]: ...
+
 
 #: makes the remote evidence for a nonce: ``(nonce, public_key, audience) -> Evidence``
 EvidenceFn = Callable[[bytes, bytes, bytes], Any]
@@ -83,6 +90,17 @@ class Lease:
     @property
     def key_version(self) -> int:
         return self.grant.key_version
+
+
+def _claims(doc: dict[str, Any]) -> Any:
+    """The :class:`Claims` the key server signed about this cache (:class:`GrantError` if
+    they do not parse)."""
+    from sealtorch.attestation.claims import Claims
+
+    try:
+        return Claims.from_dict(doc)
+    except (SealtorchError, TypeError, ValueError) as e:
+        raise GrantError("the claims the key server signed do not parse") from e
 
 
 def parse_policy(doc: dict[str, Any]) -> Any:
@@ -126,6 +144,13 @@ class LeaseManager:
         self._sk, self.public_key = hpke.generate_keypair()
         self.cache_id: str | None = None
         self.cache_state = "unknown"
+        #: what the key server verified about this cache's own evidence at the last release
+        self.own_claims: Any = None
+        #: SGX: fetch the key server's signed DCAP collateral at every renewal
+        self.fetch_collateral = False
+        self.collateral: tuple[str, ...] = ()
+        self._server_time: int | None = None  # newest signed key-server time seen
+        self._server_seen = 0.0  # this process's clock when it was seen
         self._failures = 0
         self._poll_failures = 0
         self.last_error: str | None = None
@@ -139,6 +164,27 @@ class LeaseManager:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    # --- time ----------------------------------------------------------------------------
+    def _note_server_time(self, t: int) -> None:
+        """Remember a signed key-server time (lock held); it never goes back."""
+        if self._server_time is None or t > self._server_time:
+            self._server_time = t
+            self._server_seen = self._clock()
+
+    def server_time(self) -> float | None:
+        """The key server's time as this cache knows it: the newest signed time plus what this
+        process's clock counted since (a host can only make it later). ``None`` before the
+        first signed answer. Local evidence is verified at this time, not the host's clock."""
+        with self._lock:
+            if self._server_time is None:
+                return None
+            return self._server_time + max(0.0, self._clock() - self._server_seen)
+
+    def _past_server_time(self, lease: Lease) -> bool:
+        """The key server's signed time says this lease is over (lock held)."""
+        return (self._server_time is not None
+                and self._server_time >= lease.grant.issued_at + lease.grant.lease_seconds)
 
     # --- queries -------------------------------------------------------------------------
     def open_challenge(self, sealed: bytes, info: bytes) -> Secret:
@@ -176,21 +222,8 @@ class LeaseManager:
             now = self._clock()
             lease = self._leases.get((model_id, key_version))
             if lease is None:
-                code = self._denied.get(model_id)
-                if code == "revoked":
-                    raise RevokedError(f"model {model_id!r} was revoked by the key server")
-                if code == "lease_expired":
-                    raise LeaseExpiredError(
-                        f"the lease on model {model_id!r} expired and could not be renewed "
-                        "(key server unreachable?)"
-                    )
-                if code is not None:
-                    raise ReleaseDenied(f"the key server denied model {model_id!r}", code)
-                raise ReleaseDenied(
-                    f"this cache holds no key for model {model_id!r} key version {key_version}",
-                    "not_available",
-                )
-            if now >= lease.expires:
+                self._unavailable(model_id, key_version)
+            if now >= lease.expires or self._past_server_time(lease):
                 self._drop(lease, "lease_expired")
                 raise LeaseExpiredError(
                     f"the lease on model {model_id!r} expired and could not be renewed"
@@ -206,20 +239,62 @@ class LeaseManager:
             lease.releases += 1
             return lease, result
 
-    def grant_document(self, model_id: str) -> dict[str, Any]:
-        """The signed grant of the newest live key version of ``model_id`` (for policy checks)."""
-        with self._lock:
-            live = [ls for (m, _), ls in self._leases.items() if m == model_id]
-            if not live:
-                code = self._denied.get(model_id)
-                if code == "revoked":
-                    raise RevokedError(f"model {model_id!r} was revoked by the key server")
-                raise ReleaseDenied(f"this cache holds no grant for model {model_id!r}",
-                                    code or "not_available")
-            return max(live, key=lambda ls: ls.key_version).document
+    def _unavailable(self, model_id: str, key_version: int | None) -> NoReturn:
+        """Raise why no lease of ``model_id`` can be used (lock held)."""
+        code = self._denied.get(model_id)
+        if code == "revoked":
+            raise RevokedError(f"model {model_id!r} was revoked by the key server")
+        if code == "lease_expired":
+            raise LeaseExpiredError(
+                f"the lease on model {model_id!r} expired and could not be renewed "
+                "(key server unreachable?)"
+            )
+        if code is not None:
+            raise ReleaseDenied(f"the key server denied model {model_id!r}", code)
+        version = f" key version {key_version}" if key_version is not None else ""
+        raise ReleaseDenied(f"this cache holds no key for model {model_id!r}{version}",
+                            "not_available")
 
-    def snapshot(self) -> dict[str, Any]:
-        """Health view: state, upstream status and each lease (no key material)."""
+    def newest(self, model_id: str, *, check: Callable[[Lease], None] | None = None) -> Lease:
+        """The live lease of the newest key version of ``model_id`` (``check`` runs first, e.g.
+        the runtime allow-list); raises like :meth:`acquire` when there is none."""
+        with self._lock:
+            now = self._clock()
+            live = [ls for (m, _), ls in self._leases.items()
+                    if m == model_id and now < ls.expires and not self._past_server_time(ls)]
+            if not live:
+                self._unavailable(model_id, None)
+            lease = max(live, key=lambda ls: ls.key_version)
+            if check is not None:
+                check(lease)
+            return lease
+
+    def _state(self, leases: int) -> str:
+        if not leases and not self.upstream_ok:
+            return "down"
+        return "ok" if self.upstream_ok else "degraded"
+
+    def summary(self) -> dict[str, Any]:
+        """State and counts only, plus this cache's own id and state (what an operator needs to
+        approve it): what the health listener and the ``health`` op show."""
+        with self._lock:
+            now = self._clock()
+            live = sum(1 for ls in self._leases.values() if now < ls.expires)
+            return {"state": self._state(live),
+                    "upstream": "ok" if self.upstream_ok else "unreachable",
+                    "cache_id": self.cache_id, "cache_state": self.cache_state,
+                    "leases": live, "models_denied": len(self._denied),
+                    "refreshes": self.refreshes, "polls": self.polls,
+                    "invalid_documents": self.invalid_documents}
+
+    def policies(self) -> list[Any]:
+        """The policies of the live leases (newest version of each model)."""
+        with self._lock:
+            return [ls.policy for ls in self._leases.values() if ls.policy is not None]
+
+    def snapshot(self, models: set[str] | None = None) -> dict[str, Any]:
+        """Detailed view (no key material): state, upstream status and each lease, of every
+        model or only of ``models`` (a runtime's own)."""
         with self._lock:
             now = self._clock()
             leases = [
@@ -233,16 +308,12 @@ class LeaseManager:
                     "state": "active" if now < ls.expires else "expired",
                 }
                 for ls in sorted(self._leases.values(), key=lambda x: (x.model_id, x.key_version))
+                if models is None or ls.model_id in models
             ]
-            denied = dict(sorted(self._denied.items()))
-            if not leases and not self.upstream_ok:
-                state = "down"
-            elif not self.upstream_ok:
-                state = "degraded"
-            else:
-                state = "ok"
+            denied = {m: c for m, c in sorted(self._denied.items())
+                      if models is None or m in models}
             return {
-                "state": state,
+                "state": self._state(len(leases)),
                 "upstream": "ok" if self.upstream_ok else "unreachable",
                 "cache_id": self.cache_id,
                 "cache_state": self.cache_state,
@@ -276,9 +347,15 @@ class LeaseManager:
         result = self._up.release(
             evidence, self.public_key, nonce, self._models, private_key=self._sk
         )
+        collateral = self._up.collateral() if self.fetch_collateral else None
         with self._lock:
+            self._note_server_time(int(result.audit_head.issued_at))
+            if collateral is not None:
+                self.collateral = collateral
             self.cache_id = result.cache_id
             self.cache_state = result.cache_state
+            if getattr(result, "claims", None) is not None:
+                self.own_claims = _claims(result.claims)
             granted: set[tuple[str, int]] = set()
             parsed = [(rk, parse_policy(rk.grant.policy)) for rk in result.grants]
             for rk, pol in parsed:
@@ -327,6 +404,7 @@ class LeaseManager:
             models = sorted({m for m, _ in self._leases}) or None
         status = self._up.status(self.cache_id, models)
         with self._lock:
+            self._note_server_time(int(status.issued_at))
             self.polls += 1
             # a lease lost to an outage comes back by attesting again, not by polling
             renew = "lease_expired" in self._denied.values()
@@ -361,7 +439,7 @@ class LeaseManager:
     def _expire(self, now: float) -> None:
         with self._lock:
             for lease in list(self._leases.values()):
-                if now >= lease.expires:
+                if now >= lease.expires or self._past_server_time(lease):
                     self._drop(lease, "lease_expired")
 
     def _try_refresh(self) -> None:

@@ -1,7 +1,8 @@
 """Prometheus metrics of dkeycache: local requests, decisions, denials by code, lease state.
 
 A private registry per cache, so tests and several caches in one process do not collide. Labels
-carry model ids and public codes only, never key material or request contents.
+carry public codes and operation names only: lease gauges are aggregates, so the metrics page
+(on the health listener, reachable by host processes) names no model, peer or key material.
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ class _LeaseCollector(Collector):
 
     def collect(self) -> Any:
         snap = self._snapshot()
+        leases = snap["leases"]
+        count = GaugeMetricFamily("dkeycache_leases", "Live leases (model key versions held)")
+        count.add_metric([], float(sum(1 for ls in leases if ls["state"] == "active")))
         remaining = GaugeMetricFamily(
-            "dkeycache_lease_remaining_seconds", "Seconds left on each lease",
-            labels=["model_id", "key_version"],
+            "dkeycache_lease_min_remaining_seconds", "Seconds left on the lease closest to expiry",
         )
+        remaining.add_metric([], min((ls["remaining_seconds"] for ls in leases), default=0.0))
         releases = GaugeMetricFamily(
-            "dkeycache_lease_releases", "File keys released under the current lease",
-            labels=["model_id", "key_version"],
+            "dkeycache_lease_releases", "File keys released under the current leases, summed",
         )
-        for ls in snap["leases"]:
-            labels = [ls["model_id"], str(ls["key_version"])]
-            remaining.add_metric(labels, ls["remaining_seconds"])
-            releases.add_metric(labels, ls["releases"])
+        releases.add_metric([], float(sum(ls["releases"] for ls in leases)))
         health = GaugeMetricFamily(
             "dkeycache_health", "1 for the current health state", labels=["state"]
         )
@@ -41,7 +41,7 @@ class _LeaseCollector(Collector):
             health.add_metric([state], 1.0 if snap["state"] == state else 0.0)
         upstream = GaugeMetricFamily("dkeycache_upstream_up", "1 if dkeyserver answered last")
         upstream.add_metric([], 1.0 if snap["upstream"] == "ok" else 0.0)
-        yield from (remaining, releases, health, upstream)
+        yield from (count, remaining, releases, health, upstream)
 
 
 class CacheMetrics:

@@ -5,8 +5,10 @@ Per connection, one session: the runtime asks for a fresh nonce (``hello``), pro
 cache's key; or, in a TDX/SNP VM, the peer's ``SO_PEERCRED`` uid), then asks for file keys
 (``file_key``: model id + raw public header + a fresh secret HPKE-sealed to the cache's key,
 which the cache must open and bind into its answer: proof that it holds the key the grant was
-issued to). Each answer carries the server's signed grant and
-the file key HPKE-sealed to the session key; nothing secret crosses the socket in plaintext.
+issued to) or for a model's grant (``policy``, the same challenge). Each answer carries the
+server's signed grant and the file key, both HPKE-sealed to the session key and bound to that
+request's challenge: nothing crosses the socket in plaintext and no answer can be replayed.
+``status`` (a session's own models) needs a session; ``health`` (state and counts) does not.
 The optional loopback TCP listener (for SGX, where Gramine's Unix sockets do not cross enclaves)
 speaks the same protocol and accepts evidence-based sessions only. Every connect/session/file-key
 outcome is recorded by a :class:`DecisionLog`. Wire format: docs/keycache.md.
@@ -23,6 +25,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,7 +52,10 @@ from sealtorch.protocol.local import (
     cache_audience,
     challenge_info,
     file_key_info,
+    grant_info,
+    model_context,
     recv_frame,
+    seal_grant,
     send_frame,
 )
 
@@ -98,7 +104,7 @@ class LocalAuthenticator(Protocol):
 
 
 class _Session:
-    __slots__ = ("claims", "nonce", "peer", "public_key", "runtime")
+    __slots__ = ("claims", "models", "nonce", "peer", "public_key", "runtime")
 
     def __init__(self, peer: PeerCred | None) -> None:
         self.peer = peer  # None on TCP
@@ -106,6 +112,7 @@ class _Session:
         self.public_key: bytes | None = None
         self.claims: Any = None
         self.runtime: dict[str, Any] | None = None  # identity claims for the decision log
+        self.models: set[str] = set()  # models this session was allowed (what status shows)
 
 
 def _is_loopback_peer(addr: Any) -> bool:
@@ -351,6 +358,7 @@ class LocalServer:
         session.public_key = None
         session.claims = None
         session.runtime = None
+        session.models = set()
         return {
             "ok": True,
             "protocol": LOCAL_PROTOCOL,
@@ -367,6 +375,7 @@ class LocalServer:
         nonce = session.nonce
         session.nonce = None  # one-time: burned before the evidence is looked at
         session.public_key = session.claims = session.runtime = None
+        session.models = set()
         ctx.runtime = None
         if nonce is None:
             raise ProtocolError("send hello first: a session needs a fresh nonce from the cache")
@@ -405,21 +414,21 @@ class LocalServer:
         if header.model_id != mid:
             raise ProtocolError("the header names another model id than model_id")
         ctx.key_version = header.key_version
-        sealed_ch = b64d(req.get("challenge"), field="challenge",
-                         max_len=SEALED_CHALLENGE_LEN, exact_len=SEALED_CHALLENGE_LEN)
-        challenge = self.leases.open_challenge(sealed_ch, challenge_info(header.digest(), sid))
+        challenge = self._challenge(req, header.digest(), sid)
         try:
             return self._release_file_key(mid, header, pk, sid, challenge, session, ctx)
         finally:
             challenge.wipe()
 
-    def _release_file_key(
-        self, mid: str, header: Header, pk: bytes, sid: bytes, challenge: Secret,
-        session: _Session, ctx: DecisionContext,
-    ) -> dict[str, Any]:
-        """Derive the file key of ``header`` under the model's lease and seal it to the session
-        key, bound to the runtime's (already opened) challenge."""
+    def _challenge(self, req: dict[str, Any], context: bytes, sid: bytes) -> Secret:
+        """Open the runtime's fresh secret, sealed to this cache's key for this request."""
+        sealed_ch = b64d(req.get("challenge"), field="challenge",
+                         max_len=SEALED_CHALLENGE_LEN, exact_len=SEALED_CHALLENGE_LEN)
+        return self.leases.open_challenge(sealed_ch, challenge_info(context, sid))
 
+    def _runtime_check(self, mid: str, session: _Session, ctx: DecisionContext
+                       ) -> Callable[[Lease], None]:
+        """The model's ``runtimes`` allow-list, applied to this session's runtime."""
         def check(lease: Lease) -> None:
             code, reasons = self.auth.check_runtime(lease.policy, session.claims)
             if code is not None:
@@ -427,6 +436,14 @@ class LocalServer:
                 raise ReleaseDenied(
                     f"the policy of model {mid!r} does not allow this runtime", code
                 )
+        return check
+
+    def _release_file_key(
+        self, mid: str, header: Header, pk: bytes, sid: bytes, challenge: Secret,
+        session: _Session, ctx: DecisionContext,
+    ) -> dict[str, Any]:
+        """Derive the file key of ``header`` under the model's lease and seal it and the grant to
+        the session key, bound to the runtime's (already opened) challenge."""
 
         def derive(lease: Lease) -> Secret:
             file_key = derive_file_key(lease.key, header)
@@ -437,8 +454,11 @@ class LocalServer:
                 raise
             return file_key
 
-        lease, file_key = self.leases.acquire(mid, header.key_version, check=check, use=derive)
+        lease, file_key = self.leases.acquire(mid, header.key_version,
+                                              check=self._runtime_check(mid, session, ctx),
+                                              use=derive)
         assert file_key is not None
+        session.models.add(mid)
         try:
             sealed = hpke.seal(
                 file_key, pk,
@@ -446,26 +466,45 @@ class LocalServer:
             )
         finally:
             file_key.wipe()
-        return {"ok": True, "grant": lease.document, "sealed_key": b64e(sealed)}
+        grant = seal_grant(lease.document, pk, grant_info(header.digest(), sid, challenge))
+        return {"ok": True, "sealed_grant": b64e(grant), "sealed_key": b64e(sealed)}
 
     def _op_policy(
         self, req: dict[str, Any], session: _Session, ctx: DecisionContext
     ) -> dict[str, Any]:
-        self._need_session(session)
-        return {"ok": True, "grant": self.leases.grant_document(self._model_id(req))}
+        """The model's newest grant, to a runtime its policy allows, sealed to the session and
+        bound to a fresh challenge (a replayed answer with an older policy does not open)."""
+        pk, sid = self._need_session(session)
+        mid = ctx.model_id = self._model_id(req)
+        context = model_context(mid)
+        challenge = self._challenge(req, context, sid)
+        try:
+            lease = self.leases.newest(mid, check=self._runtime_check(mid, session, ctx))
+            session.models.add(mid)
+            grant = seal_grant(lease.document, pk, grant_info(context, sid, challenge))
+        finally:
+            challenge.wipe()
+        return {"ok": True, "sealed_grant": b64e(grant)}
 
     def _op_status(
         self, req: dict[str, Any], session: _Session, ctx: DecisionContext
     ) -> dict[str, Any]:
-        return {"ok": True, "health": self.status_snapshot()}
+        """Lease state of the models this session was allowed, to that session only."""
+        self._need_session(session)
+        return {"ok": True, "status": self.leases.snapshot(models=session.models)}
 
-    def status_snapshot(self) -> dict[str, Any]:
-        """Lease health plus the recent local decisions (``dkeycache status``, ``/healthz``)."""
-        snap = self.leases.snapshot()
-        snap["decisions"] = self.decisions.summary()
-        return snap
+    def _op_health(
+        self, req: dict[str, Any], session: _Session, ctx: DecisionContext
+    ) -> dict[str, Any]:
+        return {"ok": True, "health": self.health()}
+
+    def health(self) -> dict[str, Any]:
+        """State and counts only (no model ids, leases, peers or reasons): what anyone who can
+        reach the socket or the health listener may see, plus the cache's own id and state,
+        which an operator needs to approve it (derived from the platform, not a secret)."""
+        return {**self.leases.summary(), "decisions": self.decisions.counts()}
 
 
-_OPS = frozenset({"hello", "session", "file_key", "policy", "status"})
+_OPS = frozenset({"hello", "session", "file_key", "policy", "status", "health"})
 #: operations whose outcome is a decision about a runtime (logged and kept in the ring)
-_DECISION_OPS = frozenset({"session", "file_key"})
+_DECISION_OPS = frozenset({"session", "file_key", "policy"})

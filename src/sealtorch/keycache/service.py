@@ -29,15 +29,17 @@ def make_attester(name: str, config: CacheConfig) -> Any:
     return attesters.select(name, role="dkeycache", config_bytes=config.raw)
 
 
-def make_local_auth(tee: str, config: CacheConfig, attester: Any) -> Any:
-    """Evidence for SGX/sim, peer credentials for TDX/SNP (or as configured)."""
+def make_local_auth(tee: str, config: CacheConfig, leases: LeaseManager) -> Any:
+    """Evidence for SGX/sim, peer credentials judged by the VM's own server-verified claims
+    for TDX/SNP (or as configured)."""
     from sealtorch.keycache.localauth import EvidenceAuth, PeerCredAuth
 
     mode = config.local_auth
     if mode == "auto":
         mode = "peercred" if tee in ("tdx", "snp") else "evidence"
     if mode == "peercred":
-        return PeerCredAuth(tee, set(config.allowed_uids) or {os.getuid()})
+        return PeerCredAuth(tee, set(config.allowed_uids) or {os.getuid()},
+                            lambda: leases.own_claims)
     from sealtorch.attestation.verifiers import VerifierSet
 
     if tee == "sim":
@@ -46,9 +48,52 @@ def make_local_auth(tee: str, config: CacheConfig, attester: Any) -> Any:
         keys: list[Any] = list(config.sim_platform_keys)
         if not keys:  # same sim platform as the cache itself
             keys = [sim.default_dir() / sim.PUBLIC_FILE]
-        return EvidenceAuth(VerifierSet(sim_platform_keys=keys))
-    return EvidenceAuth(VerifierSet(collateral=config.collateral, pccs_url=config.pccs_url,
-                                    tees=("sgx",)))
+        return EvidenceAuth(VerifierSet(sim_platform_keys=keys), now=leases.server_time)
+    leases.fetch_collateral = True
+    return EvidenceAuth(_SgxVerifiers(leases, config.pccs_url), now=leases.server_time)
+
+
+class _SgxVerifiers:
+    """The SGX verifier of a cache: collateral signed by its key server (``pccs_url`` as the
+    fallback, Intel-signed), rebuilt when a renewal brings new collateral."""
+
+    def __init__(self, leases: LeaseManager, pccs_url: str | None) -> None:
+        self._leases = leases
+        self._pccs = pccs_url
+        self._built: tuple[tuple[str, ...], Any] | None = None
+
+    def __call__(self) -> Any:
+        from sealtorch.attestation.verifiers import VerifierSet
+        from sealtorch.attestation.verifiers.dcap import CollateralSource
+
+        docs = self._leases.collateral
+        if self._built is None or self._built[0] is not docs:
+            if not docs and not self._pccs:
+                from sealtorch.errors import CollateralError
+
+                raise CollateralError(
+                    "no DCAP collateral: the key server holds none ('dkeyserver collateral "
+                    "import') and no pccs_url is configured")
+            source = CollateralSource(documents=docs, pccs_url=self._pccs or None)
+            self._built = (docs, VerifierSet(collateral=source, tees=("sgx",)))
+        return self._built[1]
+
+
+def check_own_runtime_identity(auth: Any, leases: LeaseManager) -> None:
+    """In peer-credential mode, refuse to start when the VM's own claims match no runtime
+    identity of any model the cache holds (it could never hand a key to anything)."""
+    if auth.mode != "peercred":
+        return
+    policies = leases.policies()
+    if not policies or leases.own_claims is None:
+        return  # nothing granted yet: each request is judged when it comes
+    verdicts = [auth.check_runtime(p, None) for p in policies]
+    if all(code is not None for code, _ in verdicts):
+        reasons = [r for _, rs in verdicts for r in rs][:5]
+        raise ConfigError(
+            "this VM's own claims match no runtime identity of the models it holds, so no "
+            "local process may get a key here; fix the policies' [[runtimes]] or the image: "
+            + "; ".join(reasons))
 
 
 @dataclass
@@ -96,7 +141,9 @@ def start_cache(
         poll_interval=config.poll_interval, renew_fraction=config.renew_fraction,
         retry_min=config.retry_min, retry_max=config.retry_max,
     )
-    auth = local_auth or make_local_auth(attester.tee, config, attester)
+    # ``local_auth`` (tests, benchmarks): an authenticator, or a factory given the leases
+    auth = (local_auth if hasattr(local_auth, "mode") else local_auth(leases)) \
+        if local_auth is not None else make_local_auth(attester.tee, config, leases)
     if config.tcp_listen is not None and auth.mode != "evidence":
         raise ConfigError(
             "tcp_listen needs evidence-based local auth, but this cache would use peer "
@@ -104,6 +151,11 @@ def start_cache(
             "or set local_auth = \"evidence\""
         )
     leases.step()  # enrol and attest at start (an outage here is retried by the loop)
+    try:
+        check_own_runtime_identity(auth, leases)
+    except BaseException:
+        leases.stop()  # wipes every key
+        raise
     metrics = CacheMetrics(leases.snapshot)
     server = LocalServer(
         socket_path or config.socket, leases, auth,
@@ -116,7 +168,7 @@ def start_cache(
     leases.start()
     health = None
     if config.health_port:
-        health = HealthServer(config.health_port, server.status_snapshot, metrics.render)
+        health = HealthServer(config.health_port, server.health, metrics.render)
         health.start()
     return Cache(config, leases, server, health)
 

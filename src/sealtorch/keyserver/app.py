@@ -170,7 +170,8 @@ class _FastPost:
 
 
 def release_app(ks: KeyServer) -> Any:
-    """``/v1/challenge``, ``/v1/release``, ``/v1/status``, ``/healthz``, ``/readyz``."""
+    """``/v1/challenge``, ``/v1/release``, ``/v1/status``, ``/v1/collateral``, ``/healthz``,
+    ``/readyz``."""
     limiter = ops.RateLimiter(ks.config.rate_per_client)
     # a few worker threads are enough (the database serialises writes and the GIL the rest)
     threads = anyio.CapacityLimiter(8)
@@ -242,6 +243,11 @@ def release_app(ks: KeyServer) -> Any:
                                       client)
         return out
 
+    def do_collateral(obj: dict[str, Any], client: str) -> Outcome:
+        if obj:
+            raise ProtocolError("collateral request takes an empty JSON object")
+        return ks.collateral()
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -262,11 +268,13 @@ def release_app(ks: KeyServer) -> Any:
         Route("/v1/challenge", _never, methods=["POST"]),
         Route("/v1/release", _never, methods=["POST"]),
         Route("/v1/status", _never, methods=["POST"]),
+        Route("/v1/collateral", _never, methods=["POST"]),
     ])
     return _FastPost(fallback, {
         "/v1/challenge": guarded("challenge", do_challenge, mode="inline"),
         "/v1/release": guarded("release", do_release, mode="async"),
         "/v1/status": guarded("status", do_status, mode="async"),
+        "/v1/collateral": guarded("collateral", do_collateral),
     })
 
 

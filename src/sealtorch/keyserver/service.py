@@ -36,10 +36,12 @@ from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64e
 from sealtorch.protocol.grant import (
     AuditHead,
+    ClaimsDocument,
     Grant,
     ModelStatus,
     Status,
     sign_audit_head,
+    sign_claims,
     sign_grant_digest,
     sign_status,
 )
@@ -193,6 +195,9 @@ class KeyServer:
         with self.store.keyring.status_key(ident.cache_id) as sk:
             sealed_status_key = hpke.seal(sk, req.recipient(),
                                           status_key_info(ident.cache_id, req.nonce))
+        own_claims = sign_claims(self.signing_key, ClaimsDocument(
+            req.nonce, req.public_key, ident.cache_id, claims.to_dict(), self.now(),
+            self.server_key_id))
         log.info("release decision", extra={"fields": {
             "cache_id": ident.cache_id, "tee": ident.tee, "grants": len(grants),
             "denials": sorted({x["code"] for x in d.denials}), "audit_seq": d.audit_seq}})
@@ -200,7 +205,8 @@ class KeyServer:
                              "audit_head": self.signed_head(d.audit_seq, d.audit_head),
                              "cache_id": ident.cache_id, "cache_state": d.cache_state,
                              "state_seq": d.state_seq,
-                             "status_key": b64e(sealed_status_key)}, d.decisions)
+                             "status_key": b64e(sealed_status_key),
+                             "claims": own_claims}, d.decisions)
 
     def _decide(self, conn: Connection, req: ReleaseRequest, claims: Claims,
                 ident: CacheIdentity, ev_digest: str) -> _Decided:
@@ -275,6 +281,26 @@ class KeyServer:
                 lease_seconds=adm.lease_seconds, revocation_epoch=state.epoch, issued_at=now,
                 server_key_id=self.server_key_id, state_seq=state.seq), key))
         return made, adm
+
+    # --- collateral -----------------------------------------------------------------------
+    def collateral(self) -> Outcome:
+        """The DCAP collateral files of this server, signed (SGX caches verify their local
+        runtimes with it, at the server's signed time)."""
+        from sealtorch.attestation.verifiers.dcap import collateral_key
+        from sealtorch.errors import CollateralError
+        from sealtorch.protocol.collateral import MAX_FILES, CollateralBundle, sign_bundle
+
+        d = self.config.path(self.config.collateral_dir)
+        files: list[str] = []
+        for f in sorted(d.glob("*.json"))[:MAX_FILES] if d.is_dir() else []:
+            try:
+                collateral_key(f)  # only what parses as collateral
+                files.append(f.read_text("utf-8"))
+            except (CollateralError, OSError, UnicodeDecodeError):
+                log.warning("collateral file %s skipped: not DCAP collateral", f.name)
+        doc = sign_bundle(self.signing_key,
+                          CollateralBundle(tuple(files), self.now(), self.server_key_id))
+        return Outcome(200, {"collateral": doc}, [])
 
     # --- status ---------------------------------------------------------------------------
     def status(self, req: StatusRequest) -> Outcome | None:

@@ -23,6 +23,7 @@ from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.signing import (
     KIND_AUDIT_HEAD,
+    KIND_CLAIMS,
     KIND_GRANT,
     KIND_STATUS,
     body_digest,
@@ -37,6 +38,7 @@ from sealtorch.protocol.signing import (
 GRANT_FORMAT = "sealtorch-grant/v1"
 STATUS_FORMAT = "sealtorch-status/v1"
 AUDIT_HEAD_FORMAT = "sealtorch-audit-head/v1"
+CLAIMS_FORMAT = "sealtorch-claims/v1"
 NONCE_LEN = 32
 _MAX_INT = 2**53
 
@@ -254,6 +256,47 @@ def sign_audit_head(signing_key: Ed25519PrivateKey, head: AuditHead) -> dict[str
     return sign_document(signing_key, KIND_AUDIT_HEAD, head.body())
 
 
+@dataclass(frozen=True)
+class ClaimsDocument:
+    """What the key server verified about a cache's evidence, signed for the cache itself:
+    a confidential VM's cache judges its own local runtimes (all of them share the VM's
+    identity) by these claims, verified with the owner's collateral and clock."""
+
+    nonce: bytes
+    requester_key: bytes
+    cache_id: str
+    claims: dict[str, Any]
+    issued_at: int
+    server_key_id: str
+
+    def body(self) -> dict[str, Any]:
+        return {"format": CLAIMS_FORMAT, "nonce": b64e(self.nonce),
+                "requester_key": b64e(self.requester_key), "cache_id": self.cache_id,
+                "claims": self.claims, "issued_at": self.issued_at,
+                "server_key_id": self.server_key_id}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ClaimsDocument:
+        if body.get("format") != CLAIMS_FORMAT:
+            raise GrantError(f"claims document format must be {CLAIMS_FORMAT!r}")
+        claims = body.get("claims")
+        if not isinstance(claims, dict):
+            raise GrantError("claims document carries no claims object")
+        return cls(
+            nonce=b64d(body.get("nonce"), field="claims nonce", max_len=NONCE_LEN,
+                       exact_len=NONCE_LEN),
+            requester_key=b64d(body.get("requester_key"), field="claims requester_key",
+                               max_len=hpke.PUBLIC_KEY_LEN, exact_len=hpke.PUBLIC_KEY_LEN),
+            cache_id=_str(body, "cache_id", max_len=128), claims=claims,
+            issued_at=_int(body, "issued_at"),
+            server_key_id=_str(body, "server_key_id", max_len=64),
+        )
+
+
+def sign_claims(signing_key: Ed25519PrivateKey, doc: ClaimsDocument) -> dict[str, Any]:
+    return sign_document(signing_key, KIND_CLAIMS, doc.body())
+
+
 @dataclass
 class GrantVerifier:
     """Verify grants, status documents and audit heads against the pinned server key.
@@ -271,6 +314,10 @@ class GrantVerifier:
 
     def __post_init__(self) -> None:
         self._pub = load_public_key(self.pinned_public_key)
+
+    @property
+    def pinned_key(self) -> Ed25519PublicKey:
+        return self._pub
 
     @property
     def server_key_id(self) -> str:
@@ -346,3 +393,17 @@ class GrantVerifier:
     def verify_audit_head(self, doc: object) -> AuditHead:
         """Check a signed audit head."""
         return AuditHead.from_body(verify_document(self._pub, KIND_AUDIT_HEAD, doc))
+
+    def verify_claims(self, doc: object, *, nonce: bytes, requester_key: bytes,
+                      cache_id: str) -> ClaimsDocument:
+        """Check a claims document: signed by the pinned key, for this request and cache."""
+        cd = ClaimsDocument.from_body(verify_document(self._pub, KIND_CLAIMS, doc))
+        if not hmac.compare_digest(cd.nonce, nonce):
+            raise GrantError("claims document is bound to another nonce")
+        if not hmac.compare_digest(cd.requester_key, requester_key):
+            raise GrantError("claims document is about another requester key")
+        if cd.cache_id != cache_id:
+            raise GrantError("claims document is for another cache id")
+        if not hmac.compare_digest(cd.server_key_id, self.server_key_id):
+            raise GrantError("claims document names another server key id")
+        return cd

@@ -74,10 +74,12 @@ def seal(plaintext: bytes | bytearray | Secret, public_key: bytes | X25519Public
         del data
 
 
-def open(sealed: bytes, private_key: X25519PrivateKey, info: bytes) -> Secret:
-    """Decrypt a message made by :func:`seal`; raises :class:`ProtocolError` on any mismatch."""
+def open(sealed: bytes, private_key: X25519PrivateKey, info: bytes, *,
+         max_len: int = MAX_SEALED_LEN) -> Secret:
+    """Decrypt a message made by :func:`seal`; raises :class:`ProtocolError` on any mismatch.
+    ``max_len`` bounds the sealed message (keys by default; a relayed grant is larger)."""
     if not isinstance(sealed, bytes | bytearray) or not (
-        _ENC_LEN + _TAG_LEN <= len(sealed) <= MAX_SEALED_LEN
+        _ENC_LEN + _TAG_LEN <= len(sealed) <= max_len
     ):
         raise ProtocolError("sealed key has an impossible length; it was truncated or altered")
     try:

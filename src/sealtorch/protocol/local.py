@@ -30,6 +30,8 @@ MAX_FRAME = 64 * 1024
 _LEN = struct.Struct(">I")
 FILE_KEY_INFO_LABEL = b"sealtorch/v1 local file key\x00"
 CHALLENGE_INFO_LABEL = b"sealtorch/v1 local cache challenge\x00"
+GRANT_INFO_LABEL = b"sealtorch/v1 local grant\x00"
+_MODEL_CONTEXT_LABEL = b"sealtorch/v1 local model\x00"
 #: the runtime's fresh secret that only the holder of the cache's HPKE key can open
 CHALLENGE_LEN = 32
 #: HPKE ``enc`` (32) + the sealed 32-byte secret + AES-GCM tag (16)
@@ -49,6 +51,39 @@ def challenge_info(header_digest: bytes, session_nonce: bytes) -> bytes:
     """HPKE ``info`` of the runtime's challenge sealed to the cache key: binds it to the file
     and the session, so it cannot be replayed into another request context."""
     return CHALLENGE_INFO_LABEL + header_digest + session_nonce
+
+
+def grant_info(context: bytes, session_nonce: bytes, challenge: bytes | Secret) -> bytes:
+    """HPKE ``info`` of a relayed grant sealed to the runtime's session key: binds it to what
+    was asked (a file's header digest, or :func:`model_context`), the session and the runtime's
+    fresh challenge, so a recorded answer cannot be replayed later (an older, looser policy)."""
+    return GRANT_INFO_LABEL + context + session_nonce + bytes(challenge)
+
+
+def model_context(model_id: str) -> bytes:
+    """The 32-byte context of a request about a model rather than one file (``policy``)."""
+    return hashlib.sha256(_MODEL_CONTEXT_LABEL + model_id.encode("ascii")).digest()
+
+
+def seal_grant(document: dict[str, Any], session_key: bytes, info: bytes) -> bytes:
+    """A grant document sealed (HPKE) to a runtime's session key."""
+    from sealtorch.protocol import hpke
+
+    return hpke.seal(canonical_json(document), session_key, info)
+
+
+def open_grant(sealed: bytes, private_key: Any, info: bytes) -> dict[str, Any]:
+    """The grant document of :func:`seal_grant` (:class:`ProtocolError` if it does not open)."""
+    from sealtorch.protocol import hpke
+
+    with hpke.open(sealed, private_key, info, max_len=MAX_FRAME) as raw:
+        try:
+            doc = json.loads(bytes(raw.view()))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ProtocolError("the relayed grant is not a JSON document") from e
+    if not isinstance(doc, dict):
+        raise ProtocolError("the relayed grant is not a JSON object")
+    return doc
 
 
 def cache_audience(cache_public_key: bytes) -> bytes:

@@ -19,7 +19,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from sealtorch._secret import Secret
-from sealtorch.errors import GrantError, ProtocolError, ReleaseDenied, ServiceUnavailableError
+from sealtorch.errors import (
+    GrantError,
+    ProtocolError,
+    ReleaseDenied,
+    ServiceUnavailableError,
+)
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e
 from sealtorch.protocol.grant import NONCE_LEN, AuditHead, Grant, GrantVerifier, Status
@@ -63,6 +68,9 @@ class ReleaseResult:
     cache_id: str
     cache_state: str
     state_seq: int = 0
+    #: what the server verified about this cache's evidence (signed, for this request; the
+    #: ``Claims.to_dict()`` form, typed by the caller)
+    claims: dict[str, Any] | None = None
 
 
 class KeyServerClient:
@@ -216,6 +224,8 @@ class KeyServerClient:
                 rk.grant.state_seq != seq for rk in grants):
             raise ProtocolError("release response state_seq is missing or differs from its grants")
         self.verifier.check_state_seq(seq)
+        claims = self.verifier.verify_claims(obj.get("claims"), nonce=nonce,
+                                             requester_key=public_key, cache_id=cid).claims
         if private_key is not None:
             sealed_sk = b64d(obj.get("status_key"), field="status_key",
                              max_len=hpke.MAX_SEALED_LEN)
@@ -228,7 +238,16 @@ class KeyServerClient:
                 old.wipe()
             self._status_keys[cid] = sk
         return ReleaseResult(grants, denials, head, head_doc, cid, cstate,  # type: ignore[arg-type]
-                             seq)
+                             seq, claims)
+
+    def collateral(self) -> tuple[str, ...]:
+        """The DCAP collateral documents the key server holds, signed by the pinned key."""
+        from sealtorch.protocol.collateral import verify_bundle
+
+        status, obj = self._post("/v1/collateral", {})
+        if status != 200:
+            self._raise_error(status, obj, "/v1/collateral")
+        return verify_bundle(self.verifier.pinned_key, obj.get("collateral")).files
 
     def status(self, cache_id: str, models: list[str] | None = None) -> Status:
         """Poll revocation state with a fresh random nonce, authenticated with the status key

@@ -22,7 +22,10 @@ KIND_GRANT = "grant"
 KIND_STATUS = "status"
 KIND_AUDIT_HEAD = "audit-head"
 KIND_KEY_EXPORT = "key-export"
-_KINDS = frozenset({KIND_GRANT, KIND_STATUS, KIND_AUDIT_HEAD, KIND_KEY_EXPORT})
+KIND_CLAIMS = "claims"
+KIND_COLLATERAL = "collateral"
+_KINDS = frozenset({KIND_GRANT, KIND_STATUS, KIND_AUDIT_HEAD, KIND_KEY_EXPORT, KIND_CLAIMS,
+                    KIND_COLLATERAL})
 
 
 def _message(kind: str, body: dict[str, Any]) -> bytes:

@@ -24,9 +24,11 @@ from sealtorch.errors import ConfigError
 ROLES = ("serve", "keycache")
 SYSTEM_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu")
 #: sized for PyTorch: ResNet-50-class models, intra-op thread pool, uvicorn and the batcher
+#: ISVPRODID differs per role, so that an MRSIGNER-based policy can tell the key cache from the
+#: runtime (both are signed by the same key)
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "serve": {"enclave_size": "16G", "max_threads": 64, "omp_threads": 8},
-    "keycache": {"enclave_size": "2G", "max_threads": 16, "omp_threads": 1},
+    "serve": {"enclave_size": "16G", "max_threads": 64, "omp_threads": 8, "isvprodid": 2},
+    "keycache": {"enclave_size": "2G", "max_threads": 16, "omp_threads": 1, "isvprodid": 1},
 }
 
 
@@ -45,7 +47,7 @@ class ManifestOptions:
     enclave_size: str | None = None
     max_threads: int | None = None
     omp_threads: int | None = None
-    isvprodid: int = 1
+    isvprodid: int | None = None  # None: the role's default (keycache 1, serve 2)
     isvsvn: int = 1
     ca_cert: Path | None = None
     python: str = field(default_factory=lambda: os.path.realpath(sys.executable))
@@ -170,7 +172,7 @@ def render_manifest(o: ManifestOptions) -> str:
         f"max_threads = {_toml(max_threads)}",
         f"remote_attestation = {_toml('dcap')}",
         f"file_check_policy = {_toml('strict')}",
-        f"isvprodid = {_toml(o.isvprodid)}",
+        f"isvprodid = {_toml(d['isvprodid'] if o.isvprodid is None else o.isvprodid)}",
         f"isvsvn = {_toml(o.isvsvn)}",
         f"trusted_files = {_toml(trusted)}",
     ]

@@ -40,11 +40,15 @@ def detect(
     )
 
 
-def select(kind: str, *, role: str, config_bytes: bytes = b"") -> Attester:
+def select(kind: str, *, role: str, config_bytes: bytes = b"",
+           gramine_dir: Path | str = gramine.DEFAULT_DIR,
+           tsm_dir: Path | str = tsm.DEFAULT_DIR) -> Attester:
     """The attester a role asked for by name (``--attester``); the one place that maps names.
 
     ``auto`` is :func:`detect` (never sim); ``sgx``/``tdx``/``snp`` must be present here; ``sim``
-    must be named explicitly and measures ``role`` with its measured config bytes.
+    must be named explicitly and measures ``role`` with its measured config bytes. In a TDX/SNP
+    VM the VM's own evidence must bind ``config_bytes`` when it binds a configuration at all
+    (MRCONFIGID / HOST_DATA, :mod:`sealtorch.attestation.selfcheck`): a mismatch refuses.
     """
     if kind not in KINDS:
         raise ConfigError(f"--attester must be one of {', '.join(KINDS)}")
@@ -56,11 +60,15 @@ def select(kind: str, *, role: str, config_bytes: bytes = b"") -> Attester:
                            role=role)
     att: Attester
     if kind == "auto":
-        att = detect()
+        att = detect(gramine_dir=gramine_dir, tsm_dir=tsm_dir)
     elif kind == "sgx":
-        att = GramineAttester()
+        att = GramineAttester(gramine_dir)
     else:
-        att = TsmAttester(tee=kind)
+        att = TsmAttester(tsm_dir, tee=kind)
     if att.tee == "sim" or (kind != "auto" and att.tee != kind):
         raise AttesterUnavailableError(f"the {kind} attester is not available here")
+    if att.tee in ("tdx", "snp"):
+        from sealtorch.attestation.selfcheck import check_own_config
+
+        check_own_config(att, config_bytes, role=role)
     return att

@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,17 @@ def _run(coro: Any) -> Any:
 
 
 class CollateralSource:
-    """Where DCAP collateral comes from: a file, a directory, and/or a PCCS URL (fallback)."""
+    """Where DCAP collateral comes from: a file, a directory, documents already in memory (a
+    key cache's, signed by its key server), and/or a PCCS URL (fallback)."""
 
-    def __init__(self, path: Path | str | None = None, *, pccs_url: str | None = None) -> None:
+    def __init__(self, path: Path | str | None = None, *, pccs_url: str | None = None,
+                 documents: Iterable[str] = ()) -> None:
         self.path = Path(path) if path is not None else None
         if pccs_url is not None and not re.match(r"^https://", pccs_url):
             raise CollateralError("the PCCS URL must be https://")
         self.pccs_url = pccs_url
-        if self.path is None and pccs_url is None:
+        self._documents = {collateral_key_of(text): text for text in documents}
+        if self.path is None and pccs_url is None and not self._documents:
             raise CollateralError(
                 "DCAP verification needs collateral: give a collateral file or directory "
                 "(--collateral) or a PCCS URL"
@@ -91,6 +95,15 @@ class CollateralSource:
 
     def get(self, quote: bytes) -> dcap_qvl.QuoteCollateralV3:
         """Collateral for this quote (by FMSPC and PCK CA when a directory is used)."""
+        if self._documents:
+            fmspc, ca = quote_fmspc_ca(quote)
+            text = self._documents.get((fmspc, ca))
+            if text is not None:
+                return dcap_qvl.QuoteCollateralV3.from_json(text)
+            if self.path is None and self.pccs_url is None:
+                raise CollateralError(
+                    f"no collateral for FMSPC {fmspc} (CA {ca}) among the documents given; "
+                    "import it on the key server ('dkeyserver collateral import')")
         if self.path is not None and self.path.is_file():
             return load_collateral(self.path)
         if self.path is not None:
@@ -139,12 +152,26 @@ def collateral_key(path: Path) -> tuple[str, str]:
     try:
         if path.stat().st_size > MAX_COLLATERAL:
             raise CollateralError(f"collateral file {path} is too large")
-        obj = json.loads(path.read_text("utf-8"))
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise CollateralError(f"{path} is not DCAP collateral JSON") from None
+    try:
+        return collateral_key_of(text)
+    except CollateralError:
+        raise CollateralError(f"{path} is not DCAP collateral JSON") from None
+
+
+def collateral_key_of(text: str) -> tuple[str, str]:
+    """(FMSPC, PCK CA) of one collateral JSON document."""
+    if len(text) > MAX_COLLATERAL:
+        raise CollateralError("a collateral document is too large")
+    try:
+        obj = json.loads(text)
         fmspc = str(json.loads(obj["tcb_info"])["fmspc"]).upper()
         crl = x509.load_der_x509_crl(bytes.fromhex(obj["pck_crl"]))
         cn = crl.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
-        raise CollateralError(f"{path} is not DCAP collateral JSON") from None
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        raise CollateralError("a document is not DCAP collateral JSON") from None
     ca = "processor" if "Processor" in str(cn) else "platform" if "Platform" in str(cn) else "?"
     return fmspc, ca
 
