@@ -450,7 +450,7 @@ class SealedFile:
 
         def worker() -> None:
             aead = AESGCM(key)
-            scratch = memoryview(bytearray(cs))
+            scratch = memoryview(bytearray(min(cs, max(h.total_length, 1))))
             try:
                 while True:
                     i = ready.get()
