@@ -11,11 +11,12 @@ them to every byte it decrypts, whichever command asked (load, load_into, verify
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import numpy as np
 
+from sealtorch._secret import wipe
 from sealtorch.errors import (
     FormatError,
     HeaderError,
@@ -109,35 +110,51 @@ class StreamChecks:
 
     ``ranges`` are ``(start, end, is_bool)`` byte ranges of the plaintext stream, disjoint and
     in increasing order (padding ranges have ``is_bool`` False). Checking touches only those
-    bytes, and copies none of them.
+    bytes, and leaves no copy of them.
     """
 
-    __slots__ = ("_ranges", "_starts")
+    __slots__ = ("_bool_starts", "_bools", "_pad_starts", "_pads")
 
     def __init__(self, ranges: list[tuple[int, int, bool]]) -> None:
-        self._ranges = ranges
-        self._starts = [r[0] for r in ranges]
+        self._pads = [(a, b) for a, b, is_bool in ranges if not is_bool]
+        self._bools = [(a, b) for a, b, is_bool in ranges if is_bool]
+        self._pad_starts = [a for a, _ in self._pads]
+        self._bool_starts = [a for a, _ in self._bools]
 
     def __bool__(self) -> bool:
-        return bool(self._ranges)
+        return bool(self._pads or self._bools)
+
+    @staticmethod
+    def _within(
+        ranges: list[tuple[int, int]], starts: list[int], start: int, end: int
+    ) -> list[tuple[int, int]]:
+        """The parts of ``ranges`` inside ``[start, end)``, relative to ``start``."""
+        lo = max(0, bisect_right(starts, start) - 1)
+        sel = ranges[lo : bisect_left(starts, end, lo)]
+        if sel and sel[0][1] <= start:  # the range before ``start`` ends before it
+            del sel[0]
+        if not sel:
+            return sel
+        # only the first range can begin before ``start`` and only the last end after ``end``
+        sel[0] = (max(sel[0][0], start), min(sel[0][1], end))
+        sel[-1] = (max(sel[-1][0], start), min(sel[-1][1], end))
+        return [(a - start, b - start) for a, b in sel]
 
     def violation(self, start: int, data: memoryview) -> Rule | None:
         """The rule that stream bytes ``[start, start + len(data))``, held in ``data``, break."""
-        ranges = self._ranges
         end = start + len(data)
-        i = max(0, bisect_right(self._starts, start) - 1)
-        while i < len(ranges):
-            a, b, is_bool = ranges[i]
-            if a >= end:
-                break
-            if b > start:
-                piece = data[max(a, start) - start : min(b, end) - start]
-                if is_bool:
-                    if np.frombuffer(piece, dtype=np.uint8).max() > 1:
-                        return BOOL_VALUE
-                elif any(piece):
+        if self._bools:
+            for a, b in self._within(self._bools, self._bool_starts, start, end):
+                if np.frombuffer(data[a:b], dtype=np.uint8).max() > 1:
+                    return BOOL_VALUE
+        pads = self._within(self._pads, self._pad_starts, start, end)
+        if pads:  # one count over all the padding: five times cheaper than a test per gap
+            joined = bytearray().join([data[a:b] for a, b in pads])
+            try:
+                if joined.count(0) != len(joined):
                     return PADDING
-            i += 1
+            finally:
+                wipe(joined)
         return None
 
     def check(self, start: int, data: memoryview) -> None:
