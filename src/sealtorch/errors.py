@@ -94,6 +94,15 @@ class InputError(SealtorchError):
     code = "input_invalid"
 
 
+class StreamError(FormatError):
+    """Authenticated tensor bytes break a format rule (nonzero padding, a BOOL byte not 0/1).
+
+    Not tampering (every tag verified): the file was written wrong by someone with the key.
+    """
+
+    code = "stream_invalid"
+
+
 # --- attestation -----------------------------------------------------------------------------
 class AttestationError(SealtorchError):
     """Evidence could not be produced or verified."""

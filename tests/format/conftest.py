@@ -30,6 +30,8 @@ def every_dtype_state() -> dict[str, torch.Tensor]:
         nbytes = torch.empty((), dtype=dt).element_size()
         # random bit patterns of the right width (NaN payloads survive: we compare bytes)
         t = raw.reshape(-1)[: (raw.numel() // nbytes) * nbytes].view(dt)
+        if dt is torch.bool:  # a BOOL byte is 0 or 1 (format rule R-42)
+            t = (raw.reshape(-1) & 1).view(torch.bool)
         sd[f"t.{name}"] = t
     sd["scalar.f32"] = torch.tensor(3.5)
     sd["scalar.i64"] = torch.tensor(-7, dtype=torch.int64)

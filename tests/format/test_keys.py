@@ -14,6 +14,7 @@ from sealtorch.errors import (
     KeyFileError,
     KeyMismatchError,
     NotASealedFileError,
+    TruncatedError,
     UnsupportedVersionError,
     WrongKeyError,
 )
@@ -126,5 +127,5 @@ def test_header_magic_version_truncation():
         hdr.parse_header(bytes(raw))
     with pytest.raises(HeaderError, match="truncated"):
         hdr.parse_header(h.raw[:-1])
-    with pytest.raises(HeaderError, match="truncated"):
+    with pytest.raises(TruncatedError, match="R-2"):
         hdr.parse_header(h.raw[:10])

@@ -27,8 +27,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from sealtorch.errors import HeaderError, NotASealedFileError, UnsupportedVersionError
-from sealtorch.ids import MODEL_ID_RULE, is_model_id
+from sealtorch.errors import FormatError, HeaderError
+from sealtorch.format import rules
+from sealtorch.ids import MODEL_ID_MAX, MODEL_ID_RULE, is_model_id
 
 MAGIC = b"SEALTRCH"
 FORMAT_VERSION = 1
@@ -50,9 +51,12 @@ MAX_CHUNK_SIZE = 1 << 30
 MAX_INDEX_LENGTH = 64 << 20
 MAX_TOTAL_LENGTH = 1 << 50
 
+INDEX_NONCE_BYTES = 12  # an encrypted index section starts with its GCM nonce
+
 _FIXED = struct.Struct(">8sHHHHIIQQQ32s32sH")  # up to and including the model id length
 FIXED_BYTES = _FIXED.size  # 114
-MAX_HEADER_BYTES = FIXED_BYTES + 255 + MAC_BYTES
+MIN_HEADER_BYTES = FIXED_BYTES + 1 + MAC_BYTES  # 147
+MAX_HEADER_BYTES = FIXED_BYTES + MODEL_ID_MAX + MAC_BYTES  # 274
 
 
 def chunk_count_for(total_length: int, chunk_size: int) -> int:
@@ -180,33 +184,39 @@ def encode_header_fields(
 
 
 def header_length_from_prefix(prefix: bytes | memoryview) -> int:
-    """Check magic and version in the first 12 bytes and return the header length."""
+    """Check magic, version and header length in the first 12 bytes (R-1 .. R-4)."""
     prefix = bytes(prefix[:12])
     if len(prefix) < 8 or prefix[:8] != MAGIC:
-        raise NotASealedFileError(
+        raise rules.MAGIC.fail(
             "not a sealtorch sealed file (magic bytes missing); seal it with `sealtorch seal`"
         )
     if len(prefix) < 12:
-        raise HeaderError("header is truncated: the file ends inside the header")
+        raise rules.PREFIX.fail("the file ends inside the header (truncated copy?)")
     version, length = struct.unpack(">HH", prefix[8:12])
     if version != FORMAT_VERSION:
-        raise UnsupportedVersionError(
+        raise rules.VERSION.fail(
             f"sealed format version {version} is not supported by this release (reads "
             f"version {FORMAT_VERSION}); upgrade sealtorch"
         )
-    if not FIXED_BYTES + 1 + MAC_BYTES <= length <= MAX_HEADER_BYTES:
-        raise HeaderError("header length field is out of range")
+    if not MIN_HEADER_BYTES <= length <= MAX_HEADER_BYTES:
+        raise rules.HEADER_LENGTH.fail(
+            f"header length field is out of range ({MIN_HEADER_BYTES} .. {MAX_HEADER_BYTES})"
+        )
     return length
 
 
 def parse_header(raw: bytes | memoryview) -> Header:
-    """Parse exactly one header; checks structure and consistency, not the MAC."""
+    """Parse exactly one header (R-1 .. R-14: structure and consistency, not the MAC).
+
+    ``raw`` must be the whole header; a file reader checks that the file holds it first
+    (:func:`read_header_bytes`).
+    """
     raw = bytes(raw)
     length = header_length_from_prefix(raw)
     if len(raw) < length:
-        raise HeaderError("header is truncated: the file ends inside the header")
-    if len(raw) != length:
-        raise HeaderError("header bytes have the wrong length")
+        raise HeaderError("header is truncated: fewer bytes than its header length field says")
+    if len(raw) > length:
+        raise HeaderError("header bytes are longer than their header length field says")
     (
         _magic,
         version,
@@ -223,27 +233,34 @@ def parse_header(raw: bytes | memoryview) -> Header:
         mid_len,
     ) = _FIXED.unpack_from(raw)
     if cipher not in CIPHER_NAMES:
-        raise UnsupportedVersionError(
+        raise rules.CIPHER.fail(
             f"cipher id {cipher} is not supported by this release; upgrade sealtorch"
         )
     if flags & ~KNOWN_FLAGS:
-        raise UnsupportedVersionError("header has unknown flags; upgrade sealtorch")
-    if FIXED_BYTES + mid_len + MAC_BYTES != length or mid_len == 0:
-        raise HeaderError("header model id length does not match the header length")
+        raise rules.FLAGS.fail("header has unknown flags; upgrade sealtorch")
+    if FIXED_BYTES + mid_len + MAC_BYTES != length:
+        raise rules.MODEL_ID_LENGTH.fail("header model id length does not match the header length")
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-        raise HeaderError("header chunk size is out of range")
+        raise rules.CHUNK_SIZE.fail(
+            f"header chunk size is out of range ({MIN_CHUNK_SIZE} .. {MAX_CHUNK_SIZE})"
+        )
     if key_version == 0:
-        raise HeaderError("header key version must be at least 1")
-    if total_length > MAX_TOTAL_LENGTH or chunk_count != chunk_count_for(total_length, chunk_size):
-        raise HeaderError("header chunk count does not match its total length and chunk size")
-    if not 0 < index_length <= MAX_INDEX_LENGTH:
-        raise HeaderError("header index length is out of range")
-    try:
-        model_id = raw[FIXED_BYTES : FIXED_BYTES + mid_len].decode("utf-8")
-    except UnicodeDecodeError:
-        raise HeaderError("header model id is not valid UTF-8") from None
+        raise rules.KEY_VERSION.fail("header key version must be at least 1")
+    if total_length > MAX_TOTAL_LENGTH:
+        raise rules.TOTAL_LENGTH.fail("header total length is out of range (at most 2^50)")
+    if chunk_count != chunk_count_for(total_length, chunk_size):
+        raise rules.CHUNK_COUNT.fail(
+            "header chunk count does not match its total length and chunk size"
+        )
+    least = MAC_BYTES if flags & FLAG_PUBLIC_INDEX else INDEX_NONCE_BYTES + TAG_BYTES
+    if not least < index_length <= MAX_INDEX_LENGTH:
+        raise rules.INDEX_LENGTH.fail(
+            f"header index length is out of range ({least + 1} .. {MAX_INDEX_LENGTH} for "
+            "this index mode)"
+        )
+    model_id = raw[FIXED_BYTES : FIXED_BYTES + mid_len].decode("latin-1")
     if not is_model_id(model_id):
-        raise HeaderError(f"header model id is not a valid model id ({MODEL_ID_RULE})")
+        raise rules.MODEL_ID.fail(f"header model id is not a valid model id ({MODEL_ID_RULE})")
     return Header(
         version=version,
         cipher=cipher,
@@ -261,22 +278,25 @@ def parse_header(raw: bytes | memoryview) -> Header:
     )
 
 
-def parse_header_from(buf: bytes | memoryview) -> Header:
-    """Parse the header at the start of ``buf`` (which may hold the rest of the file too)."""
-    length = header_length_from_prefix(buf[:12])
-    if len(buf) < length:
-        raise HeaderError("header is truncated: the file ends inside the header")
-    return parse_header(buf[:length])
+def read_header_bytes(fd: int, size: int) -> bytes:
+    """The header bytes of the open file ``fd`` of ``size`` bytes (R-1 .. R-5)."""
+    length = header_length_from_prefix(os.pread(fd, 12, 0))
+    if size < length:
+        raise rules.HEADER_PRESENT.fail("the file ends inside the header (truncated copy?)")
+    return os.pread(fd, length, 0)
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and parse the header of the sealed file at ``path`` (without authenticating it)."""
     p = Path(path)
     try:
-        with open(p, "rb") as f:
-            prefix = f.read(12)
-            length = header_length_from_prefix(prefix)
-            rest = f.read(length - len(prefix))
+        fd = os.open(p, os.O_RDONLY)
     except OSError as e:
-        raise HeaderError(f"{p}: cannot read sealed file ({e.strerror})") from None
-    return parse_header(prefix + rest)
+        raise FormatError(f"{p}: cannot open sealed file ({e.strerror})") from None
+    try:
+        raw = read_header_bytes(fd, os.fstat(fd).st_size)
+    except OSError as e:
+        raise FormatError(f"{p}: cannot read sealed file ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    return parse_header(raw)

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from sealtorch._secret import Secret
-from sealtorch.errors import HeaderError, KeyMismatchError, WrongKeyError
+from sealtorch.errors import WrongKeyError
+from sealtorch.format import rules
 from sealtorch.format.header import (
     CIPHER_AES256GCM_STREAM,
     COMMITMENT_BYTES,
@@ -81,12 +82,12 @@ def derive_file_key(model_key: ModelKey | Secret, header: Header) -> Secret:
     """
     if isinstance(model_key, ModelKey):
         if model_key.model_id != header.model_id:
-            raise KeyMismatchError(
+            raise rules.KEY_MATCH.fail(
                 "the key is for another model id than the sealed file; use the file's key "
                 "(see `sealtorch inspect` for its model id)"
             )
         if model_key.key_version != header.key_version:
-            raise KeyMismatchError(
+            raise rules.KEY_MATCH.fail(
                 f"the key has key version {model_key.key_version} but the file was sealed "
                 f"with key version {header.key_version}"
             )
@@ -162,13 +163,15 @@ def check_file_key(file_key: Secret, header: Header) -> FileKeys:
     keys = expand_file_key(file_key)
     if not hmac.compare_digest(keys.commitment, header.key_commitment):
         keys.wipe()
-        raise WrongKeyError(
+        raise rules.KEY_COMMITMENT.fail(
             f"the key does not open this file (key commitment mismatch for model "
             f"{header.model_id!r}, key version {header.key_version}); use the right key file"
         )
     if not hmac.compare_digest(header_mac(keys.header_mac_key, header.mac_input), header.mac):
         keys.wipe()
-        raise HeaderError("header MAC does not verify: the header was modified after sealing")
+        raise rules.HEADER_MAC.fail(
+            "header MAC does not verify: the header was modified after sealing"
+        )
     return keys
 
 

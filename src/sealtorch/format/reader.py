@@ -1,8 +1,9 @@
 """Open, authenticate and decrypt sealed files straight into tensor memory.
 
-Order of checks: header structure -> key commitment (wrong key) -> header MAC -> file length
-(truncated / trailing data) -> index tag -> owner signature -> chunk tags. Chunks are decrypted
-in parallel (OpenSSL runs without the GIL) from an mmap of the file directly into the
+Order of checks (the rules of docs/format.md, defined in ``format/rules.py``): header
+structure -> key commitment (wrong key) -> header MAC -> file length (truncated / trailing data)
+-> index tag and rules -> owner signature -> chunk tags and the rules on decrypted bytes. Chunks
+are decrypted in parallel (OpenSSL runs without the GIL) from an mmap of the file directly into the
 destination tensors: with ``AESGCM.decrypt_into`` when a chunk lies inside one tensor, and with
 a streaming GCM decryptor writing each piece into its tensor when a chunk spans several. No
 plaintext is ever written to disk, and if any tag fails every destination is zeroed before the
@@ -33,24 +34,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealtorch._secret import Secret, wipe
-from sealtorch.errors import (
-    FormatError,
-    HeaderError,
-    IndexError_,
-    InputError,
-    IntegrityError,
-    NotASealedFileError,
-    SignatureError,
-    TrailingDataError,
-    TruncatedError,
-)
+from sealtorch.errors import FormatError, IndexError_, InputError, IntegrityError
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
-from sealtorch.format import signing
+from sealtorch.format import rules, signing
 from sealtorch.format.dtypes import NAME_TO_DTYPE, torch_dtype
 from sealtorch.format.index import Entry, Index, parse_index
 from sealtorch.format.keyfile import ModelKey, read_key_file
-from sealtorch.format.writer import INDEX_NONCE_BYTES, chunk_aad, chunk_nonce, public_index_mac
+from sealtorch.format.writer import chunk_aad, chunk_nonce, public_index_mac
 
 KeyArg = ModelKey | Secret | str | os.PathLike[str] | None
 SignerArg = Ed25519PublicKey | bytes | str | os.PathLike[str] | None
@@ -169,12 +160,14 @@ _TORCH_DTYPES = {name: torch_dtype(name) for name in NAME_TO_DTYPE}
 
 @dataclass
 class _Region:
-    """A destination: plaintext stream bytes [start, start+nbytes) go into ``arr``."""
+    """A destination: plaintext stream bytes [start, start+nbytes) go into ``arr``; with
+    ``check``, the rules on decrypted bytes (padding, BOOL) are checked on ``arr``."""
 
     start: int
     nbytes: int
     arr: memoryview
     copies: list[memoryview] = field(default_factory=list)
+    check: bool = False
 
     @property
     def end(self) -> int:
@@ -220,17 +213,10 @@ class SealedFile:
             raise FormatError(f"{self.path}: cannot open sealed file ({e.strerror})") from None
         try:
             size = os.fstat(fd).st_size
-            prefix = os.pread(fd, 12, 0)
-            if len(prefix) < len(hdr.MAGIC) or prefix[: len(hdr.MAGIC)] != hdr.MAGIC:
-                raise NotASealedFileError(
-                    f"{self.path}: not a sealtorch sealed file (magic bytes missing)"
-                )
-            if len(prefix) < 12:
-                raise TruncatedError(f"{self.path}: file ends inside the header")
-            length = hdr.header_length_from_prefix(prefix)
-            if size < length:
-                raise TruncatedError(f"{self.path}: file ends inside the header")
-            self.header = hdr.parse_header(os.pread(fd, length, 0))
+            try:
+                self.header = hdr.parse_header(hdr.read_header_bytes(fd, size))
+            except FormatError as e:
+                raise type(e)(f"{self.path}: {e}") from None
             file_key = _file_key(self.header, key, key_provider)
             try:
                 self._keys = fkeys.check_file_key(file_key, self.header)
@@ -238,12 +224,12 @@ class SealedFile:
                 file_key.wipe()
             expected = self.header.file_length
             if size < expected:
-                raise TruncatedError(
+                raise rules.FILE_SHORT.fail(
                     f"{self.path}: file is {expected - size} bytes shorter than its header says "
                     "(truncated copy?)"
                 )
             if size > expected:
-                raise TrailingDataError(
+                raise rules.FILE_LONG.fail(
                     f"{self.path}: {size - expected} unexpected bytes after the last chunk"
                 )
             flags = mmap.MAP_SHARED
@@ -310,18 +296,17 @@ class SealedFile:
             body = bytes(section[: -hdr.MAC_BYTES])
             mac = public_index_mac(self.keys.index_key, digest, body)
             if not hmac.compare_digest(mac, bytes(section[-hdr.MAC_BYTES :])):
-                raise IntegrityError("tensor index failed authentication (modified index)")
+                raise rules.INDEX_TAG.fail("tensor index failed authentication (modified index)")
             return parse_index(body, h.total_length)
-        if len(section) < INDEX_NONCE_BYTES + hdr.TAG_BYTES:
-            raise HeaderError("index length is too small for an encrypted index")
-        plain = bytearray(len(section) - INDEX_NONCE_BYTES - hdr.TAG_BYTES)
+        nonce_bytes = hdr.INDEX_NONCE_BYTES
+        plain = bytearray(len(section) - nonce_bytes - hdr.TAG_BYTES)
         try:
             AESGCM(self.keys.index_key.view()).decrypt_into(
-                bytes(section[:INDEX_NONCE_BYTES]), section[INDEX_NONCE_BYTES:], digest, plain
+                bytes(section[:nonce_bytes]), section[nonce_bytes:], digest, plain
             )
         except InvalidTag:
             wipe(plain)
-            raise IntegrityError(
+            raise rules.INDEX_TAG.fail(
                 "encrypted tensor index failed authentication (modified or spliced index)"
             ) from None
         try:
@@ -343,7 +328,7 @@ class SealedFile:
         wanted = None if signer is None else signing.raw_public(signing.load_public_key(signer))
         if not h.signed:
             if wanted is not None:
-                raise SignatureError(
+                raise rules.SIGNER_REQUIRED.fail(
                     "the file carries no owner signature but one was required; reseal with "
                     "--sign-key"
                 )
@@ -351,7 +336,9 @@ class SealedFile:
         trailer = bytes(self.view[-hdr.SIGNATURE_TRAILER_BYTES :])
         public, signature = trailer[:32], trailer[32:]
         if wanted is not None and not hmac.compare_digest(public, wanted):
-            raise SignatureError("the file is signed by another key than the required signer")
+            raise rules.SIGNER_MATCH.fail(
+                "the file is signed by another key than the required signer"
+            )
         index_digest = hashlib.sha256(self.view[h.header_length : h.chunks_offset]).digest()
         signing.verify(
             public, signature, signing.signed_message(h.digest(), index_digest, self.tags_digest())
@@ -372,9 +359,12 @@ class SealedFile:
         thread plans while ``threads - 1`` threads of a process-wide pool already decrypt every
         chunk whose destinations are all known (a chunk is complete once a region starts past
         its end), then joins them. Chunks are taken in file order from one queue (no per-chunk
-        futures, no thread start-up per load). On any failure (a chunk tag, or an exception from
-        the ``regions`` generator) every region seen so far is zeroed and the error is raised.
-        Regions' ``copies`` are filled only after every chunk authenticated.
+        futures, no thread start-up per load). On any failure (a chunk tag, a rule on decrypted
+        bytes, or an exception from the ``regions`` generator) every region seen so far is
+        zeroed and the error is raised. Regions' ``copies`` are filled only after every chunk
+        authenticated and every decrypted byte passed the index's :class:`StreamChecks`: bytes
+        that stay in the scratch buffer (padding, tensors no region wants) as each chunk is
+        decrypted, and regions marked ``check`` once all are.
         """
         h = self.header
         cs = h.chunk_size
@@ -388,6 +378,7 @@ class SealedFile:
         failed = threading.Event()
         errors: list[BaseException] = []
         ready: SimpleQueue[int | None] = SimpleQueue()
+        checks = self.index.checks
 
         def chunk(aead: AESGCM, scratch: memoryview, i: int) -> None:
             n = h.chunk_plain_length(i)
@@ -397,6 +388,7 @@ class SealedFile:
             aad = chunk_aad(digest, i, i == count - 1)
             nonce = chunk_nonce(i)
             regs = per_chunk.get(i, ())
+            broken: rules.Rule | None = None  # a rule on decrypted bytes, raised once authentic
             if len(regs) == 1 and regs[0].start <= start and regs[0].end >= start + n:
                 a = start - regs[0].start
                 aead.decrypt_into(nonce, ct, aad, regs[0].arr[a : a + n])
@@ -404,8 +396,11 @@ class SealedFile:
             if not regs:  # verification only
                 try:
                     aead.decrypt_into(nonce, ct, aad, scratch[:n])
+                    broken = checks.violation(start, scratch[:n]) if checks else None
                 finally:
                     wipe(scratch[:n])
+                if broken is not None:
+                    raise broken.fail(rules.describe_violation(broken))
                 return
             # The chunk spans several destinations (or gaps): one streaming GCM pass. Large
             # pieces are decrypted straight into their tensor; runs of small pieces (and gaps)
@@ -440,6 +435,8 @@ class SealedFile:
                     lo = run[0][0]
                     used = max(used, b - lo)
                     dec.update_into(ct[lo - start : b - start], scratch[: b - lo])
+                    if checks and broken is None:
+                        broken = checks.violation(lo, scratch[: b - lo])
                     for ra, rb, rr in run:
                         if rr is not None:
                             rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - lo : rb - lo]
@@ -448,10 +445,12 @@ class SealedFile:
             finally:
                 if used:
                     wipe(scratch[:used])
+            if broken is not None:
+                raise broken.fail(rules.describe_violation(broken))
 
         def worker() -> None:
             aead = AESGCM(key)
-            scratch = memoryview(bytearray(cs))
+            scratch = memoryview(bytearray(min(cs, max(h.total_length, 1))))
             try:
                 while True:
                     i = ready.get()
@@ -460,7 +459,7 @@ class SealedFile:
                     try:
                         chunk(aead, scratch, i)
                     except InvalidTag:
-                        raise IntegrityError(
+                        raise rules.CHUNK_TAG.fail(
                             f"chunk {i} of {count} failed authentication: the file was "
                             "modified, truncated, reordered or spliced; no tensors were loaded"
                         ) from None
@@ -510,6 +509,12 @@ class SealedFile:
         for f in futures:  # not started yet (pool busy with another load): nothing left
             f.cancel()
         wait(futures)
+        if not errors and checks:
+            for r in seen:
+                broken = checks.violation(r.start, r.arr) if r.check else None
+                if broken is not None:
+                    errors.append(broken.fail(rules.describe_violation(broken)))
+                    break
         if errors:
             for r in seen:
                 r.zero()
@@ -553,7 +558,7 @@ class SealedFile:
         regions: list[_Region] = []
         if names is None:
             arena = _plaintext_buffer(self.header.total_length)
-            regions.append(_Region(0, self.header.total_length, arena.numpy().data))
+            regions.append(_Region(0, self.header.total_length, arena.numpy().data, check=True))
             for _, e in wanted:
                 if e.name not in stored:
                     stored[e.name] = (
@@ -564,9 +569,15 @@ class SealedFile:
                 if e.name in stored:
                     continue
                 buf = torch.empty(e.nbytes, dtype=torch.uint8)
-                regions.append(_Region(e.offset, e.nbytes, buf.numpy().data))
+                regions.append(
+                    _Region(e.offset, e.nbytes, buf.numpy().data, check=e.dtype == "BOOL")
+                )
                 stored[e.name] = buf.view(torch_dtype(e.dtype)).view(e.shape)
-        self.decrypt(regions, threads=threads)
+        # a read of every stored tensor authenticates every chunk, even one no tensor byte lies
+        # in (the empty chunk of an empty stream), like verify
+        full = names is None or len(stored) == len(self.index.entries)
+        every = range(self.header.chunk_count) if full else None
+        self.decrypt(regions, threads=threads, chunks=every)
         return {n: stored[e.name] for n, e in wanted}
 
     def load_into(
@@ -648,12 +659,14 @@ class SealedFile:
                     continue
                 if region is not None:
                     yield region
-                region = _Region(offset, nbytes, arr)
+                region = _Region(offset, nbytes, arr, check=t.dtype is torch.bool)
             if region is not None:
                 yield region
 
         try:
-            self.decrypt(regions(), threads=threads)
+            # strict: every stored tensor is a destination, a full read (every chunk)
+            every = range(self.header.chunk_count) if strict else None
+            self.decrypt(regions(), threads=threads, chunks=every)
             with torch.no_grad():
                 for target, tmp in post:
                     target.copy_(tmp)
@@ -769,7 +782,7 @@ def unseal(
     target = Path(out)
     with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
         names = list(sf.index.entries)
-        tensors = sf.load(names)
+        tensors = sf.load(names)  # every stored tensor: a full read, as verify
         for alias, stored in sf.index.aliases.items():
             tensors[alias] = tensors[stored].clone()
         metadata = dict(sf.index.metadata)

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sealtorch.errors import KeyFileError, SignatureError
+from sealtorch.format import rules
 
 SIGNATURE_LABEL = b"sealtorch/v1 signature\x00"
 
@@ -67,6 +68,6 @@ def verify(public_raw: bytes, signature: bytes, message: bytes) -> None:
     try:
         Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, message)
     except (InvalidSignature, ValueError):
-        raise SignatureError(
+        raise rules.SIGNATURE.fail(
             "owner signature does not verify: the file was modified or re-signed"
         ) from None

@@ -21,17 +21,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealtorch._secret import Secret, wipe
-from sealtorch.errors import InputError
+from sealtorch.errors import IndexError_, InputError
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
 from sealtorch.format.dtypes import dtype_name
-from sealtorch.format.index import Entry, Index, align
+from sealtorch.format.index import Entry, Index, align, parse_index
 from sealtorch.format.inputs import collect
 from sealtorch.format.keyfile import ModelKey, read_key_file
 from sealtorch.format.signing import load_signing_key, raw_public, signed_message
 
 DEFAULT_CHUNK_SIZE = 4 << 20
-INDEX_NONCE_BYTES = 12
+INDEX_NONCE_BYTES = hdr.INDEX_NONCE_BYTES
 
 
 def chunk_nonce(i: int) -> bytes:
@@ -74,6 +74,16 @@ def _layout(tensors: dict[str, torch.Tensor]) -> list[Entry]:
     return entries
 
 
+def _check_bool_values(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a bool tensor whose storage holds a byte other than 0 or 1 (readers refuse it)."""
+    for name, t in tensors.items():
+        if t.dtype is torch.bool and t.numel() and bool((t.view(torch.uint8) > 1).any()):
+            raise InputError(
+                f"bool tensor {name!r} holds bytes other than 0 and 1 (made by reinterpreting "
+                "other bytes as bool?); normalize it with `t != 0` before sealing"
+            )
+
+
 def seal(
     obj: Any,
     path: str | os.PathLike[str],
@@ -109,11 +119,16 @@ def seal(
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError("metadata must map strings to strings")
         meta.update(metadata)
+    _check_bool_values(collected.tensors)
     entries = _layout(collected.tensors)
     index = Index({e.name: e for e in entries}, collected.aliases, meta, collected.order)
     total = index.total_length
     chunk_count = hdr.chunk_count_for(total, chunk_size)
     index_json = index.to_json()
+    try:  # what a reader would refuse is never written: the reader's own rules decide
+        parse_index(index_json, total)
+    except IndexError_ as e:
+        raise InputError(f"cannot seal this input: {e}") from None
     if public_index:
         index_length = len(index_json) + hdr.MAC_BYTES
     else:
