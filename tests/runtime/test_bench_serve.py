@@ -33,6 +33,8 @@ def test_bench_serve_e2e_json() -> None:
         assert res[side]["rps"] > 0 and res[side]["p99_ms"] >= res[side]["p50_ms"] > 0
     assert res["rps_ratio"] == res["e2e"]["rps"] / res["plaintext"]["rps"]
     assert res["added_latency_ms"] == res["e2e"]["p50_ms"] - res["plaintext"]["p50_ms"]
+    assert res["cpu_ratio"] == (res["plaintext"]["cpu_ms_per_request"]
+                                / res["e2e"]["cpu_ms_per_request"])
     steps = res["crypto_ms"]
     assert set(steps) == {"client_encapsulate", "server_open", "server_seal_and_sign",
                           "client_open", "client_verify_receipt", "total"}

@@ -14,7 +14,10 @@ plaintext also allowed for the baseline), plaintext requests with attested, encr
 receipted ones sent by :class:`sealtorch.client.AttestedClient` (one attested session per
 client thread, set up before timing): ``rps_ratio`` is e2e / plaintext requests per second and
 ``added_latency_ms`` the median over pairs of the p50 difference; ``crypto_ms`` is the
-per-request cost of each end-to-end step measured alone on the same body.
+per-request cost of each end-to-end step measured alone on the same body. Each round also
+reports the process CPU time per request (server and clients share this process), and
+``cpu_ratio`` is plaintext / e2e CPU per request: what requests/s would be on a CPU-bound
+server, and much less disturbed than wall time when other processes load the machine.
 """
 
 from __future__ import annotations
@@ -70,14 +73,15 @@ def _round(senders: Sequence[Sender], requests: int) -> dict[str, float]:
             senders[i]()
             latencies.append(time.perf_counter() - t)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     lat = sorted(latencies)
     p99 = lat[max(0, math.ceil(0.99 * len(lat)) - 1)]  # nearest-rank percentile
     return {"rps": len(lat) / wall, "p50_ms": statistics.median(lat) * 1000,
-            "p99_ms": p99 * 1000, "requests": float(len(lat))}
+            "p99_ms": p99 * 1000, "requests": float(len(lat)),
+            "cpu_ms_per_request": cpu * 1000 / len(lat)}
 
 
 def run_bench(*, requests: int, concurrency: int, max_batch: int, rounds: int,
@@ -228,6 +232,8 @@ def _run_e2e(module: Any, shape: tuple[int, ...], body: bytes, opts: Any, *, req
         "rps_ratio": statistics.median(e["rps"] / p["rps"] for p, e in pairs),
         "p99_ratio": statistics.median(e["p99_ms"] / p["p99_ms"] for p, e in pairs),
         "added_latency_ms": statistics.median(e["p50_ms"] - p["p50_ms"] for p, e in pairs),
+        "cpu_ratio": statistics.median(p["cpu_ms_per_request"] / e["cpu_ms_per_request"]
+                                       for p, e in pairs),
         "crypto_ms": crypto,
         "target_rps_ratio": 0.95,
         "bit_identical": outputs["e2e"] == outputs["plaintext"],
@@ -333,6 +339,7 @@ def _print_e2e(res: dict[str, Any]) -> None:
     ok = res["rps_ratio"] >= res["target_rps_ratio"]
     crypto = ", ".join(f"{k} {v:.2f}" for k, v in res["crypto_ms"].items())
     console.print(f"e2e/plaintext requests/s: {res['rps_ratio']:.3f} (target >= 0.95: "
-                  f"{'met' if ok else 'NOT met'}); added p50 latency "
+                  f"{'met' if ok else 'NOT met'}); CPU per request plaintext/e2e "
+                  f"{res['cpu_ratio']:.3f}; added p50 latency "
                   f"{res['added_latency_ms']:.1f} ms; crypto per request (ms): {crypto}; "
                   f"outputs {'bit-identical' if res['bit_identical'] else 'DIFFERENT'}")
