@@ -299,6 +299,13 @@ def test_a_modified_request_is_refused(world: World, proxy: MitmProxy) -> None:
     with world.client(proxy.url) as c, pytest.raises(ServerRefusedError) as e:
         c.infer(request_body())
     assert e.value.refusal == "bad_encapsulation" and "does not open" in str(e.value)
+    # on an established session the client attests again and resends once, then gives up
+    with world.client(proxy.url) as c:
+        c.attest()
+        before = len(proxy.posts())
+        with pytest.raises(ServerRefusedError, match="does not open"):
+            c.infer(request_body())
+        assert len(proxy.posts()) == before + 2
 
 
 def test_a_replayed_or_redirected_request_is_refused(world: World, proxy: MitmProxy) -> None:

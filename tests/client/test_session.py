@@ -111,6 +111,19 @@ def test_a_receipt_for_something_else_is_refused(server: Server,
             del server.gateway.seal
 
 
+def test_a_restarted_server_is_attested_again(server: Server, platform: SimPlatform) -> None:
+    with client(server, platform) as c:
+        first = c.attest()
+        old = server.app.gateway
+        server.app.gateway = Gateway(platform.attester(), [IDENTITY])  # new keys, as at start
+        try:
+            assert c.infer(BODY).status == 200
+            assert c.server is not None and c.server.receipt_key != first.receipt_key
+            assert c.server.key_config == server.app.gateway.key_config
+        finally:
+            server.app.gateway = old
+
+
 def test_clock_skew_is_refused_on_both_sides(server: Server, platform: SimPlatform) -> None:
     with client(server, platform, clock=lambda: time.time() + 3600) as c:
         with pytest.raises(ServerRefusedError) as e:

@@ -277,21 +277,22 @@ def evaluate(policy: ClientPolicy, claims: Claims, identity: ServedIdentity) -> 
     runtime = evaluate_identities(policy.runtimes, claims, what="runtimes")
     reasons = list(runtime.reasons)
     reasons += _first_match(
-        [m for m in policy.models if m.model_id == identity.model_id], identity, "models",
-        f"model {identity.model_id!r} is not one this policy expects "
+        [(i, m) for i, m in enumerate(policy.models) if m.model_id == identity.model_id],
+        identity, "models", f"model {identity.model_id!r} is not one this policy expects "
         f"({', '.join(sorted({m.model_id for m in policy.models}))})")
-    reasons += _first_match(list(policy.owners), identity, "owners", "")
+    reasons += _first_match(list(enumerate(policy.owners)), identity, "owners", "")
     if reasons:
         return Decision(False, None, tuple(reasons))
     return Decision(True, runtime.matched, (), runtime.matched_index)
 
 
-def _first_match(entries: Sequence[ExpectedModel | Owner], identity: ServedIdentity, what: str,
-                 none: str) -> list[str]:
+def _first_match(entries: Sequence[tuple[int, ExpectedModel | Owner]],
+                 identity: ServedIdentity, what: str, none: str) -> list[str]:
+    """No reason when an entry matches; else every failed check, named by the entry's index."""
     if not entries:
         return [f"{what}: {none}"]
     reasons: list[str] = []
-    for i, entry in enumerate(entries):
+    for i, entry in entries:
         failed = entry.check(identity)
         if not failed:
             return []

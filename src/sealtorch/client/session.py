@@ -157,12 +157,25 @@ class AttestedClient:
         """Send one OIP inference request end to end; return the verified answer.
 
         Raises :class:`ServerRefusedError` when the server or the model refused the request
-        (after the refusal itself was verified, when it came encrypted).
+        (after the refusal itself was verified, when it came encrypted). When the server could
+        not open the request (``bad_encapsulation``: it restarted with new keys, or the request
+        was altered on the way) the client attests again, with a fresh nonce and every check,
+        and resends once.
         """
+        body = request if isinstance(request, bytes) else json.dumps(request).encode()
+        attested_now = self.server is None
+        try:
+            return self._infer(body)
+        except ServerRefusedError as e:
+            if e.refusal != "bad_encapsulation" or attested_now:
+                raise
+        self.attest()
+        return self._infer(body)
+
+    def _infer(self, body: bytes) -> InferResult:
         import httpx
 
         server = self.server or self.attest()
-        body = request if isinstance(request, bytes) else json.dumps(request).encode()
         name = server.identity.name
         path = f"/v2/models/{name}/infer"
         data, ctx = ohttp.encapsulate_request(  # the OIP path is bound, not a URL prefix
