@@ -154,16 +154,19 @@ def encapsulate_request(config: KeyConfig, *, method: str, path: str, model: str
         raise EncapsulationError("request timestamp must be a non-negative 64-bit integer")
     hdr = config.header()
     info = request_info(hdr, method, path, model)
-    nonce = os.urandom(NONCE_LEN)
-    secret = Secret(os.urandom(SECRET_LEN))
-    inner = bytearray(_INNER_REQ.pack(VERSION, nonce, timestamp_ms, bytes(secret)))
-    inner += body
     try:
         pk = hpke.load_public_key(config.public_key)
     except ProtocolError as e:
         raise EncapsulationError(str(e)) from None
-    sealed = hpke.SUITE.encrypt(bytes(inner), pk, info=info)
-    inner[:_INNER_REQ.size] = bytes(_INNER_REQ.size)
+    nonce = os.urandom(NONCE_LEN)
+    secret = Secret(os.urandom(SECRET_LEN))
+    inner = bytearray(_INNER_REQ.size + len(body))  # one copy of the body
+    _INNER_REQ.pack_into(inner, 0, VERSION, nonce, timestamp_ms, bytes(secret))
+    inner[_INNER_REQ.size:] = body
+    try:
+        sealed = hpke.SUITE.encrypt(inner, pk, info=info)
+    finally:  # the response secret's copy (the body is the caller's own data)
+        inner[:_INNER_REQ.size] = bytes(_INNER_REQ.size)
     return hdr + sealed, RequestContext(sealed[:ENC_LEN], nonce, timestamp_ms, secret)
 
 
@@ -184,7 +187,7 @@ def decapsulate_request(data: bytes, private_key: X25519PrivateKey, config: KeyC
         raise EncapsulationError("the request uses another HPKE suite than this server's")
     info = request_info(hdr, method, path, model)
     try:
-        inner = hpke.SUITE.decrypt(data[HEADER_LEN:], private_key, info=info)
+        inner = hpke.SUITE.decrypt(memoryview(data)[HEADER_LEN:], private_key, info=info)
     except (InvalidTag, ValueError):
         raise EncapsulationError(
             "the request does not open with this server's key for this method, path and "
