@@ -409,6 +409,15 @@ def test_cli_infer_then_receipt_verify_and_forged_receipts(world: World, proxy: 
     assert ok.returncode == 0, ok.stderr
     shown = json.loads(ok.stdout)
     assert shown["valid"] is True and shown["identity"]["model_id"] == "tiny-a"
+    # the response on stdout is exactly the bytes the receipt covers
+    p = _cli("client", "infer", proxy.url, "--policy", str(policy_file), "--input",
+             str(tmp_path / "in.json"), "--receipt", str(tmp_path / "r2.cbor"), "--unsafe-sim")
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "stdout.json").write_text(p.stdout)
+    ok = _cli("receipt", "verify", str(tmp_path / "r2.cbor"), "--evidence",
+              str(files["evidence.json"]), "--policy", str(policy_file), "--unsafe-sim",
+              "--response", str(tmp_path / "stdout.json"))
+    assert ok.returncode == 0, ok.stderr
     # a receipt for other bytes than these
     (tmp_path / "other.json").write_text(json.dumps(request_body([1.0, 2.0, 3.0, 4.0])))
     bad = _cli(*verify, "--request", str(tmp_path / "other.json"))

@@ -39,7 +39,8 @@ def client() -> None:
               help="the OIP inference request (JSON file, or - for stdin)")
 @click.option("--model", default=None, help="model name to attest (default: the only one)")
 @click.option("--output", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="write the response JSON here (default: stdout)")
+              help="write the response JSON here (default: stdout, exactly the bytes the "
+                   "receipt covers)")
 @click.option("--receipt", "receipt_out", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="save the signed receipt (COSE_Sign1 CBOR) here")
@@ -79,8 +80,9 @@ def infer(url: str, policy_path: Path, input_path: str, model: str | None,
         receipt_out.write_bytes(result.receipt)
     if output is not None:
         output.write_bytes(result.body)
-    else:
-        click.echo(result.body.decode("utf-8", "replace"))
+    else:  # the exact bytes the receipt's digest covers (no newline added)
+        sys.stdout.buffer.write(result.body)
+        sys.stdout.flush()
     ident = server.identity
     click.echo(f"verified: {server.claims.tee} server serving {ident.model_id} key version "
                f"{ident.key_version} (policy {ident.policy_version}); receipt "
