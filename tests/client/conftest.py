@@ -26,6 +26,10 @@ class SimPlatform:
     public: Path
     measurement: bytes
 
+    @property
+    def fingerprint(self) -> str:
+        return sim.fingerprint(sim.load_platform_public_key(self.public))
+
     def attester(self, measurement: bytes | None = None) -> SimAttester:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -44,7 +48,7 @@ def policy_dict(platform: SimPlatform, *, measurement: bytes | None = None,
     """A client policy admitting ``platform``'s sim runtime and ``identity``'s model/owner."""
     return {
         "format": FORMAT,
-        "runtimes": [{"tee": "sim", "name": "sim-serve",
+        "runtimes": [{"tee": "sim", "name": "sim-serve", "platform_key": platform.fingerprint,
                       "measurement": (measurement or platform.measurement).hex()}],
         "models": [{"model_id": identity.model_id, **model}],
         "owners": [{"server_key_id": identity.server_key_id.hex()}],

@@ -57,13 +57,15 @@ class World:
     dep: LocalDeployment
     urls: dict[str, str]
     runtime_cfg: bytes
+    platform: str  # the sim platform key's fingerprint
 
     def policy(self, *, models: list[dict[str, Any]] | None = None,
                measurement: bytes | None = None) -> ClientPolicy:
         meas = measurement or sim.measure("serve", self.runtime_cfg)
         return ClientPolicy.from_dict({
             "format": FORMAT,
-            "runtimes": [{"tee": "sim", "name": "tiny-serve", "measurement": meas.hex()}],
+            "runtimes": [{"tee": "sim", "name": "tiny-serve", "measurement": meas.hex(),
+                          "platform_key": self.platform}],
             "models": models or [{"model_id": "tiny-a", "key_versions": [1],
                                   "factories": [FACTORY]}],
             "owners": [{"server_key": self.dep.server_public_key_b64}],
@@ -131,7 +133,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             urls[name] = f"http://127.0.0.1:{port}"
         for p, url in zip(procs, urls.values(), strict=True):
             _wait_ready(p, url)
-        yield World(dep, urls, runtime_cfg)
+        yield World(dep, urls, runtime_cfg, platform)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -450,7 +452,7 @@ def test_cli_refuses_with_the_policy_reasons(world: World, tmp_path: Path) -> No
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(json.dumps({
         "format": FORMAT,
-        "runtimes": [{"tee": "sim", "measurement": "01" * 32}],
+        "runtimes": [{"tee": "sim", "measurement": "01" * 32, "platform_key": world.platform}],
         "models": [{"model_id": "tiny-a"}],
         "owners": [{"server_key": world.dep.server_public_key_b64}],
         "verifier": {"sim_platform_keys": [str(world.dep.sim_dir / sim.PUBLIC_FILE)]}}))

@@ -116,7 +116,7 @@ def test_tenants_are_checked(platform: SimPlatform) -> None:
     d["owners"][0]["tenants"] = ["other"]
     pol = ClientPolicy.from_dict(d)
     claims = Claims(tee="sim", report_data=bytes(64), verified_at=0, debug=False,
-                    measurement=platform.measurement)
+                    measurement=platform.measurement, platform_key=platform.fingerprint)
     dec = evaluate(pol, claims, IDENTITY)
     assert not dec and dec.reasons == ("owners[0]: tenant 'acme' is not one of ['other']",)
     assert evaluate(make_policy(platform), claims, IDENTITY).allowed
@@ -130,6 +130,7 @@ def test_policy_file_and_strict_parsing(tmp_path: Path, platform: SimPlatform) -
 [[runtimes]]
 tee = "sim"
 measurement = "{"42" * 32}"
+platform_key = "{platform.fingerprint}"
 [[models]]
 model_id = "tiny-model"
 key_versions = [1]

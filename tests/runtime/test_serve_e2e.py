@@ -103,7 +103,9 @@ def _client_policy(dep: LocalDeployment, sealed: Sealed) -> ClientPolicy:
     return ClientPolicy.from_dict({
         "format": "sealtorch-client-policy/v1",
         "runtimes": [{"tee": "sim", "measurement": sim.measure(
-            "serve", (dep.workdir / "runtime.toml").read_bytes()).hex()}],
+            "serve", (dep.workdir / "runtime.toml").read_bytes()).hex(),
+                      "platform_key": sim.fingerprint(sim.load_platform_public_key(
+                          dep.sim_dir / sim.PUBLIC_FILE))}],
         "models": [{"model_id": sealed.key.model_id, "key_versions": [1],
                     "factories": [FACTORY]}],
         "owners": [{"server_key": dep.server_public_key_b64}],

@@ -195,10 +195,13 @@ def _run_e2e(module: Any, shape: tuple[int, ...], body: bytes, opts: Any, *, req
             warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # sim: said once in the output
         measurement = sim.measure("serve", b"bench")
-        attester = SimAttester(sim.init_platform_key(d), measurement, role="serve")
+        key_path = sim.init_platform_key(d)
+        attester = SimAttester(key_path, measurement, role="serve")
         policy = ClientPolicy.from_dict({
             "format": "sealtorch-client-policy/v1",
-            "runtimes": [{"tee": "sim", "measurement": measurement.hex()}],
+            "runtimes": [{"tee": "sim", "measurement": measurement.hex(),
+                          "platform_key": sim.fingerprint(
+                              sim.load_platform_key(key_path).public_key())}],
             "models": [{"model_id": identity.model_id}],
             "owners": [{"server_key_id": identity.server_key_id.hex()}],
             "verifier": {"sim_platform_keys": [str(Path(d) / sim.PUBLIC_FILE)]}})

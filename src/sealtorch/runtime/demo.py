@@ -251,7 +251,8 @@ def run_demo(
             with step("attestation: client -> inference server (the client's policy)") as d:
                 user = AttestedClient(server.url, ClientPolicy.from_dict({
                     "format": "sealtorch-client-policy/v1",
-                    "runtimes": [{"tee": "sim", "measurement": runtime_meas.hex()}],
+                    "runtimes": [{"tee": "sim", "measurement": runtime_meas.hex(),
+                                  "platform_key": platform}],
                     "models": [{"model_id": MODEL_ID, "key_versions": [1],
                                 "factories": [FACTORY]}],
                     "owners": [{"server_key": dep.server_public_key_b64}],
