@@ -198,6 +198,9 @@ def test_client_settings_are_checked(platform: SimPlatform) -> None:
             AttestedClient(url, pol)
     with pytest.raises(ConfigError, match="loopback"):
         AttestedClient("http://192.0.2.1:8080", pol, unsafe_sim=True)
+    for name in ("a/b", "x?y", "", "m" * 65):
+        with pytest.raises(ConfigError, match="model name"):
+            AttestedClient("http://127.0.0.1:1", pol, model=name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for url in ("http://localhost:1", "http://[::1]:1", "http://127.0.0.2:1"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from sealtorch.errors import (
 )
 
 MAX_RESPONSE = 256 * 1024 * 1024
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def is_loopback(url: str) -> bool:
@@ -93,6 +95,9 @@ class AttestedClient:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
             raise ConfigError("the server URL must be http(s)://HOST[:PORT][/PREFIX]")
+        if model is not None and not _MODEL_NAME.fullmatch(model):
+            raise ConfigError("the model name must be 1-64 characters of letters, digits, "
+                              "'-', '_' and '.'")
         if unsafe_sim and not is_loopback(url):
             raise ConfigError("sim evidence is accepted only from loopback URLs (127.0.0.1, "
                               "::1, localhost): sim protects nothing")
