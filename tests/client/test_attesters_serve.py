@@ -100,7 +100,9 @@ def test_tsm_snp_gets_the_serve_binding_and_the_client_checks_it(
     doc = gw.attest(nonce)
     assert doc.evidence.tee == "snp" and doc.evidence.quote[0x50:0x90] == _expected(gw, nonce)
     assert doc.evidence.certs == vcek
-    pol = _policy({"tee": "snp", "measurement": rep[0x90:0xC0].hex(), "allow_debug": True})
+    pol = _policy({"tee": "snp", "measurement": rep[0x90:0xC0].hex(), "allow_debug": True,
+                   "product": "milan",  # and this recorded report's TCB as the floor
+                   "min_tcb": {"bootloader": 2, "tee": 0, "snp": 5, "microcode": 0x44}})
     with pytest.raises(VerificationError):
         verify_attestation(doc, nonce=nonce, policy=pol, verifiers=pol.verifier_set(),
                            now=SNP_AT)
