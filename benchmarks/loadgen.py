@@ -209,7 +209,8 @@ class Rig:
              FACTORY, "--keycache", self.dep.socket, "--config",
              str(self.workdir / "runtime.toml"), "--attester", "sim", "--port", str(port),
              "--max-batch", "4", "--input-shape", ",".join(map(str, SHAPE)), "--name",
-             "resnet50", "--rate", "1000000", "--threads", "1"],
+             "resnet50", "--rate", "1000000", "--threads", "1",
+             "--unsafe-allow-plaintext"],  # the load is plaintext OIP (docs/e2e.md)
             stdout=open(self.dep.logs / "serve.log", "ab"), stderr=subprocess.STDOUT,
             env=self.dep.env, start_new_session=True)
         self.serve_url = f"http://127.0.0.1:{port}"

@@ -265,3 +265,39 @@ class OverloadedError(ServeError):
     """Too many inference requests are waiting; the client should retry later."""
 
     code = "overloaded"
+
+
+# --- end to end: clients verify the inference server -------------------------------------------
+class E2EError(SealtorchError):
+    """An end-to-end encrypted inference exchange failed (on the client or the server side)."""
+
+    code = "e2e_error"
+
+
+class EncapsulationError(E2EError):
+    """An encapsulated request or response is malformed, for another key, or does not open."""
+
+    code = "bad_encapsulation"
+
+
+class ReplayError(E2EError):
+    """A request was seen before, or its time is outside what the server still remembers."""
+
+    code = "replay"
+
+
+class ReceiptError(E2EError):
+    """A receipt is malformed, not signed by the attested receipt key, or names something else
+    than the request, response or model it came with."""
+
+    code = "receipt_invalid"
+
+
+class ServerRefusedError(E2EError):
+    """The inference server refused an end-to-end request; ``refusal`` is its short code."""
+
+    code = "server_refused"
+
+    def __init__(self, message: str, refusal: str = "server_refused") -> None:
+        super().__init__(message)
+        self.refusal = refusal

@@ -19,3 +19,23 @@ def test_bench_serve_json() -> None:
         assert res[side]["rps"] > 0 and res[side]["p99_ms"] >= res[side]["p50_ms"] > 0
     assert res["rps_ratio"] == res["sealed"]["rps"] / res["plaintext"]["rps"]
     assert res["target_rps_ratio"] == 0.95
+
+
+def test_bench_serve_e2e_json() -> None:
+    p = subprocess.run([sys.executable, "-m", "sealtorch", "bench", "serve", "--e2e", "--json",
+                        "--requests", "4", "--rounds", "1", "--image", "32", "--concurrency",
+                        "2", "--max-batch", "2"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["mode"] == "e2e" and res["bit_identical"] is True
+    for side in ("plaintext", "e2e"):
+        assert res[side]["requests"] == 4.0
+        assert res[side]["rps"] > 0 and res[side]["p99_ms"] >= res[side]["p50_ms"] > 0
+    assert res["rps_ratio"] == res["e2e"]["rps"] / res["plaintext"]["rps"]
+    assert res["added_latency_ms"] == res["e2e"]["p50_ms"] - res["plaintext"]["p50_ms"]
+    assert res["cpu_ratio"] == (res["plaintext"]["cpu_ms_per_request"]
+                                / res["e2e"]["cpu_ms_per_request"])
+    steps = res["crypto_ms"]
+    assert set(steps) == {"client_encapsulate", "server_open", "server_seal_and_sign",
+                          "client_open", "client_verify_receipt", "total"}
+    assert all(v > 0 for v in steps.values())

@@ -17,6 +17,7 @@ import torch
 from tests.runtime.conftest import FACTORY, Sealed, infer_body, output_tensor, sample
 
 from sealtorch.attestation import sim
+from sealtorch.client import AttestedClient, ClientPolicy
 from sealtorch.runtime.batcher import reference_forward
 from sealtorch.runtime.config import render_runtime_config
 from sealtorch.runtime.world import LocalDeployment
@@ -75,12 +76,13 @@ def _reference(plain: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _serve(dep: LocalDeployment, sealed: Path, *, factory: str = FACTORY,
-           config: str = "runtime.toml", port: int = 0) -> subprocess.Popen[str]:
+           config: str = "runtime.toml", port: int = 0,
+           extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-I", "-m", "sealtorch", "serve", str(sealed), "--factory", factory,
          "--keycache", dep.socket, "--config", str(dep.workdir / config), "--attester", "sim",
          "--port", str(port), "--max-batch", str(MAX_BATCH), "--input-shape", SHAPE,
-         "--name", "resnet50", "--rate", "1000", "--threads", str(SERVE_THREADS)],
+         "--name", "resnet50", "--rate", "1000", "--threads", str(SERVE_THREADS), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dep.env,
         start_new_session=True)
 
@@ -96,9 +98,23 @@ def _stop(p: subprocess.Popen[str]) -> str:
     return err
 
 
+def _client_policy(dep: LocalDeployment, sealed: Sealed) -> ClientPolicy:
+    """A client policy admitting exactly this deployment's sim serve and sealed model."""
+    return ClientPolicy.from_dict({
+        "format": "sealtorch-client-policy/v1",
+        "runtimes": [{"tee": "sim", "measurement": sim.measure(
+            "serve", (dep.workdir / "runtime.toml").read_bytes()).hex(),
+                      "platform_key": sim.fingerprint(sim.load_platform_public_key(
+                          dep.sim_dir / sim.PUBLIC_FILE))}],
+        "models": [{"model_id": sealed.key.model_id, "key_versions": [1],
+                    "factories": [FACTORY]}],
+        "owners": [{"server_key": dep.server_public_key_b64}],
+        "verifier": {"sim_platform_keys": [str(dep.sim_dir / sim.PUBLIC_FILE)]}})
+
+
 def test_serve_through_the_cache(deployment: LocalDeployment, sealed_resnet: Sealed) -> None:
     port = _free_port()
-    p = _serve(deployment, sealed_resnet.path, port=port)
+    p = _serve(deployment, sealed_resnet.path, port=port, extra=("--unsafe-allow-plaintext",))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -136,8 +152,17 @@ def test_serve_through_the_cache(deployment: LocalDeployment, sealed_resnet: Sea
             assert answers[i].status_code == 200, answers[i].text
             got = output_tensor(answers[i].json())
             assert torch.equal(got, _reference(sealed_resnet.plain, x)), i
+        # the same model end to end: attested, encrypted, receipted, and still bit-identical
+        with AttestedClient(url, _client_policy(deployment, sealed_resnet),
+                            unsafe_sim=True) as c:
+            for i in range(2):
+                x = sample(1 + 2 * i, seed=400 + i)
+                r = c.infer(infer_body(x))
+                assert torch.equal(output_tensor(r.json()), _reference(sealed_resnet.plain, x))
+                assert r.receipt_claims.identity.model_id == sealed_resnet.key.model_id
         metrics = httpx.get(url + "/metrics").text
         assert "sealtorch_serve_batch_rows_count" in metrics
+        assert 'sealtorch_serve_e2e_requests_total{outcome="ok"} 2.0' in metrics
         assert httpx.get(url + "/v2/health/live").json() == {"live": True}
     finally:
         _stop(p)

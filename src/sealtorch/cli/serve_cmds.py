@@ -45,10 +45,17 @@ def _shape(value: str) -> tuple[int, ...]:
               help="requests per second per client (0 = unlimited)")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
               help="torch threads (default: torch's choice)")
+@click.option("--unsafe-allow-plaintext", is_flag=True,
+              help="also accept plaintext inference requests (the host and any proxy can read "
+                   "them); by default only end-to-end encrypted requests are served")
 def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attester: str,
           name: str | None, host: str, port: int, max_batch: int, input_shape: str,
-          datatype: str, rate: float, threads: int | None) -> None:
-    """Serve a sealed model over the Open Inference Protocol (KServe v2 REST)."""
+          datatype: str, rate: float, threads: int | None, unsafe_allow_plaintext: bool
+          ) -> None:
+    """Serve a sealed model over the Open Inference Protocol (KServe v2 REST).
+
+    Clients attest the server (GET /v2/attestation?nonce=) and send end-to-end encrypted
+    requests (docs/e2e.md)."""
     import logging
 
     import torch
@@ -56,9 +63,12 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
 
     from sealtorch._secret import harden_process
     from sealtorch.attestation import attesters
+    from sealtorch.attestation.binding import ServedIdentity
     from sealtorch.format.header import read_header
     from sealtorch.keycache.client import KeyCacheClient
+    from sealtorch.keycache.localauth import policy_from_grant
     from sealtorch.runtime.app import ServeOptions, build_app
+    from sealtorch.runtime.attested import E2EMiddleware, Gateway
     from sealtorch.runtime.config import load_runtime_config
     from sealtorch.runtime.factory import validate_factory
     from sealtorch.runtime.model import ServedModel, build_sealed
@@ -72,20 +82,32 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
         torch.set_num_threads(threads)
     config = load_runtime_config(config_path)
     header = read_header(sealed)
+    tee = attesters.select(attester, role="serve", config_bytes=config.raw)
     client = KeyCacheClient(socket_path, server_public_key=config.server_public_key,
-                            attester=attesters.select(attester, role="serve",
-                                                       config_bytes=config.raw))
+                            attester=tee)
     try:
-        allowed = client.policy(header.model_id).factories
-        module = build_sealed(sealed, factory, key_provider=client, allowed_factories=allowed,
+        grant = client.grant(header.model_id)
+        module = build_sealed(sealed, factory, key_provider=client,
+                              allowed_factories=policy_from_grant(grant).factories,
                               threads=threads)
     finally:
         client.close()
     model = ServedModel(name or header.model_id, module, input_shape=shape, datatype=datatype)
     app = build_app(model, ServeOptions(max_batch=max_batch, rate_per_second=rate,
                                         rate_burst=max(1, int(rate * 2))))
-    click.echo(f"serving {model.name} on http://{host}:{port}/v2/models/{model.name}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False,
+    # no TLS terminates in this process, so the TLS key bound into the evidence is empty
+    gateway = Gateway(tee, [ServedIdentity(
+        name=model.name, model_id=header.model_id, key_version=header.key_version,
+        header_digest=header.digest(), policy_version=grant.policy_version, factory=factory,
+        tenant=grant.tenant, server_key_id=bytes.fromhex(grant.server_key_id))])
+    e2e = E2EMiddleware(app, gateway, allow_plaintext=unsafe_allow_plaintext,
+                        max_request_bytes=app.state.max_body + 4096,
+                        registry=app.state.metrics.registry)
+    click.echo(f"serving {model.name} on http://{host}:{port}/v2/models/{model.name} "
+               f"(attestation: /v2/attestation; "
+               f"{'plaintext ALLOWED' if unsafe_allow_plaintext else 'end-to-end only'})",
+               err=True)
+    uvicorn.run(e2e, host=host, port=port, log_level="warning", server_header=False,
                 timeout_keep_alive=5)
 
 

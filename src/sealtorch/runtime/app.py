@@ -310,4 +310,5 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
     app.state.batcher = batcher
     app.state.model = model
     app.state.metrics = metrics
+    app.state.max_body = max_body
     return app

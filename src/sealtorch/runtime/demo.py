@@ -142,13 +142,17 @@ def run_demo(
 
     from sealtorch.attestation import sim
     from sealtorch.attestation.attesters.sim import SimAttester
+    from sealtorch.attestation.binding import ServedIdentity
+    from sealtorch.client import AttestedClient, ClientPolicy
     from sealtorch.format.header import read_header
     from sealtorch.format.keyfile import generate_model_key, write_key_file
     from sealtorch.format.writer import seal
     from sealtorch.keycache.client import KeyCacheClient
+    from sealtorch.keycache.localauth import policy_from_grant
     from sealtorch.protocol import hpke
     from sealtorch.protocol.release_client import KeyServerClient
     from sealtorch.runtime.app import ServeOptions, build_app
+    from sealtorch.runtime.attested import E2EMiddleware, Gateway
     from sealtorch.runtime.batcher import reference_forward
     from sealtorch.runtime.config import render_runtime_config
     from sealtorch.runtime.localserver import LocalServer
@@ -177,6 +181,7 @@ def run_demo(
     client: KeyCacheClient | None = None
     file_key: Secret | None = None
     server: LocalServer | None = None
+    user: AttestedClient | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the sim warning is logged once
@@ -219,8 +224,10 @@ def run_demo(
                 client.connect()
                 d.append(f"auth {client.auth_mode}")
             with step("release: signed policy + file key from the cache") as d:
-                policy = client.policy(MODEL_ID)
-                file_key = client.file_key(read_header(sealed))
+                grant = client.grant(MODEL_ID)
+                policy = policy_from_grant(grant)
+                header = read_header(sealed)
+                file_key = client.file_key(header)
                 d.append(f"factories {list(policy.factories)}")
             with step("load: allow-listed factory, decrypt into tensors") as d:
                 module = build_sealed(sealed, FACTORY, key_provider=_FileKeyOnce(file_key),
@@ -229,21 +236,40 @@ def run_demo(
                 d.append(f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f} M parameters")
             x = torch.randn((batch, 3, 224, 224),
                             generator=torch.Generator().manual_seed(INPUT_SEED))
-            server = LocalServer(build_app(
-                ServedModel("resnet50", module, input_shape=(3, 224, 224)),
-                ServeOptions(max_batch=batch)))
+            app = build_app(ServedModel("resnet50", module, input_shape=(3, 224, 224)),
+                            ServeOptions(max_batch=batch))
+            gateway = Gateway(attester, [ServedIdentity(
+                name="resnet50", model_id=MODEL_ID, key_version=header.key_version,
+                header_digest=header.digest(), policy_version=grant.policy_version,
+                factory=FACTORY, tenant=grant.tenant,
+                server_key_id=bytes.fromhex(grant.server_key_id))])
+            server = LocalServer(E2EMiddleware(app, gateway,
+                                               max_request_bytes=app.state.max_body + 4096))
             server.start()
-            with step(f"inference: KServe v2 HTTP, batch of {batch}") as d:
-                import httpx
 
-                r = httpx.post(f"{server.url}/v2/models/resnet50/infer", timeout=120, json={
-                    "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                "data": x.reshape(-1).tolist()}]})
-                if r.status_code != 200:
-                    raise ServeError(f"inference request failed with HTTP {r.status_code}")
-                out = r.json()["outputs"][0]
+            say("an inference client")
+            with step("attestation: client -> inference server (the client's policy)") as d:
+                user = AttestedClient(server.url, ClientPolicy.from_dict({
+                    "format": "sealtorch-client-policy/v1",
+                    "runtimes": [{"tee": "sim", "measurement": runtime_meas.hex(),
+                                  "platform_key": platform}],
+                    "models": [{"model_id": MODEL_ID, "key_versions": [1],
+                                "factories": [FACTORY]}],
+                    "owners": [{"server_key": dep.server_public_key_b64}],
+                    "verifier": {"sim_platform_keys": [str(dep.sim_dir / sim.PUBLIC_FILE)]}}),
+                    unsafe_sim=True)
+                verified = user.attest()
+                d.append(f"{verified.claims.tee}, {verified.identity.model_id} key version "
+                         f"{verified.identity.key_version}, policy "
+                         f"{verified.identity.policy_version}")
+            with step(f"inference: KServe v2 HTTP end to end (HPKE + receipt), batch of "
+                      f"{batch}") as d:
+                answer = user.infer({"inputs": [{
+                    "name": "input", "shape": list(x.shape), "datatype": "FP32",
+                    "data": x.reshape(-1).tolist()}]})
+                out = answer.json()["outputs"][0]
                 got = torch.tensor(out["data"], dtype=torch.float32).reshape(out["shape"])
-                d.append(f"output {list(got.shape)}")
+                d.append(f"output {list(got.shape)}, receipt {len(answer.receipt)} bytes")
             expected = reference_forward(plain, x, batch)
             result.bit_identical = bool(torch.equal(got, expected))
             result.max_abs_diff = float((got - expected).abs().max())
@@ -293,6 +319,8 @@ def run_demo(
                     teardown.callback(client.close)
                 if server is not None:
                     teardown.callback(server.stop)
+                if user is not None:
+                    teardown.callback(user.close)
         finally:
             signal.signal(signal.SIGTERM, old_term)
             signal.signal(signal.SIGINT, old_int)
