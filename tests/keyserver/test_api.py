@@ -412,3 +412,23 @@ def test_a_model_id_the_format_accepts_is_registered(ks: RunningKeyServer, cache
         ev, sk, pk, n = cache.request(client)
         res = client.release(ev, pk, n, ["acme@v1"], private_key=sk)
     assert res.grants[0].grant.model_id == "acme@v1" and res.grants[0].key.equals(mk.key)
+
+
+def test_a_failed_init_leaves_nothing_and_can_be_retried(tmp_path: Path) -> None:
+    """init builds everything in a temporary directory: a failure (no PKCS#11 PIN, a database
+    that does not exist) leaves no config, KEK, keys or TLS behind, and a retry just works."""
+    env = {k: v for k, v in os.environ.items() if k != "SEALTORCH_PKCS11_PIN"}
+    d = tmp_path / "ks"
+    bad = keyserver_cli("init", "--data-dir", str(d), "--kek", "pkcs11", env=env, check=False)
+    assert bad.returncode != 0 and "SEALTORCH_PKCS11_PIN" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not d.exists() and list(tmp_path.iterdir()) == []
+    missing = "postgresql+psycopg://postgres@127.0.0.1:5432/sealtorch_no_such_db"
+    bad = keyserver_cli("init", "--data-dir", str(d), "--db", missing, env=env, check=False)
+    assert bad.returncode != 0 and "sealtorch_no_such_db" in bad.stderr
+    assert "check that it runs and exists" in bad.stderr and "Traceback" not in bad.stderr
+    assert list(tmp_path.iterdir()) == []
+    keyserver_cli("init", "--data-dir", str(d), env=env)
+    assert (d / "config.toml").exists() and (d / "state.hwm").exists()
+    again = keyserver_cli("init", "--data-dir", str(d), env=env, check=False)
+    assert again.returncode != 0 and "already initialised" in again.stderr

@@ -34,21 +34,33 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--data-dir", required=True, type=click.Path(file_okay=False))
-@click.option("--db", default=None, help="SQLAlchemy URL (default: SQLite in the data dir)")
-@click.option("--kek", type=click.Choice(["file", "pkcs11"]), default="file")
-@click.option("--pkcs11-module", default=None)
-@click.option("--pkcs11-token", default=None)
-@click.option("--release-host", default="127.0.0.1")
-@click.option("--release-port", type=int, default=8443)
-@click.option("--admin-host", default="127.0.0.1")
-@click.option("--admin-port", type=int, default=8444)
-@click.option("--tenant", default="default")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="new (or empty) directory for config, keys, TLS and the SQLite database")
+@click.option("--db", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
+              "(an empty database; default: SQLite in the data dir)")
+@click.option("--kek", type=click.Choice(["file", "pkcs11"]), default="file", show_default=True,
+              help="where the KEK lives: a 0600 file, or a PKCS#11 token (PIN from "
+                   "$SEALTORCH_PKCS11_PIN)")
+@click.option("--pkcs11-module", default=None,
+              help="PKCS#11 module (default /usr/lib/softhsm/libsofthsm2.so)")
+@click.option("--pkcs11-token", default=None, help="PKCS#11 token label (default sealtorch)")
+@click.option("--release-host", default="127.0.0.1", show_default=True,
+              help="address of the release listener (key caches connect here)")
+@click.option("--release-port", type=int, default=8443, show_default=True,
+              help="port of the release listener (0: any free port, see run.json)")
+@click.option("--admin-host", default="127.0.0.1", show_default=True,
+              help="address of the admin listener (keep it loopback or VPN only)")
+@click.option("--admin-port", type=int, default=8444, show_default=True,
+              help="port of the admin listener (0: any free port)")
+@click.option("--tenant", default="default", show_default=True,
+              help="the first tenant; its admin token goes to DATA_DIR/admin.token")
 @click.option("--sim/--no-sim", default=False, help="trust registered sim platforms (dev only)")
 @click.option("--auto-approve/--no-auto-approve", default=False,
               help="admit new caches without 'cache approve' (demo/tests)")
-@click.option("--lease-seconds", type=int, default=None)
-@click.option("--workers", type=int, default=None)
+@click.option("--lease-seconds", type=int, default=None,
+              help="lease of a grant when its policy names none (default 300)")
+@click.option("--workers", type=int, default=None,
+              help="release worker processes sharing the release socket (default 1)")
 def init(data_dir: str, db: str | None, kek: str, pkcs11_module: str | None,
          pkcs11_token: str | None, release_host: str, release_port: int, admin_host: str,
          admin_port: int, tenant: str, sim: bool, auto_approve: bool,
@@ -67,14 +79,19 @@ def init(data_dir: str, db: str | None, kek: str, pkcs11_module: str | None,
 
 
 @cli.command()
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--db", default=None)
-@click.option("--release-port", type=int, default=None)
-@click.option("--admin-port", type=int, default=None)
-@click.option("--workers", type=int, default=None)
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the directory 'dkeyserver init' made")
+@click.option("--db", default=None, help="override the database URL (or $SEALTORCH_KS_DB)")
+@click.option("--release-port", type=int, default=None,
+              help="override the release port (or $SEALTORCH_KS_RELEASE_PORT)")
+@click.option("--admin-port", type=int, default=None,
+              help="override the admin port (or $SEALTORCH_KS_ADMIN_PORT)")
+@click.option("--workers", type=int, default=None,
+              help="override the release worker count (or $SEALTORCH_KS_WORKERS)")
 def serve(data_dir: str, db: str | None, release_port: int | None, admin_port: int | None,
           workers: int | None) -> None:
-    """Run the release and admin listeners until SIGTERM."""
+    """Run the release and admin listeners until SIGTERM. Every config.toml setting can be
+    overridden by $SEALTORCH_KS_<SETTING> (e.g. SEALTORCH_KS_STATE_RECHECK_SECONDS)."""
     from sealtorch.keyserver.config import load_config
     from sealtorch.keyserver.server import run
 
@@ -83,11 +100,13 @@ def serve(data_dir: str, db: str | None, release_port: int | None, admin_port: i
 
 
 @cli.command("tenant-add")
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--tenant", required=True)
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the key server's data directory (needs its KEK)")
+@click.option("--tenant", required=True, help="new tenant name: [a-z0-9][a-z0-9_-]{0,63}")
 @click.option("--token-out", required=True, type=click.Path(dir_okay=False),
               help="write the new tenant's admin token here (0600)")
-@click.option("--ttl-days", type=int, default=90)
+@click.option("--ttl-days", type=int, default=90, show_default=True,
+              help="days until the token expires")
 def tenant_add(data_dir: str, tenant: str, token_out: str, ttl_days: int) -> None:
     """(local, owner machine) Add a tenant and write its first admin token to a 0600 file."""
     from sealtorch.keyserver.admin import add_tenant
@@ -137,7 +156,9 @@ class Admin:
         try:
             r = self._http.request(method, path, json=body, params=params)
         except httpx.HTTPError as e:
-            raise ServiceUnavailableError(f"admin API unreachable ({type(e).__name__})") from e
+            raise ServiceUnavailableError(
+                f"admin API at {self._http.base_url} unreachable ({type(e).__name__}); check "
+                "that dkeyserver serve runs and --admin-url (or $SEALTORCH_ADMIN_URL)") from e
         try:
             obj = r.json()
         except ValueError as e:
@@ -151,12 +172,15 @@ class Admin:
 
 
 def admin_options(f: Any) -> Any:
-    f = click.option("--admin-url", default="https://127.0.0.1:8444",
-                     envvar="SEALTORCH_ADMIN_URL")(f)
-    f = click.option("--ca-cert", required=True, envvar="SEALTORCH_CA_CERT",
-                     type=click.Path(exists=True, dir_okay=False))(f)
+    f = click.option("--admin-url", default="https://127.0.0.1:8444", show_default=True,
+                     envvar="SEALTORCH_ADMIN_URL", show_envvar=True,
+                     help="the key server's admin listener")(f)
+    f = click.option("--ca-cert", required=True, envvar="SEALTORCH_CA_CERT", show_envvar=True,
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="the key server's CA (DATA_DIR/tls/ca.crt)")(f)
     f = click.option("--token-file", default=None, envvar="SEALTORCH_ADMIN_TOKEN_FILE",
-                     type=click.Path(exists=True, dir_okay=False))(f)
+                     show_envvar=True, type=click.Path(exists=True, dir_okay=False),
+                     help=f"file holding your admin token (or the token itself in ${TOKEN_ENV})")(f)
     return f
 
 
@@ -172,13 +196,15 @@ def model() -> None:
 @model.command("list")
 @admin_options
 def model_list(**kw: Any) -> None:
+    """Your tenant's models, their key versions and policy versions."""
     _echo(_admin(kw).call("GET", "/v1/admin/models"))
 
 
 @model.command("add")
 @admin_options
-@click.option("--model-id", required=True)
-@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model-id", required=True, help="the model id the file was sealed with")
+@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="the 0600 key file from 'sealtorch keygen'")
 def model_add(model_id: str, key_file: str, **kw: Any) -> None:
     """Import a key written by 'sealtorch keygen'."""
     from sealtorch.format.keyfile import read_key_file
@@ -194,7 +220,7 @@ def model_add(model_id: str, key_file: str, **kw: Any) -> None:
 
 @model.command("create")
 @admin_options
-@click.option("--model-id", required=True)
+@click.option("--model-id", required=True, help="the new model's id")
 def model_create(model_id: str, **kw: Any) -> None:
     """Let the server generate the key (fetch it once with 'model export')."""
     _echo(_admin(kw).call("POST", "/v1/admin/models", {"model_id": model_id, "key": None}))
@@ -204,6 +230,7 @@ def model_create(model_id: str, **kw: Any) -> None:
 @admin_options
 @click.argument("model_id")
 def model_rotate(model_id: str, **kw: Any) -> None:
+    """Add a new, server-generated key version to MODEL_ID (caches get it at renewal)."""
     _echo(_admin(kw).call("POST", f"/v1/admin/model-rotate/{model_id}", {}))
 
 
@@ -212,6 +239,7 @@ def model_rotate(model_id: str, **kw: Any) -> None:
 @click.argument("model_id")
 @click.argument("key_version", type=int)
 def model_retire(model_id: str, key_version: int, **kw: Any) -> None:
+    """Stop releasing KEY_VERSION of MODEL_ID; caches drop it at their next status poll."""
     _echo(_admin(kw).call("POST", f"/v1/admin/model-retire/{model_id}",
                           {"key_version": key_version}))
 
@@ -220,13 +248,15 @@ def model_retire(model_id: str, key_version: int, **kw: Any) -> None:
 @admin_options
 @click.argument("model_id")
 def model_revoke(model_id: str, **kw: Any) -> None:
+    """Stop releasing every key of MODEL_ID; caches drop them at their next status poll."""
     _echo(_admin(kw).call("POST", f"/v1/admin/model-revoke/{model_id}", {}))
 
 
 @model.command("export")
 @admin_options
 @click.argument("model_id")
-@click.option("--key-version", type=int, default=1)
+@click.option("--key-version", type=int, default=1, show_default=True,
+              help="which server-generated key version")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="write a sealtorch key file (0600) with the server-generated key")
 @click.option("--signing-public-key", required=True, type=click.Path(exists=True),
@@ -282,6 +312,7 @@ def policy_set(model_id: str, file: str, **kw: Any) -> None:
 @admin_options
 @click.argument("model_id")
 def policy_show(model_id: str, **kw: Any) -> None:
+    """Print MODEL_ID's current policy and its version."""
     _echo(_admin(kw).call("GET", f"/v1/admin/policy/{model_id}"))
 
 
@@ -303,6 +334,7 @@ def cache() -> None:
 @cache.command("list")
 @admin_options
 def cache_list(**kw: Any) -> None:
+    """Caches your tenant approved or revoked, or that asked for one of your models."""
     _echo(_admin(kw).call("GET", "/v1/admin/caches"))
 
 
@@ -310,6 +342,7 @@ def cache_list(**kw: Any) -> None:
 @admin_options
 @click.argument("cache_id")
 def cache_approve(cache_id: str, **kw: Any) -> None:
+    """Admit CACHE_ID (32 hex, from 'cache list' or the cache's status) for your models."""
     _echo(_admin(kw).call("POST", f"/v1/admin/caches/{cache_id}/approve"))
 
 
@@ -317,12 +350,13 @@ def cache_approve(cache_id: str, **kw: Any) -> None:
 @admin_options
 @click.argument("cache_id")
 def cache_revoke(cache_id: str, **kw: Any) -> None:
+    """Stop releasing your keys to CACHE_ID; it drops them at its next status poll."""
     _echo(_admin(kw).call("POST", f"/v1/admin/caches/{cache_id}/revoke"))
 
 
 @cli.group()
 def audit() -> None:
-    """The hash-chained audit log."""
+    """The keyed, hash-chained audit log."""
 
 
 @audit.command("show")
@@ -345,7 +379,8 @@ def audit_head(**kw: Any) -> None:
 
 
 @audit.command("verify")
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the key server's data directory (needs its KEK)")
 @click.option("--head", "head_file", default=None, type=click.Path(exists=True),
               help="a signed audit head saved earlier (JSON, as 'audit head' prints it or a "
                    "release answer carries it): detects a truncated or rewritten tail")
@@ -373,7 +408,8 @@ def audit_verify(data_dir: str, head_file: str | None) -> None:
 
 
 @audit.command("export")
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the key server's data directory (needs its KEK)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="new file: one JSON line per entry, then the signed head")
 def audit_export(data_dir: str, out: str) -> None:
@@ -399,7 +435,8 @@ def audit_export(data_dir: str, out: str) -> None:
 
 
 @cli.command()
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the key server's data directory (needs its KEK)")
 @click.option("--reason", default="", help="why (recorded in the audit entry)")
 @click.option("--drop-invalid-rows", is_flag=True,
               help="delete rows that fail their MAC (forged or edited without the KEK)")
@@ -434,6 +471,7 @@ def sim() -> None:
 @admin_options
 @click.argument("public_key_file", type=click.Path(exists=True, dir_okay=False))
 def sim_register(public_key_file: str, **kw: Any) -> None:
+    """Trust the sim platform whose public key is in PUBLIC_KEY_FILE, for your tenant."""
     _echo(_admin(kw).call("POST", "/v1/admin/sim/platforms",
                           {"public_key": Path(public_key_file).read_text()}))
 
@@ -444,7 +482,8 @@ def collateral() -> None:
 
 
 @collateral.command("import")
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the key server's data directory")
 @click.argument("src", type=click.Path(exists=True))
 def collateral_import(data_dir: str, src: str) -> None:
     """(local) Copy collateral JSON FILE or DIR into the server's collateral directory."""
