@@ -15,7 +15,6 @@ carry a receipt signed by the pinned receipt key over this request and this resp
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import re
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from sealtorch._net import is_loopback_url
 from sealtorch.client.policy import ClientPolicy
 from sealtorch.client.verify import VerifiedServer, check_receipt_time, verify_attestation
 from sealtorch.e2e import ohttp
@@ -38,17 +38,6 @@ from sealtorch.errors import (
 
 MAX_RESPONSE = 256 * 1024 * 1024
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-def is_loopback(url: str) -> bool:
-    """True when ``url``'s host is a loopback address (or ``localhost``)."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -98,7 +87,7 @@ class AttestedClient:
         if model is not None and not _MODEL_NAME.fullmatch(model):
             raise ConfigError("the model name must be 1-64 characters of letters, digits, "
                               "'-', '_' and '.'")
-        if unsafe_sim and not is_loopback(url):
+        if unsafe_sim and not is_loopback_url(url):
             raise ConfigError("sim evidence is accepted only from loopback URLs (127.0.0.1, "
                               "::1, localhost): sim protects nothing")
         self.url = url.rstrip("/")

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sealtorch._net import is_loopback_host
 from sealtorch._secret import Secret
 from sealtorch.errors import (
     ConfigError,
@@ -116,12 +117,7 @@ class _Session:
 
 
 def _is_loopback_peer(addr: Any) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(addr[0]).is_loopback
-    except (ValueError, TypeError, IndexError):
-        return False
+    return isinstance(addr, tuple) and bool(addr) and is_loopback_host(str(addr[0]))
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

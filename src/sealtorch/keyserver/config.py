@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sealtorch._net import is_loopback_host
 from sealtorch.errors import ConfigError
 
 CONFIG_NAME = "config.toml"
@@ -59,7 +59,7 @@ class ServerConfig:
     def validate(self) -> None:
         if self.kek not in ("file", "pkcs11"):
             raise ConfigError("kek must be 'file' or 'pkcs11'")
-        if self.sim and not _is_loopback(self.release_host):
+        if self.sim and not is_loopback_host(self.release_host):
             raise ConfigError(
                 "sim attestation is enabled but the release listener is not loopback-only; "
                 "sim protects nothing: bind 127.0.0.1 or turn sim off"
@@ -87,15 +87,6 @@ class ServerConfig:
                 esc = str(v).replace("\\", "\\\\").replace('"', '\\"')
                 lines.append(f'{f.name} = "{esc}"')
         return "\n".join(lines) + "\n"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _coerce(name: str, typ: Any, raw: Any) -> Any:
