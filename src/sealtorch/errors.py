@@ -103,6 +103,13 @@ class StreamError(FormatError):
     code = "stream_invalid"
 
 
+class OutputError(SealtorchError):
+    """An output cannot be written: its directory is missing or is a file, or the output exists
+    and overwriting was not asked for."""
+
+    code = "output_invalid"
+
+
 # --- attestation -----------------------------------------------------------------------------
 class AttestationError(SealtorchError):
     """Evidence could not be produced or verified."""

@@ -141,7 +141,7 @@ def test_detect_prefers_hardware_and_explains(tmp_path: Path) -> None:
     # a bare directory is not a working configfs-tsm: detect reports that clearly
     with pytest.raises(AttesterUnavailableError):
         detect(gramine_dir=tmp_path / "none", tsm_dir=tsm_root)
-    with pytest.raises(AttesterUnavailableError, match="choose the sim attester explicitly"):
+    with pytest.raises(AttesterUnavailableError, match="pass --attester sim"):
         detect(gramine_dir=tmp_path / "none", tsm_dir=tmp_path / "none2")
 
 

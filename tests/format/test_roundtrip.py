@@ -122,7 +122,7 @@ def test_subset_decrypts_only_needed_chunks(tmp_path, mk):
     assert sorted(set(seen)) == [3, 5]
     assert torch.equal(out["t3"], sd["t3"]) and torch.equal(out["t5"], sd["t5"])
     # subset from a file where tensors straddle chunks, and through an alias
-    writer.seal({**sd, "alias": sd["t2"]}, path, mk, chunk_size=300)
+    writer.seal({**sd, "alias": sd["t2"]}, path, mk, chunk_size=300, overwrite=True)
     out = reader.load(path, key=mk, tensors=["alias", "t6"])
     assert torch.equal(out["alias"], sd["t2"]) and torch.equal(out["t6"], sd["t6"])
     with pytest.raises(IndexError_, match="not in the file"):

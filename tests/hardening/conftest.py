@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from tests.keyserver.conftest import SimCache, pg_url, softhsm_env  # noqa: F401 (fixtures)
+from tests.keyserver.conftest import SimCache, softhsm_env  # noqa: F401 (fixtures)
 from tests.servers import RunningKeyServer, sim_policy, start_keyserver
 
 from sealtorch.attestation import sim
@@ -26,14 +26,51 @@ warnings.filterwarnings("ignore", category=RuntimeWarning)
 LONG = os.environ.get("SEALTORCH_LONG") == "1"
 MEAS = sim.measure("dkeycache")
 MODEL = "hard-m1"
-RESULTS = Path(os.environ.get("SEALTORCH_HARDENING_RESULTS",
-                              "/tmp/sealtorch-hardening-results.jsonl"))
+RESULTS_ENV = "SEALTORCH_HARDENING_RESULTS"
+#: this session's results file (set by the ``_results_file`` fixture): a fresh file per run
+_results: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _results_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh results file for this test session: ``$SEALTORCH_HARDENING_RESULTS`` (truncated
+    now) or ``hardening-results.jsonl`` in pytest's own base temp directory."""
+    env = os.environ.get(RESULTS_ENV)
+    path = Path(env) if env else tmp_path_factory.getbasetemp() / "hardening-results.jsonl"
+    path.write_text("")
+    _results[:] = [path]
+    return path
 
 
 def record(kind: str, **fields: Any) -> None:
-    """Append one result line (attack, fuzz, load, fault, secrets) for the docs table."""
-    with RESULTS.open("a") as f:
+    """Append one result line (attack, fuzz, load, fault, secrets) to this session's file."""
+    if not _results:
+        raise RuntimeError("record() outside a hardening test session")
+    with _results[0].open("a") as f:
         f.write(json.dumps({"kind": kind, **fields}, sort_keys=True) + "\n")
+
+
+def failure_row(module: str, test: str, observed: str) -> dict[str, Any]:
+    """The result of a hardening test that failed, as seen: an attack that was not refused, a
+    fault not survived, or another check that did not hold (report.py counts them)."""
+    observed = " ".join(observed.split())[:300]
+    if module == "test_attacks" or module == "test_cache_flood":
+        return {"kind": "attack", "name": test, "refused": False, "code": "not_refused",
+                "observed": observed}
+    if module == "test_faults":
+        return {"kind": "fault", "name": test, "survived": False, "observed": observed}
+    return {"kind": "failure", "name": f"{module}::{test}", "observed": observed}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Record every failed hardening test too: a results table must not count only what held."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed and _results:
+        observed = str(call.excinfo.value) if call.excinfo is not None else report.longreprtext
+        row = failure_row(Path(str(item.fspath)).stem, item.name, observed)
+        record(row.pop("kind"), **row)
 
 
 def is_root() -> bool:

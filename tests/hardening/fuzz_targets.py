@@ -22,7 +22,7 @@ from typing import Any
 
 from sealtorch.errors import SealtorchError
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "attestation-vectors"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "attestation"
 
 
 @dataclass
@@ -60,16 +60,18 @@ def _world() -> dict[str, Any]:
     from sealtorch.protocol.messages import ReleaseRequest, StatusRequest
     from sealtorch.protocol.signing import key_id
 
-    d = Path(tempfile.mkdtemp(prefix="fuzz-seed-"))
-    mk = generate_model_key("fuzz-model", 1)
-    seal({"w": torch.zeros(8), "b": torch.ones(3)}, d / "m.sealed", mk, chunk_size=4096,
-         public_index=True)
-    header = read_header(d / "m.sealed")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sim.init_platform_key(d / "sim")
-        att = SimAttester(d / "sim" / sim.KEY_FILE, sim.measure("dkeycache"), role="dkeycache")
-        ev = att.attest(os.urandom(64))
+    with tempfile.TemporaryDirectory(prefix="fuzz-seed-") as tmp:
+        d = Path(tmp)
+        mk = generate_model_key("fuzz-model", 1)
+        seal({"w": torch.zeros(8), "b": torch.ones(3)}, d / "m.sealed", mk, chunk_size=4096,
+             public_index=True)
+        header = read_header(d / "m.sealed")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sim.init_platform_key(d / "sim")
+            att = SimAttester(d / "sim" / sim.KEY_FILE, sim.measure("dkeycache"),
+                              role="dkeycache")
+            ev = att.attest(os.urandom(64))
     sk = Ed25519PrivateKey.generate()
     _, pk = hpke.generate_keypair()
     policy = {"format": "sealtorch-policy/v1", "version": 3, "lease_seconds": 60,

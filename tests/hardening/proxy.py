@@ -9,6 +9,7 @@ must not depend on TLS, so every rewrite has to be caught by the client's grant 
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 import tempfile
 import threading
@@ -69,3 +70,4 @@ class MitmProxy:
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+        shutil.rmtree(self._dir, ignore_errors=True)  # its TLS private key

@@ -1,7 +1,11 @@
 """Turn a hardening results file (JSON lines written by the suite) into docs/security.md's table.
 
-    SEALTORCH_HARDENING_RESULTS=/tmp/r.jsonl python -m pytest tests/hardening
-    python tests/hardening/report.py /tmp/r.jsonl
+    SEALTORCH_HARDENING_RESULTS=results.jsonl python -m pytest tests/hardening
+    python tests/hardening/report.py results.jsonl
+
+The suite writes a fresh file per run (the variable's file is truncated at the start; without
+it, ``hardening-results.jsonl`` in pytest's base temp directory). A test that fails is recorded
+too: an attack as NOT refused, a fault as FAILED, any other check as a failure.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                    f"in {s['places']} logs/bodies/metrics/files: {s['leaks']} found |")
     lost = sum(int(f.get("data_lost", 0)) for f in faults)
     out.append(f"| data lost | {lost} |")
+    failures = by["failure"]
+    if failures:
+        out.append(f"| other checks FAILED | {len(failures)}: "
+                   f"{'; '.join(f['name'] for f in failures)} |")
     return "\n".join(out)
 
 
@@ -80,6 +88,8 @@ def details(rows: list[dict[str, Any]]) -> str:
                                      if not k.endswith("_log")}
             out.append(f"| fault | {r['name']} | {'survived' if r['survived'] else 'FAILED'}: "
                        f"{json.dumps(extra, sort_keys=True)[:400]} |")
+        elif r["kind"] == "failure":
+            out.append(f"| check | {r['name']} | FAILED: {r['observed']} |")
     return "\n".join(out)
 
 

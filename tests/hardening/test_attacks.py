@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import copy
 import os
+import shutil
 import socket
 import ssl
 import tempfile
@@ -175,8 +176,8 @@ class FakeCache:
                  private_key: Any = None) -> None:
         self.server_key_id, self.cache_key, self.answer = server_key_id, cache_key, answer
         self.private_key = private_key
-        d = tempfile.mkdtemp(prefix="fk-", dir="/tmp")
-        self.path = os.path.join(d, "c.sock")
+        self._dir = tempfile.mkdtemp(prefix="fk-")
+        self.path = os.path.join(self._dir, "c.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(self.path)
         self.sock.listen(4)
@@ -221,6 +222,7 @@ class FakeCache:
 
     def close(self) -> None:
         self.sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

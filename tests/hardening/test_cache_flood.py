@@ -8,7 +8,6 @@ attack is under way.
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,7 @@ warnings.filterwarnings("ignore", category=RuntimeWarning)
 
 
 def test_status_survives_a_flood_of_denials(tmp_path: Path) -> None:
-    sim_dir = Path(tempfile.mkdtemp(prefix="flood-sim-"))
+    sim_dir = tmp_path / "sim"
     sim.init_platform_key(sim_dir)
     fp = sim.fingerprint(sim.load_platform_key(sim_dir / sim.KEY_FILE).public_key())
     mk = keyfile.generate_model_key("tiny-model", 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,8 +28,8 @@ def _quiet_sim() -> Any:
 
 
 @pytest.fixture(scope="session")
-def sim_dir() -> Path:
-    d = Path(tempfile.mkdtemp(prefix="kc-sim-"))
+def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("kc-sim")
     sim.init_platform_key(d)
     return d
 
@@ -72,7 +73,13 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, keyfile.Mode
 
 
 def short_socket(name: str = "kc.sock") -> str:
-    """Unix socket paths are limited to ~100 characters: use a short temp dir."""
-    d = tempfile.mkdtemp(prefix="kc-", dir="/tmp")
+    """Unix socket paths are limited to ~100 characters: a short temp dir (its owner removes
+    it with :func:`remove_socket_dir`)."""
+    d = tempfile.mkdtemp(prefix="kc-")
     os.chmod(d, 0o700)
     return os.path.join(d, name)
+
+
+def remove_socket_dir(sock: str) -> None:
+    """Remove the directory :func:`short_socket` made."""
+    shutil.rmtree(os.path.dirname(sock), ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import ssl
 import tempfile
 import threading
@@ -65,6 +66,7 @@ class RogueKeyServer:
         self.up = True
         self.releases = 0
         self.statuses = 0
+        self.cache_state = "approved"  # "pending": answer as dkeyserver does before approval
         self._dir = Path(tempfile.mkdtemp(prefix="rogue-tls-"))
         make_loopback_tls(self._dir / "tls")
         self.ca_cert = str(self._dir / "tls" / "ca.crt")
@@ -131,7 +133,9 @@ class RogueKeyServer:
         nonce = b64d(body["nonce"], field="nonce", max_len=32)
         pk = b64d(body["public_key"], field="pk", max_len=32)
         grants, denials = [], []
-        for mid in body.get("models") or sorted(self.models):
+        # as dkeyserver: no grant before approval
+        for mid in (body.get("models") or sorted(self.models)
+                    if self.cache_state == "approved" else []):
             if mid in self.revoked:
                 denials.append({"model_id": mid, "code": "revoked"})
                 continue
@@ -144,7 +148,8 @@ class RogueKeyServer:
             sealed = hpke.seal(self.models[mid], pk, g.digest())
             grants.append({"grant": sign_grant(self.grant_key, g), "sealed_key": b64e(sealed)})
         return {"grants": grants, "denials": denials, "audit_head": self._head(),
-                "cache_id": CACHE_ID, "cache_state": "approved", "state_seq": self.state_seq,
+                "cache_id": CACHE_ID, "cache_state": self.cache_state,
+                "state_seq": self.state_seq,
                 "claims": sign_claims(self.signing_key, ClaimsDocument(
                     nonce, pk, CACHE_ID, self.cache_claims, self._now(),
                     self.server_key_id)),
@@ -162,10 +167,11 @@ class RogueKeyServer:
         }
         assert StatusRequest.from_json(body).check_mac(self.poll_key), "unauthenticated poll"
         st = Status(nonce=nonce, cache_id=body["cache_id"], revocation_epoch=0,
-                    cache_state="approved", models=models, issued_at=self._now(),
+                    cache_state=self.cache_state, models=models, issued_at=self._now(),
                     server_key_id=self.server_key_id, state_seq=self.state_seq)
         return {"status": sign_status(self.status_key, st)}
 
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+        shutil.rmtree(self._dir, ignore_errors=True)  # its TLS private key

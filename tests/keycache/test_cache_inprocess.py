@@ -30,7 +30,7 @@ from sealtorch.keycache.service import start_cache
 from sealtorch.protocol import hpke
 from sealtorch.protocol.local import MAX_FRAME, call, recv_frame
 
-from .conftest import MODEL, make_policy, runtime_attester, short_socket
+from .conftest import MODEL, make_policy, remove_socket_dir, runtime_attester, short_socket
 from .rogue import RogueKeyServer
 
 
@@ -53,23 +53,32 @@ class Env:
     def __init__(self, sim_dir: Path, platform_fp: str, sealed: Any, *, lease_seconds: int = 60,
                  max_releases: int = 1000, local_auth: Any = None,
                  runtimes: list[dict[str, Any]] | None = None,
-                 cache_claims: dict[str, Any] | None = None, **cfg: Any) -> None:
+                 cache_claims: dict[str, Any] | None = None, pending: bool = False,
+                 **cfg: Any) -> None:
         self.path, self.mk, self.sd = sealed
         self.sim_dir = sim_dir
         self.sock = short_socket()
         self.server = RogueKeyServer({MODEL: bytes(self.mk.key)}, {}, lease_seconds)
-        self.config = _config(self.server, self.sock, sim_dir, **cfg)
-        self.cache_att = SimAttester(sim_dir / sim.KEY_FILE,
-                                     sim.measure("dkeycache", self.config.raw), role="dkeycache")
-        self.rt_att = runtime_attester(sim_dir)
-        self.server.policy = make_policy(self.cache_att.measurement, self.rt_att.measurement,
-                                         platform_fp, lease_seconds=lease_seconds,
-                                         max_releases=max_releases)
-        if runtimes is not None:
-            self.server.policy["runtimes"] = runtimes
-        if cache_claims is not None:
-            self.server.cache_claims = cache_claims
-        self.cache = start_cache(self.config, self.cache_att, local_auth=local_auth)
+        try:  # a constructor that fails must not leave the server or the socket dir
+            self.config = _config(self.server, self.sock, sim_dir, **cfg)
+            self.cache_att = SimAttester(sim_dir / sim.KEY_FILE,
+                                         sim.measure("dkeycache", self.config.raw),
+                                         role="dkeycache")
+            self.rt_att = runtime_attester(sim_dir)
+            self.server.policy = make_policy(self.cache_att.measurement, self.rt_att.measurement,
+                                             platform_fp, lease_seconds=lease_seconds,
+                                             max_releases=max_releases)
+            if runtimes is not None:
+                self.server.policy["runtimes"] = runtimes
+            if cache_claims is not None:
+                self.server.cache_claims = cache_claims
+            if pending:
+                self.server.cache_state = "pending"
+            self.cache = start_cache(self.config, self.cache_att, local_auth=local_auth)
+        except BaseException:
+            self.server.close()
+            remove_socket_dir(self.sock)
+            raise
 
     def client(self, attester: Any = "default") -> KeyCacheClient:
         return KeyCacheClient(self.sock, server_public_key=self.server.public_key_b64,
@@ -78,6 +87,7 @@ class Env:
     def close(self) -> None:
         self.cache.stop()
         self.server.close()
+        remove_socket_dir(self.sock)
 
 
 @pytest.fixture
@@ -497,3 +507,23 @@ def test_peercred_refused_outside_tdx_snp() -> None:
 
     with pytest.raises(ConfigError, match="TDX/SNP"):
         PeerCredAuth("sim", {0})
+
+
+def test_a_pending_cache_says_how_to_approve_it_then_serves(sim_dir, platform_fp, sealed
+                                                            ) -> None:
+    env = Env(sim_dir, platform_fp, sealed, pending=True)
+    try:
+        header = read_header(env.path)
+        cache_id = env.cache.leases.snapshot()["cache_id"]
+        assert cache_id
+        with env.client() as kc, pytest.raises(ReleaseDenied) as ei:
+            kc.file_key(header)
+        assert ei.value.denial == "cache_pending"
+        assert f"`dkeyserver cache approve {cache_id}`" in str(ei.value)
+        env.server.cache_state = "approved"  # the owner ran the command
+        assert env.cache.leases.poll() is True  # the next poll sees it and renews at once
+        env.cache.leases.refresh()
+        with env.client() as kc:
+            kc.file_key(header).wipe()
+    finally:
+        env.close()

@@ -19,7 +19,7 @@ from tests.servers import start_keyserver
 
 from sealtorch.attestation import sim
 
-from .conftest import MODEL, short_socket
+from .conftest import MODEL, remove_socket_dir, short_socket
 
 HERE = Path(__file__).resolve().parent
 LEASE = 4
@@ -147,6 +147,7 @@ class World:
         for p in self.procs:
             p.stop()
         self.ks.stop()
+        remove_socket_dir(self.sock)
 
 
 @pytest.fixture

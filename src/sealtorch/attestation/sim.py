@@ -59,12 +59,14 @@ def init_platform_key(directory: Path | str | None = None, *, overwrite: bool = 
 
     Refuses to replace an existing key unless ``overwrite`` is set.
     """
-    d = Path(directory) if directory is not None else default_dir()
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from sealtorch._outputs import output_dir
+
+    d = output_dir(Path(directory) if directory is not None else default_dir(), mode=0o700)
     key_path = d / KEY_FILE
     if key_path.exists() and not overwrite:
         raise KeyFileError(
-            f"a sim platform key already exists at {key_path}; pass overwrite to replace it"
+            f"a sim platform key already exists at {key_path}; pass --force (overwrite=True) "
+            "to replace it"
         )
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -126,7 +127,7 @@ def run(fetches: int = 2000, sessions: int = 20, concurrency: int = 16,
     from sealtorch.protocol.b64 import b64e
 
     warnings.simplefilter("ignore", RuntimeWarning)
-    work = tempfile.mkdtemp(prefix="kcbench-", dir="/tmp")
+    work = tempfile.mkdtemp(prefix="kcbench-")  # short: the cache's Unix socket lives here
     sim.init_platform_key(work)
     sock = os.path.join(work, "kc.sock")
     sk = Ed25519PrivateKey.generate()
@@ -197,6 +198,7 @@ def run(fetches: int = 2000, sessions: int = 20, concurrency: int = 16,
     finally:
         stop.set()
         child.join(15)
+        shutil.rmtree(work, ignore_errors=True)  # platform key, sealed file, socket
     return {
         "fetches": fetches,
         "transport": transport,

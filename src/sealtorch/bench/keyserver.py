@@ -359,11 +359,15 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
 
 
 @click.command("keyserver")
-@click.option("--db", type=click.Choice(["sqlite", "postgresql"]), default="sqlite")
-@click.option("--concurrency", type=int, default=16)
-@click.option("--seconds", type=float, default=5.0)
+@click.option("--db", type=click.Choice(["sqlite", "postgresql"]), default="sqlite",
+              show_default=True,
+              help="database backend (postgresql: the server on 127.0.0.1:5432)")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="concurrent release requests")
+@click.option("--seconds", type=float, default=5.0, show_default=True,
+              help="duration of each measurement")
 @click.option("--workers", type=int, default=1, help="server release worker processes")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
 def command(db: str, concurrency: int, seconds: float, workers: int, as_json: bool) -> None:
     """Release throughput and latency of a real dkeyserver under concurrent sim-TEE clients."""
     res = run_bench(db, concurrency, seconds, workers)

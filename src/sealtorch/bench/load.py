@@ -202,7 +202,8 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
 
 
 @click.command("load")
-@click.option("--model", type=click.Choice(["resnet50", "synthetic"]), default="resnet50")
+@click.option("--model", type=click.Choice(["resnet50", "synthetic"]), default="resnet50",
+              show_default=True, help="model to load (synthetic: --size-mb of tensors)")
 @click.option("--size-mb", type=int, default=1024, show_default=True, help="synthetic only")
 @click.option("--threads", type=int, default=None, help="default: one per CPU")
 @click.option(

@@ -290,8 +290,10 @@ def _crypto_costs(gateway: Any, client: Any, body: bytes, answer: bytes, n: int 
 @click.command("serve")
 @click.option("--requests", default=24, show_default=True, type=click.IntRange(1),
               help="requests per round and side")
-@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 256))
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="concurrent clients")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="rows per forward pass of the server")
 @click.option("--rounds", default=6, show_default=True, type=click.IntRange(1, 50),
               help="pairs of rounds (plaintext + sealed)")
 @click.option("--image", default=224, show_default=True, type=click.IntRange(32, 1024),

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from sealtorch.attestation.evidence import Evidence
 
 TEE_CHOICE = click.Choice(["sgx", "tdx", "snp", "sim"])
+#: roles a sim measurement is taken for (what dkeycache and `sealtorch serve` measure)
+MEASURED_ROLES = ("dkeycache", "serve")
 MAX_EVIDENCE_FILE = 128 * 1024
 
 
@@ -137,7 +139,9 @@ def verify_cmd(evidence: Path, tee: str, collateral: Path | None, vcek: Path | N
 
 
 @attest.command("measure")
-@click.option("--role", default="dkeycache", show_default=True, help="Role being measured.")
+@click.option("--role", default="dkeycache", show_default=True,
+              type=click.Choice(MEASURED_ROLES),
+              help="Role being measured: dkeycache (the key cache) or serve (the runtime).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False,
                                                           exists=True),
               help="The role's measured configuration file.")
@@ -166,59 +170,112 @@ def _kv_list(values: tuple[str, ...], what: str) -> dict[str, list[str]]:
     return out
 
 
+def _overrides(items: tuple[str, ...], option: str) -> dict[str, Any]:
+    """``FIELD=VALUE`` items of ``--cache``/``--runtime`` as identity fields (integers for
+    numeric fields, a list for ``rtmr0``); the policy parser validates names and values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        k = k.strip().replace("-", "_")
+        if not sep or not k or not v:
+            raise click.BadParameter("expected FIELD=VALUE, e.g. measurement=<hex>",
+                                     param_hint=option)
+        if k == "rtmr0":
+            out.setdefault("rtmr0", []).append(v)
+        elif k in _INT_FIELDS:
+            try:
+                out[k] = int(v, 0)
+            except ValueError:
+                raise click.BadParameter(f"{k} takes an integer", param_hint=option) from None
+        else:
+            out[k] = v
+    return out
+
+
+_INT_FIELDS = ("isv_prod_id", "min_isv_svn", "max_vmpl")
+_ROLE_HELP = ("FIELD=VALUE: an identity for the {} allow-list, made of the identity the other "
+              "options describe with this field changed (e.g. measurement=<hex>, "
+              "mrenclave=<hex>, name=<label>); repeatable. With --cache or --runtime both "
+              "lists get an identity.")
+
+
 @policy.command("init")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Policy file to write (.toml, or .json for JSON).")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
-@click.option("--version", "version", type=int, default=1, show_default=True)
+@click.option("--version", "version", type=click.IntRange(1), default=1, show_default=True,
+              help="Policy version (raise it with each change; caches refuse older ones).")
 @click.option("--for", "for_", type=click.Choice(["caches", "runtimes", "both"]),
-              default="both", show_default=True, help="Which allow-list(s) get the identity.")
-@click.option("--lease-seconds", type=int, default=3600, show_default=True)
-@click.option("--max-releases-per-lease", type=int, default=1000, show_default=True)
-@click.option("--factory", "factories", multiple=True, help="Allowed 'module:function'.")
+              default="both", show_default=True,
+              help="Which allow-list(s) get the identity (without --cache/--runtime).")
+@click.option("--cache", "cache_fields", multiple=True, metavar="FIELD=VALUE",
+              help=_ROLE_HELP.format("key caches'"))
+@click.option("--runtime", "runtime_fields", multiple=True, metavar="FIELD=VALUE",
+              help=_ROLE_HELP.format("runtimes'"))
+@click.option("--lease-seconds", type=click.IntRange(1), default=3600, show_default=True,
+              help="How long a cache may hold a released key before it must attest again.")
+@click.option("--max-releases-per-lease", type=click.IntRange(1), default=1000,
+              show_default=True, help="File keys a cache may hand out per lease.")
+@click.option("--factory", "factories", multiple=True,
+              help="Model factory 'module:function' `sealtorch serve` may use; repeatable.")
 @click.option("--from-evidence", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="DEVELOPMENT SHORTCUT: pin the identity of this verified evidence.")
-@click.option("--tee", type=TEE_CHOICE, required=True)
-@click.option("--collateral", type=click.Path(path_type=Path, exists=True))
-@click.option("--vcek", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@click.option("--vcek-dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--sim-key", "sim_keys", multiple=True)
-@click.option("--at", type=int, default=None)
+@click.option("--tee", type=TEE_CHOICE, required=True, help="TEE type of the identity.")
+@click.option("--collateral", type=click.Path(path_type=Path, exists=True),
+              help="--from-evidence, SGX/TDX: DCAP collateral JSON file or directory.")
+@click.option("--vcek", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="--from-evidence, SNP: the VCEK/VLEK certificate.")
+@click.option("--vcek-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="--from-evidence, SNP: offline VCEK store.")
+@click.option("--sim-key", "sim_keys", multiple=True,
+              help="--from-evidence, sim: registered platform public key; repeatable.")
+@click.option("--at", type=int, default=None,
+              help="--from-evidence: verify at this UNIX time (offline use only).")
 @click.option("--name", help="Label of the identity.")
 @click.option("--allow-debug", is_flag=True, help="Allow debuggable TEEs (never in production).")
 @click.option("--accept-tcb", multiple=True,
               help="STATUS=ADV1,ADV2: accept this TCB status with these advisories; repeatable.")
-@click.option("--mrenclave")
-@click.option("--mrsigner")
-@click.option("--isv-prod-id", type=int)
-@click.option("--min-isv-svn", type=int)
-@click.option("--mrtd")
-@click.option("--rtmr0", multiple=True, help="An allowed RTMR0 value; repeatable.")
-@click.option("--rtmr1")
-@click.option("--rtmr2")
-@click.option("--rtmr3")
-@click.option("--mrconfigid")
-@click.option("--min-tee-tcb-svn")
-@click.option("--measurement")
-@click.option("--host-data")
-@click.option("--product", type=click.Choice(["milan", "genoa", "turin"]))
-@click.option("--max-vmpl", type=int)
-@click.option("--min-tcb", multiple=True, help="COMPONENT=N (bootloader, tee, snp, microcode, "
-              "fmc); repeatable.")
-@click.option("--platform-key", help="sim: platform key fingerprint (hex).")
-def policy_init(output: Path, force: bool, version: int, for_: str, lease_seconds: int,
-                max_releases_per_lease: int, factories: tuple[str, ...],
+@click.option("--mrenclave", help="SGX: required MRENCLAVE (hex).")
+@click.option("--mrsigner", help="SGX: required MRSIGNER (hex).")
+@click.option("--isv-prod-id", type=int, help="SGX: required ISVPRODID.")
+@click.option("--min-isv-svn", type=int, help="SGX: minimum ISVSVN.")
+@click.option("--mrtd", help="TDX: required MRTD (hex).")
+@click.option("--rtmr0", multiple=True, help="TDX: an allowed RTMR0 value; repeatable.")
+@click.option("--rtmr1", help="TDX: required RTMR1 (hex).")
+@click.option("--rtmr2", help="TDX: required RTMR2 (hex).")
+@click.option("--rtmr3", help="TDX: required RTMR3 (hex).")
+@click.option("--mrconfigid", help="TDX: required MRCONFIGID (hex).")
+@click.option("--min-tee-tcb-svn", help="TDX: minimum TEE TCB SVN (16 bytes hex).")
+@click.option("--measurement", help="SNP/sim: required MEASUREMENT (hex; sim: from "
+              "`sealtorch attest measure`).")
+@click.option("--host-data", help="SNP: required HOST_DATA (hex).")
+@click.option("--product", type=click.Choice(["milan", "genoa", "turin"]),
+              help="SNP: required processor product.")
+@click.option("--max-vmpl", type=int, help="SNP: highest VMPL allowed (default 0).")
+@click.option("--min-tcb", multiple=True, help="SNP: COMPONENT=N (bootloader, tee, snp, "
+              "microcode, fmc); repeatable.")
+@click.option("--platform-key", help="sim: the platform's public key file, or its fingerprint "
+              "(hex), both printed by `sealtorch sim init`.")
+def policy_init(output: Path, force: bool, version: int, for_: str,
+                cache_fields: tuple[str, ...], runtime_fields: tuple[str, ...],
+                lease_seconds: int, max_releases_per_lease: int, factories: tuple[str, ...],
                 from_evidence: Path | None, tee: str, collateral: Path | None,
                 vcek: Path | None, vcek_dir: Path | None, sim_keys: tuple[str, ...],
                 at: int | None, name: str | None, allow_debug: bool,
                 accept_tcb: tuple[str, ...], min_tcb: tuple[str, ...], rtmr0: tuple[str, ...],
                 **values: Any) -> None:
-    """Write a policy with one identity, from expected values or (dev only) from evidence."""
+    """Write a policy from expected values (or, dev only, from evidence): one identity for
+    the caches and/or runtimes allow-list, or one for each with --cache/--runtime."""
+    from sealtorch._outputs import output_file
     from sealtorch.attestation.policy import Identity, ModelPolicy, identity_from_claims
     from sealtorch.errors import PolicyError
 
-    if output.exists() and not force:
-        raise click.UsageError(f"{output} exists; pass --force to overwrite it")
+    output_file(output, overwrite=force)
+    if values.get("platform_key") and Path(values["platform_key"]).is_file():
+        from sealtorch.attestation import sim
+
+        values["platform_key"] = sim.fingerprint(sim.load_platform_public_key(
+            Path(values["platform_key"])))
     if from_evidence is not None:
         if any(v is not None for v in values.values()) or rtmr0 or min_tcb:
             raise click.UsageError("--from-evidence cannot be combined with expected values")
@@ -247,12 +304,23 @@ def policy_init(output: Path, force: bool, version: int, for_: str, lease_second
         d["allow_debug"] = True
     if accept_tcb:
         d["accept_tcb"] = {"UpToDate": [], **_kv_list(accept_tcb, "--accept-tcb")}
-    ident = Identity.from_dict(d, "identity")
-    idents = (ident,)
+    caches: tuple[Identity, ...]
+    runtimes: tuple[Identity, ...]
+    if cache_fields or runtime_fields:
+        if for_ != "both":
+            raise click.UsageError("--for cannot be combined with --cache/--runtime")
+        caches = (Identity.from_dict({**d, **_overrides(cache_fields, "--cache")},
+                                     "cache identity"),)
+        runtimes = (Identity.from_dict({**d, **_overrides(runtime_fields, "--runtime")},
+                                       "runtime identity"),)
+    else:
+        ident = Identity.from_dict(d, "identity")
+        caches = (ident,) if for_ in ("caches", "both") else ()
+        runtimes = (ident,) if for_ in ("runtimes", "both") else ()
     pol = ModelPolicy(
         version=version,
-        caches=idents if for_ in ("caches", "both") else (),
-        runtimes=idents if for_ in ("runtimes", "both") else (),
+        caches=caches,
+        runtimes=runtimes,
         factories=tuple(factories),
         lease_seconds=lease_seconds,
         max_releases_per_lease=max_releases_per_lease,

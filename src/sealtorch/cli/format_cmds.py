@@ -29,13 +29,15 @@ def _echo_json(obj: Any) -> None:
 
 @click.command("keygen")
 @click.option("--model-id", help="Model id the key belongs to (e.g. acme/resnet50).")
-@click.option("--key-version", type=int, default=1, show_default=True)
+@click.option("--key-version", type=click.IntRange(1), default=1, show_default=True,
+              help="Key version (raise it when rotating the model key).")
 @click.option(
     "--signing",
     is_flag=True,
     help="Make an Ed25519 owner signing key (PEM) instead of a model key.",
 )
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="Key file to write (mode 0600).")
 @click.option("--force", is_flag=True, help="Overwrite an existing key file (destroys that key).")
 def keygen(model_id: str | None, key_version: int, signing: bool, output: str, force: bool) -> None:
     """Write a new random 256-bit model key (JSON, mode 0600), or an owner signing key."""
@@ -55,6 +57,9 @@ def keygen(model_id: str | None, key_version: int, signing: bool, output: str, f
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+        from sealtorch._outputs import output_file
+
+        output_file(output, overwrite=force)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
         try:
             fd = os.open(output, flags, 0o600)
@@ -67,6 +72,9 @@ def keygen(model_id: str | None, key_version: int, signing: bool, output: str, f
         return
     if not model_id:
         raise click.UsageError("--model-id is required (unless --signing)")
+    from sealtorch._outputs import output_file
+
+    output_file(output, overwrite=True)  # the directory; an existing key: write_key_file
     mk = keyfile.generate_model_key(model_id, key_version)
     keyfile.write_key_file(output, mk, overwrite=force)
     click.echo(f"wrote key file {output} (model {mk.model_id!r}, key version {mk.key_version})")
@@ -75,12 +83,19 @@ def keygen(model_id: str | None, key_version: int, signing: bool, output: str, f
 
 @click.command("seal")
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
-@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--chunk-size", default="4MiB", show_default=True, help="Bytes per chunk.")
-@click.option("--public-index", is_flag=True, help="Leave tensor names/shapes readable.")
-@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), help="Ed25519 PEM.")
-@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Stored in the index.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Sealed file to write (written to a temporary file, then renamed).")
+@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Model key file from `sealtorch keygen` (its model id goes in the header).")
+@click.option("--chunk-size", default="4MiB", show_default=True,
+              help="Bytes per encrypted chunk (k/M/G binary units).")
+@click.option("--public-index", is_flag=True,
+              help="Leave tensor names/shapes readable without the key.")
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False),
+              help="Owner Ed25519 signing key (PEM, from `sealtorch keygen --signing`).")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE",
+              help="Stored in the (encrypted) index; repeatable.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def seal_cmd(
     input_path: str,
     output: str,
@@ -89,10 +104,10 @@ def seal_cmd(
     public_index: bool,
     sign_key: str | None,
     metadata: tuple[str, ...],
+    force: bool,
 ) -> None:
     """Encrypt a state_dict (.pt/.pth/.bin, weights only) or .safetensors file."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
+    from sealtorch.cli.progress import bytes_bar
     from sealtorch.format.writer import seal
 
     meta = {}
@@ -101,20 +116,7 @@ def seal_cmd(
         if not sep or not k:
             raise InputError("--metadata takes KEY=VALUE")
         meta[k] = v
-    size = Path(input_path).stat().st_size
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        transient=True,
-        disable=size < (64 << 20),
-    ) as bar:
-        task = bar.add_task("sealing", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with bytes_bar(f"reading {Path(input_path).name}", "sealing") as progress:
         header = seal(
             input_path,
             output,
@@ -124,6 +126,7 @@ def seal_cmd(
             sign_key=sign_key,
             metadata=meta or None,
             progress=progress,
+            overwrite=force,
         )
     click.echo(
         f"sealed {input_path} -> {output}: model {header.model_id!r} key version "
@@ -135,13 +138,16 @@ def seal_cmd(
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--key-file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False),
+              help="Model key file: also authenticate and list the (encrypted) tensor index.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect_cmd(path: str, key_file: str | None, as_json: bool) -> None:
     """Show a sealed file's public header; with --key-file (or a public index), its tensors."""
+    from sealtorch.cli.progress import activity
     from sealtorch.format.reader import inspect
 
-    info = inspect(path, key=key_file)
+    with activity(f"reading {Path(path).name}"):
+        info = inspect(path, key=key_file)
     if as_json:
         _echo_json(info)
         return
@@ -167,14 +173,17 @@ def inspect_cmd(path: str, key_file: str | None, as_json: bool) -> None:
 
 @click.command("verify")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Model key file of the sealed file.")
 @click.option("--signer", help="Require an owner signature by this Ed25519 key (hex or PEM).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_cmd(path: str, key_file: str, signer: str | None, as_json: bool) -> None:
     """Authenticate every byte of a sealed file; writes nothing."""
+    from sealtorch.cli.progress import activity
     from sealtorch.format.reader import verify
 
-    summary = verify(path, key=key_file, signer=signer)
+    with activity(f"verifying {Path(path).name}"):
+        summary = verify(path, key=key_file, signer=signer)
     if as_json:
         _echo_json(summary)
         return
@@ -186,15 +195,21 @@ def verify_cmd(path: str, key_file: str, signer: str | None, as_json: bool) -> N
 
 @click.command("unseal")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Model key file of the sealed file.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Plaintext .safetensors file to write (mode 0600).")
 @click.option("--signer", help="Require an owner signature by this Ed25519 key (hex or PEM).")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 def unseal_cmd(path: str, key_file: str, output: str, signer: str | None, force: bool) -> None:
     """Decrypt to a plaintext .safetensors file (mode 0600) — on the owner's machine only."""
+    from sealtorch._outputs import output_file
+    from sealtorch.cli.progress import activity
     from sealtorch.format.reader import unseal
 
-    n = unseal(path, output, key=key_file, signer=signer, overwrite=force)
+    output_file(output, overwrite=force)
+    with activity(f"decrypting {Path(path).name}"):
+        n = unseal(path, output, key=key_file, signer=signer, overwrite=force)
     click.echo(f"wrote {n} plaintext tensors to {output} (keep it on trusted storage)")
 
 

@@ -8,6 +8,8 @@ without a traceback.
 from __future__ import annotations
 
 import sys
+import warnings
+from typing import Any
 
 import click
 
@@ -15,7 +17,6 @@ from sealtorch.errors import SealtorchError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="sealtorch")
 def cli() -> None:
     """Seal PyTorch models and load them only inside an attested TEE."""
 
@@ -31,8 +32,33 @@ def _register() -> None:
 _register()
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Any = None, line: str | None = None) -> None:
+    """One line per warning, without the Python source location."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def quiet_warnings() -> None:
+    """Print each distinct warning once, as one ``warning: ...`` line (a CLI's users need the
+    message, not the file and source line that raised it); ``-W``/``PYTHONWARNINGS`` win."""
+    warnings.showwarning = _show_warning
+    if not sys.warnoptions:
+        for category in (RuntimeWarning, UserWarning):
+            warnings.filterwarnings("once", category=category)
+
+
+def with_version(group: click.Group) -> click.Group:
+    """Give ``group`` a ``--version`` option (sealtorch's version), once: the one definition
+    for ``sealtorch``, ``dkeyserver`` and ``dkeycache``."""
+    if not any(p.name == "version" for p in group.params):
+        click.version_option(package_name="sealtorch")(group)
+    return group
+
+
 def run_cli(group: click.Group, args: list[str] | None = None) -> None:
     """Run a click group, turning sealtorch errors into one-line messages and exit code 2."""
+    quiet_warnings()
+    with_version(group)
     try:
         group.main(args=args, standalone_mode=False)
     except click.exceptions.Abort:

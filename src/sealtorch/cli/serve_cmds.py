@@ -32,15 +32,20 @@ def _shape(value: str) -> tuple[int, ...]:
               help="the runtime's measured config ([runtime] server_public_key)")
 @click.option("--attester", default="auto", show_default=True, type=click.Choice(ATTESTERS),
               help="TEE backend for local evidence; auto never picks sim")
-@click.option("--name", default=None, help="model name in the API (default: the model id)")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--name", default=None,
+              help="model name in the API (default: the model id with each character other "
+                   "than letters, digits and '-_.' made '-', e.g. acme/resnet50 -> "
+                   "acme-resnet50)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port to listen on (0: any free port, printed at start)")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
               help="rows per forward pass (every pass runs at exactly this size)")
 @click.option("--input-shape", default="3,224,224", show_default=True,
               help="per-sample input shape")
 @click.option("--datatype", default="FP32", show_default=True,
-              type=click.Choice(["FP32", "FP64", "INT64", "INT32"]))
+              type=click.Choice(["FP32", "FP64", "INT64", "INT32"]),
+              help="datatype of the input tensor")
 @click.option("--rate", default=100.0, show_default=True, type=click.FloatRange(0),
               help="requests per second per client (0 = unlimited)")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
@@ -55,7 +60,8 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
     """Serve a sealed model over the Open Inference Protocol (KServe v2 REST).
 
     Clients attest the server (GET /v2/attestation?nonce=) and send end-to-end encrypted
-    requests (docs/e2e.md)."""
+    requests (docs/e2e.md). Everything that can fail without the model key (name, input shape,
+    factory syntax, config, the listening port) is checked before the key cache is asked."""
     import logging
 
     import torch
@@ -71,51 +77,71 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
     from sealtorch.runtime.attested import E2EMiddleware, Gateway
     from sealtorch.runtime.config import load_runtime_config
     from sealtorch.runtime.factory import validate_factory
-    from sealtorch.runtime.model import ServedModel, build_sealed
+    from sealtorch.runtime.listener import bind_listener
+    from sealtorch.runtime.model import (
+        ServedModel,
+        build_sealed,
+        check_input_shape,
+        check_model_name,
+        default_model_name,
+    )
 
     harden_process()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    shape = _shape(input_shape)
+    # checks that need no key, cheapest first: nothing below asks the cache before they pass
+    shape = check_input_shape(_shape(input_shape))
     validate_factory(factory)
-    if threads:
-        torch.set_num_threads(threads)
     config = load_runtime_config(config_path)
     header = read_header(sealed)
+    model_name = check_model_name(name) if name is not None else default_model_name(
+        header.model_id)
     tee = attesters.select(attester, role="serve", config_bytes=config.raw)
-    client = KeyCacheClient(socket_path, server_public_key=config.server_public_key,
-                            attester=tee)
+    listener = bind_listener(host, port)
     try:
-        grant = client.grant(header.model_id)
-        module = build_sealed(sealed, factory, key_provider=client,
-                              allowed_factories=policy_from_grant(grant).factories,
-                              threads=threads)
+        bound = listener.getsockname()[1]
+        click.echo(f"model {header.model_id!r} as {model_name!r}; listening on {host}:{bound}; "
+                   "asking the key cache for the key", err=True)
+        if threads:
+            torch.set_num_threads(threads)
+        client = KeyCacheClient(socket_path, server_public_key=config.server_public_key,
+                                attester=tee)
+        try:
+            grant = client.grant(header.model_id)
+            module = build_sealed(sealed, factory, key_provider=client,
+                                  allowed_factories=policy_from_grant(grant).factories,
+                                  threads=threads)
+        finally:
+            client.close()
+        model = ServedModel(model_name, module, input_shape=shape, datatype=datatype)
+        app = build_app(model, ServeOptions(max_batch=max_batch, rate_per_second=rate,
+                                            rate_burst=max(1, int(rate * 2))))
+        # no TLS terminates in this process, so the TLS key bound into the evidence is empty
+        gateway = Gateway(tee, [ServedIdentity(
+            name=model.name, model_id=header.model_id, key_version=header.key_version,
+            header_digest=header.digest(), policy_version=grant.policy_version,
+            factory=factory, tenant=grant.tenant,
+            server_key_id=bytes.fromhex(grant.server_key_id))])
+        e2e = E2EMiddleware(app, gateway, allow_plaintext=unsafe_allow_plaintext,
+                            max_request_bytes=app.state.max_body + 4096,
+                            registry=app.state.metrics.registry)
+        click.echo(f"serving {model.name} on http://{host}:{bound}/v2/models/{model.name} "
+                   f"(attestation: /v2/attestation; "
+                   f"{'plaintext ALLOWED' if unsafe_allow_plaintext else 'end-to-end only'})",
+                   err=True)
+        server = uvicorn.Server(uvicorn.Config(e2e, log_level="warning", server_header=False,
+                                               timeout_keep_alive=5))
+        server.run(sockets=[listener])
     finally:
-        client.close()
-    model = ServedModel(name or header.model_id, module, input_shape=shape, datatype=datatype)
-    app = build_app(model, ServeOptions(max_batch=max_batch, rate_per_second=rate,
-                                        rate_burst=max(1, int(rate * 2))))
-    # no TLS terminates in this process, so the TLS key bound into the evidence is empty
-    gateway = Gateway(tee, [ServedIdentity(
-        name=model.name, model_id=header.model_id, key_version=header.key_version,
-        header_digest=header.digest(), policy_version=grant.policy_version, factory=factory,
-        tenant=grant.tenant, server_key_id=bytes.fromhex(grant.server_key_id))])
-    e2e = E2EMiddleware(app, gateway, allow_plaintext=unsafe_allow_plaintext,
-                        max_request_bytes=app.state.max_body + 4096,
-                        registry=app.state.metrics.registry)
-    click.echo(f"serving {model.name} on http://{host}:{port}/v2/models/{model.name} "
-               f"(attestation: /v2/attestation; "
-               f"{'plaintext ALLOWED' if unsafe_allow_plaintext else 'end-to-end only'})",
-               err=True)
-    uvicorn.run(e2e, host=host, port=port, log_level="warning", server_header=False,
-                timeout_keep_alive=5)
+        listener.close()
 
 
 COMMANDS: list[click.Command] = [serve]
 
 
 @click.command("demo")
-@click.option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50"]))
+@click.option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50"]),
+              help="model to seal and serve")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="where to put the key server, sealed file and logs (default: a temp dir)")
 @click.option("--keep", is_flag=True, help="keep the work directory afterwards")
@@ -166,8 +192,10 @@ def gramine() -> None:
 
 
 @gramine.command("manifest")
-@click.option("--role", required=True, type=click.Choice(["serve", "keycache"]))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--role", required=True, type=click.Choice(["serve", "keycache"]),
+              help="what the enclave runs: `sealtorch serve` or `dkeycache serve`")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="manifest template to write (input of gramine-manifest)")
 @click.option("--config", "config_path", default=None, type=click.Path(path_type=Path),
               help="absolute path of the role's measured config inside the enclave "
                    "(default /etc/sealtorch/runtime.toml or /etc/sealtorch/dkeycache.toml); "
@@ -179,14 +207,18 @@ def gramine() -> None:
 @click.option("--socket", "socket_path", default="/run/sealtorch/dkeycache.sock",
               show_default=True, help="serve: the key cache socket")
 @click.option("--host", default="0.0.0.0", show_default=True, help="serve: listen address")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535),
+              help="serve: listen port")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="serve: rows per forward pass")
 @click.option("--enclave-size", default=None, help="e.g. 16G (default by role)")
-@click.option("--max-threads", default=None, type=click.IntRange(4, 4096))
+@click.option("--max-threads", default=None, type=click.IntRange(4, 4096),
+              help="enclave threads (default by role)")
 @click.option("--isvprodid", default=None, type=click.IntRange(0, 65535),
               help="SGX ISVPRODID (default by role: keycache 1, serve 2, so that an MRSIGNER "
                    "policy tells them apart)")
-@click.option("--isvsvn", default=1, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--isvsvn", default=1, show_default=True, type=click.IntRange(0, 65535),
+              help="SGX ISVSVN (security version; raise it for each security fix)")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 def gramine_manifest(role: str, output: Path, config_path: Path | None, model: Path,
                      factory: str, socket_path: str, host: str, port: int, max_batch: int,
@@ -195,9 +227,12 @@ def gramine_manifest(role: str, output: Path, config_path: Path | None, model: P
     """Write a Gramine manifest template for ROLE in an SGX enclave with DCAP attestation."""
     import re
 
+    from sealtorch._outputs import output_file
     from sealtorch.errors import ConfigError
     from sealtorch.runtime.factory import validate_factory
     from sealtorch.runtime.gramine import ManifestOptions, render_manifest
+
+    output_file(output, overwrite=force)  # before any work, and again just before writing
 
     if config_path is None:
         config_path = Path("/etc/sealtorch/runtime.toml" if role == "serve"
@@ -223,8 +258,7 @@ def gramine_manifest(role: str, output: Path, config_path: Path | None, model: P
         socket=socket_path, host=host, port=port, max_batch=max_batch,
         enclave_size=enclave_size, max_threads=max_threads, isvprodid=isvprodid,
         isvsvn=isvsvn, ca_cert=ca_cert))
-    if output.exists() and not force:
-        raise ConfigError(f"{output} exists; pass --force to overwrite it")
+    output_file(output, overwrite=force)
     output.write_text(text)
     click.echo(f"wrote {output} (role {role}); next: gramine-manifest, gramine-sgx-sign, then "
                "pin the printed MRENCLAVE/MRSIGNER in the model policy", err=True)

@@ -131,6 +131,12 @@ def write_key_file(path: str | os.PathLike[str], mk: ModelKey, *, overwrite: boo
 
 def read_key_file(path: str | os.PathLike[str]) -> ModelKey:
     """Read and validate a key file; refuse files readable by group or others."""
+    if not isinstance(path, str | os.PathLike):
+        raise KeyFileError(
+            f"key= takes a ModelKey, a model-key Secret or a key file path, not "
+            f"{type(path).__name__}; for raw key bytes build a ModelKey with its model id "
+            "(or write a key file with `sealtorch keygen`)"
+        )
     p = Path(path)
     try:
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))

@@ -179,6 +179,21 @@ class _Region:
                 wipe(a)
 
 
+def check_file_length(path: Path, header: hdr.Header, size: int) -> None:
+    """Raise unless a file of ``size`` bytes has exactly the length ``header`` says."""
+    expected = header.file_length
+    if size < expected:
+        raise rules.FILE_SHORT.fail(
+            f"{path}: file is {expected - size} bytes shorter than its header says "
+            "(truncated copy?); copy the sealed file again"
+        )
+    if size > expected:
+        raise rules.FILE_LONG.fail(
+            f"{path}: {size - expected} unexpected bytes after the last chunk; copy the sealed "
+            "file again"
+        )
+
+
 def _file_key(header: hdr.Header, key: KeyArg, key_provider: fkeys.KeyProvider | None) -> Secret:
     if (key is None) == (key_provider is None):
         raise InputError("pass exactly one of key= (model key or key file) and key_provider=")
@@ -222,16 +237,7 @@ class SealedFile:
                 self._keys = fkeys.check_file_key(file_key, self.header)
             finally:
                 file_key.wipe()
-            expected = self.header.file_length
-            if size < expected:
-                raise rules.FILE_SHORT.fail(
-                    f"{self.path}: file is {expected - size} bytes shorter than its header says "
-                    "(truncated copy?)"
-                )
-            if size > expected:
-                raise rules.FILE_LONG.fail(
-                    f"{self.path}: {size - expected} unexpected bytes after the last chunk"
-                )
+            check_file_length(self.path, self.header, size)
             flags = mmap.MAP_SHARED
             if populate and hasattr(mmap, "MAP_POPULATE"):
                 flags |= mmap.MAP_POPULATE
@@ -807,6 +813,7 @@ def inspect(
 ) -> dict[str, Any]:
     """What is known about a sealed file: its header, and its index when public or keyed."""
     header = hdr.read_header(path)
+    check_file_length(Path(path), header, Path(path).stat().st_size)
     info: dict[str, Any] = {"header": header.describe()}
     if key is not None or key_provider is not None:
         with SealedFile(path, key=key, key_provider=key_provider, populate=False) as sf:

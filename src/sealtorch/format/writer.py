@@ -20,8 +20,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sealtorch._outputs import output_file
 from sealtorch._secret import Secret, wipe
-from sealtorch.errors import IndexError_, InputError
+from sealtorch.errors import IndexError_, InputError, OutputError
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
 from sealtorch.format.dtypes import dtype_name
@@ -94,12 +95,15 @@ def seal(
     sign_key: Ed25519PrivateKey | str | os.PathLike[str] | None = None,
     metadata: dict[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> hdr.Header:
     """Seal ``obj`` (nn.Module, state_dict, or a .pt/.pth/.safetensors path) to ``path``.
 
     ``key`` is a :class:`ModelKey` or a key file path. ``progress(done, total)`` is called with
-    plaintext bytes after each chunk. Returns the new file's header.
+    plaintext bytes after each chunk. An existing ``path`` (also a symlink) is replaced only
+    with ``overwrite=True``. Returns the new file's header.
     """
+    output_file(path, overwrite=overwrite, flag="--force (overwrite=True)")
     mk = key if isinstance(key, ModelKey) else read_key_file(key)
     if (
         not isinstance(chunk_size, int)
@@ -163,7 +167,8 @@ def seal(
             nonce = os.urandom(INDEX_NONCE_BYTES)
             index_section = nonce + AESGCM(keys.index_key.view()).encrypt(nonce, index_json, digest)
         _write(
-            Path(path), header, index_section, collected.tensors, entries, keys, signer, progress
+            Path(path), header, index_section, collected.tensors, entries, keys, signer, progress,
+            overwrite,
         )
     finally:
         keys.wipe()
@@ -179,11 +184,14 @@ def _write(
     keys: fkeys.FileKeys,
     signer: Ed25519PrivateKey | None,
     progress: Callable[[int, int], None] | None,
+    overwrite: bool,
 ) -> None:
     directory = path.parent if str(path.parent) else Path(".")
-    if path.exists() and not path.is_file():
-        raise InputError(f"{path}: exists and is not a regular file")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise OutputError(f"cannot write {path} ({err.strerror}); choose a writable "
+                          "directory") from None
     digest = header.digest()
     aead = AESGCM(keys.chunk_key.view())
     cs = header.chunk_size
@@ -225,7 +233,7 @@ def _write(
                 )
                 f.write(raw_public(signer.public_key()) + signer.sign(message))
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -234,3 +242,23 @@ def _write(
         raise
     finally:
         wipe(plain)
+
+
+def _publish(tmp: str, path: Path, overwrite: bool) -> None:
+    """Give the finished temporary file its name: atomically replacing whatever is there
+    (a symlink itself, never its target) with ``overwrite``, else only if nothing is there."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if anything, even a dangling symlink, appeared meanwhile
+    except FileExistsError:
+        raise OutputError(f"{path} already exists; pass --force (overwrite=True) to "
+                          "overwrite it") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise OutputError(f"{path} already exists; pass --force (overwrite=True) to "
+                          "overwrite it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)

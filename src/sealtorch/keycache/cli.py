@@ -9,9 +9,10 @@ import click
 from sealtorch.cli.main import run_cli
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def cli() -> None:
-    """The in-TEE key cache."""
+    """The in-TEE key cache: attests to dkeyserver, holds leased model keys in memory only and
+    hands file keys to attested local runtimes."""
 
 
 def _models(values: tuple[str, ...]) -> list[str] | None:
@@ -38,6 +39,7 @@ def serve(config_path: str, attester: str, socket_path: str | None,
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
                         "%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     # local decisions are one bare JSON object per line on stderr (for log shippers)
     decisions = logging.getLogger(DECISION_LOGGER)
     handler = logging.StreamHandler()

@@ -249,11 +249,26 @@ class LeaseManager:
                 f"the lease on model {model_id!r} expired and could not be renewed "
                 "(key server unreachable?)"
             )
+        self._raise_if_pending(model_id, code)
         if code is not None:
             raise ReleaseDenied(f"the key server denied model {model_id!r}", code)
         version = f" key version {key_version}" if key_version is not None else ""
-        raise ReleaseDenied(f"this cache holds no key for model {model_id!r}{version}",
+        raise ReleaseDenied(f"this cache holds no key for model {model_id!r}{version}; check "
+                            "that the model is registered and its policy admits this cache "
+                            "(dkeycache status shows what the key server answered)",
                             "not_available")
+
+    def _raise_if_pending(self, model_id: str, code: str | None) -> None:
+        """Say what to do when no key is held because the key server has not approved this
+        cache yet (lock held): the owner's approve command, with this cache's id."""
+        if self.cache_state != "pending" or code not in (None, "not_approved"):
+            return
+        raise ReleaseDenied(
+            f"this key cache ({self.cache_id}) is waiting for approval, so it holds no key for "
+            f"model {model_id!r}; the model owner approves it with `dkeyserver cache approve "
+            f"{self.cache_id}`, after which the cache receives the key when it next attests",
+            "cache_pending",
+        )
 
     def newest(self, model_id: str, *, check: Callable[[Lease], None] | None = None) -> Lease:
         """The live lease of the newest key version of ``model_id`` (``check`` runs first, e.g.
@@ -416,6 +431,8 @@ class LeaseManager:
                 )
                 self.cache_state = "revoked"
                 return False
+            if self.cache_state == "pending" and status.cache_state == "approved":
+                renew = True  # approved since the last release: fetch the keys now
             for lease in list(self._leases.values()):
                 if lease.grant.revocation_epoch < status.revocation_epoch:
                     renew = True

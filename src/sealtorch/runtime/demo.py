@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealtorch._outputs import output_dir
 from sealtorch._secret import Secret
 from sealtorch.errors import ReleaseDenied, ServeError
 from sealtorch.runtime.world import LocalDeployment
@@ -161,7 +162,7 @@ def run_demo(
     result = DemoResult()
     created = workdir is None or not workdir.exists()
     wd = Path(tempfile.mkdtemp(prefix="sealtorch-demo-")) if workdir is None else workdir
-    wd.mkdir(parents=True, exist_ok=True)
+    output_dir(wd)
     result.workdir = str(wd)
 
     @contextlib.contextmanager
@@ -197,7 +198,8 @@ def run_demo(
                 (wd / "owner").mkdir(mode=0o700, exist_ok=True)
                 write_key_file(wd / "owner" / f"{MODEL_ID}.key", key, overwrite=True)
                 plain = _plain_model(weights)
-                header = seal(weights if weights is not None else plain, sealed, key)
+                header = seal(weights if weights is not None else plain, sealed, key,
+                              overwrite=True)
                 d.append(f"{sealed.stat().st_size / 1e6:.1f} MB, {header.chunk_count} chunks")
             with step("upload key + policy from expected sim measurements") as d:
                 dep.admin("POST", "/v1/admin/models", {

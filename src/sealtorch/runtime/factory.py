@@ -38,9 +38,10 @@ def check_allowed(spec: str, allowed: Sequence[str]) -> None:
                 "the model's policy allows no factory for `sealtorch serve`; the model owner "
                 "must add it to the policy's 'factories' list"
             )
+        names = ", ".join(sorted(allowed))
         raise FactoryError(
-            "the factory is not on the model policy's 'factories' allow-list; use one of the "
-            f"{len(allowed)} allowed factories or ask the model owner to add it"
+            "the factory is not on the model policy's 'factories' allow-list; pass one of "
+            f"them to --factory ({names}) or ask the model owner to add it"
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +19,25 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: KServe v2 datatype names of the tensor dtypes the JSON API carries
 DATATYPES = ("FP32", "FP64", "INT64", "INT32")
+#: longest model name in the API (it appears in URL paths)
+NAME_MAX = 64
+_NAME_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{NAME_MAX}}}")
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if it can be a model name in the API's URLs; raise otherwise."""
+    if not _NAME_RE.fullmatch(name):
+        raise ServeError(f"model name must be 1-{NAME_MAX} characters of letters, digits, "
+                         "'-_.'; pass another --name")
+    return name
+
+
+def default_model_name(model_id: str) -> str:
+    """The API name of a model id when ``--name`` is not given: every character a URL path
+    segment cannot hold becomes '-' (``acme/resnet50`` -> ``acme-resnet50``), at most
+    :data:`NAME_MAX` characters."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", model_id)[:NAME_MAX].strip(".") or "model"
+    return check_model_name(name)
 
 
 def torch_dtype(datatype: str) -> torch.dtype:
@@ -42,6 +62,13 @@ def datatype_of(dtype: torch.dtype) -> str:
     return table[dtype]
 
 
+def check_input_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Return the per-sample input shape if every size is positive; raise otherwise."""
+    if not shape or any(d <= 0 for d in shape):
+        raise ServeError("input shape must be a non-empty list of positive sizes, e.g. 3,224,224")
+    return tuple(shape)
+
+
 @dataclass
 class ServedModel:
     """A loaded module with its tensor signature (per-sample input shape, no batch dim)."""
@@ -56,12 +83,8 @@ class ServedModel:
     sealed: bool = True
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 64 or not all(
-            c.isalnum() or c in "-_." for c in self.name
-        ):
-            raise ServeError("model name must be 1-64 characters of letters, digits, '-_.'")
-        if not self.input_shape or any(d <= 0 for d in self.input_shape):
-            raise ServeError("input shape must be a non-empty list of positive sizes")
+        check_model_name(self.name)
+        check_input_shape(self.input_shape)
         torch_dtype(self.datatype)
         self.module.eval()
 

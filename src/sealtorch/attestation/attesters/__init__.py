@@ -35,8 +35,8 @@ def detect(
         return TsmAttester(t)
     raise AttesterUnavailableError(
         f"no TEE attestation interface found (looked for Gramine at {g} and configfs-tsm at "
-        f"{t}); run inside an SGX enclave or a TDX/SNP guest, or choose the sim attester "
-        "explicitly for development"
+        f"{t}); run inside an SGX enclave or a TDX/SNP guest, or pass --attester sim for "
+        "development (it protects nothing)"
     )
 
 
@@ -66,7 +66,9 @@ def select(kind: str, *, role: str, config_bytes: bytes = b"",
     else:
         att = TsmAttester(tsm_dir, tee=kind)
     if att.tee == "sim" or (kind != "auto" and att.tee != kind):
-        raise AttesterUnavailableError(f"the {kind} attester is not available here")
+        raise AttesterUnavailableError(
+            f"the {kind} attester is not available here; run inside a {kind} TEE, or pass "
+            "--attester auto to use the one present (or --attester sim for development)")
     if att.tee in ("tdx", "snp"):
         from sealtorch.attestation.selfcheck import check_own_config
 

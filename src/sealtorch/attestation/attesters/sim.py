@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 from sealtorch.attestation import sim
@@ -28,7 +27,6 @@ class SimAttester:
         self, platform_key_path: Path | str, measurement: bytes, *, role: str | None = None
     ) -> None:
         log.warning(WARNING)
-        warnings.warn(WARNING, RuntimeWarning, stacklevel=2)
         if not isinstance(measurement, bytes) or len(measurement) != sim.MEASUREMENT_LEN:
             raise AttestationError(
                 f"sim measurement must be {sim.MEASUREMENT_LEN} bytes (use sim.measure())"

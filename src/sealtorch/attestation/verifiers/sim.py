@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,7 +27,6 @@ class SimVerifier:
         self._keys = {sim.raw_public(k): k for k in keys}
         msg = "sim attestation verifier enabled: sim evidence proves nothing about hardware"
         log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
     @property
     def fingerprints(self) -> list[str]:

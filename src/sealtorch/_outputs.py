@@ -1,0 +1,42 @@
+"""Checks before writing an output, so that a bad path is one clear error (what and what to do)
+instead of an ``OSError`` from deep inside a command, and nothing is half-written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sealtorch.errors import OutputError
+
+
+def output_file(path: str | os.PathLike[str], *, overwrite: bool, flag: str = "--force") -> Path:
+    """Check that ``path`` can be created: its directory exists, and nothing is there unless
+    ``overwrite`` (a symlink counts as something, dangling or not). Returns ``path``."""
+    p = Path(path)
+    parent = p.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise OutputError(f"cannot write {p}: the directory {parent} {what}; create it or "
+                          "choose another output path")
+    if os.path.lexists(p):
+        if p.is_dir() and not p.is_symlink():
+            raise OutputError(f"cannot write {p}: it is a directory; choose a file name")
+        if not overwrite:
+            raise OutputError(f"{p} already exists; pass {flag} to overwrite it")
+    return p
+
+
+def output_dir(path: str | os.PathLike[str], *, mode: int = 0o777) -> Path:
+    """Create directory ``path`` (and its parents) if needed; a file in the way is an
+    :class:`OutputError` naming it. Returns ``path``."""
+    p = Path(path)
+    for part in (p, *p.parents):
+        if part.exists() and not part.is_dir():
+            raise OutputError(f"cannot create the directory {p}: {part} is a file, not a "
+                              "directory; remove it or choose another path")
+    try:
+        p.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as e:
+        raise OutputError(f"cannot create the directory {p} ({e.strerror}); choose a writable "
+                          "path") from None
+    return p
