@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,10 +11,12 @@ import pytest
 
 
 def test_bench_load_json_small_synthetic():
+    one_cpu = {min(os.sched_getaffinity(0))}
     out = subprocess.run(
         [sys.executable, "-m", "sealtorch", "bench", "load", "--model", "synthetic",
          "--size-mb", "6", "--threads", "2", "--repeat", "3", "--json"],
         capture_output=True, text=True, timeout=240, check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, one_cpu),  # what the report must show
     ).stdout
     r = json.loads(out)
     phases = {"plain_safetensors", "plain_torch_load", "sealed_load_into", "sealed_load",
@@ -28,5 +31,6 @@ def test_bench_load_json_small_synthetic():
     assert r["sealed_over_plain"] == pytest.approx(ratio_plain, rel=1e-3)
     assert r["sealed_over_raw_aes"] == pytest.approx(ratio_aes, rel=1e-3)
     assert set(r["paired_ratios"]) == {"sealed_over_plain", "sealed_over_raw_aes"}
-    assert r["loadavg_start"] >= 0 and r["loadavg_end"] >= 0 and r["cpus"] >= 1
+    assert r["cpus"] == 1  # the CPUs this process may run on, not the machine's count
+    assert isinstance(r["loadavg_start"], float) and isinstance(r["loadavg_end"], float)
     assert r["aead_releases_gil"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -57,25 +58,48 @@ def serve(config_path: str, attester: str, socket_path: str | None,
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="read the socket path from this config file")
 @click.option("--json", "as_json", is_flag=True, help="print the raw JSON")
-def status(socket_path: str | None, config_path: str | None, as_json: bool) -> None:
+@click.option("--cache-id", "cache_id_only", is_flag=True,
+              help="print only the cache id (what `dkeyserver cache approve` takes)")
+@click.option("--wait", is_flag=True,
+              help="wait until the cache answers (for scripts that just started it)")
+@click.option("--wait-keys", is_flag=True,
+              help="wait until the cache holds a model key (implies --wait; which models is "
+                   "told only to an attested runtime)")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="seconds --wait/--wait-keys wait before failing")
+def status(socket_path: str | None, config_path: str | None, as_json: bool,
+           cache_id_only: bool, wait: bool, wait_keys: bool, timeout: float) -> None:
     """Show the cache's state, its id and counts (exit 1 when down). Per-model leases are told
     only to an attested runtime's session (KeyCacheClient.status()); decisions go to the log."""
+    import time
+
     from sealtorch.errors import ServiceUnavailableError
-    from sealtorch.keycache.address import connect, parse_endpoint
-    from sealtorch.protocol.local import call
 
     if socket_path is None:
         from sealtorch.keycache.config import CacheConfig, load_config
 
         socket_path = load_config(config_path).socket if config_path else CacheConfig.socket
-    s = connect(parse_endpoint(socket_path), 5)
-    try:
-        ans = call(s, {"op": "health"}, timeout=5)
-    finally:
-        s.close()
-    health = ans.get("health")
-    if not ans.get("ok") or not isinstance(health, dict):
-        raise ServiceUnavailableError("dkeycache answered status with an error")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            health = _health(socket_path)
+            if not wait_keys or health["leases"]:
+                break
+            problem = (f"it holds no model key yet (cache_state {health['cache_state']}, "
+                       f"{health['models_denied']} models denied)")
+        except ServiceUnavailableError as e:
+            if not (wait or wait_keys):
+                raise
+            problem = str(e)
+        if time.monotonic() >= deadline:
+            raise ServiceUnavailableError(f"gave up after {timeout:g} s: {problem}")
+        time.sleep(0.2)
+    if cache_id_only:
+        if not health["cache_id"]:
+            raise ServiceUnavailableError("the cache has no id yet: it has not reached "
+                                          "dkeyserver; see its log")
+        click.echo(health["cache_id"])
+        return
     if as_json:
         click.echo(json.dumps(health, indent=2, sort_keys=True))
     else:
@@ -88,6 +112,23 @@ def status(socket_path: str | None, config_path: str | None, as_json: bool) -> N
                    "denied")
     if health["state"] == "down":
         raise SystemExit(1)
+
+
+def _health(socket_path: str) -> dict[str, Any]:
+    """The cache's health summary over its socket (state, id, counts: no model names)."""
+    from sealtorch.errors import ServiceUnavailableError
+    from sealtorch.keycache.address import connect, parse_endpoint
+    from sealtorch.protocol.local import call
+
+    s = connect(parse_endpoint(socket_path), 5)
+    try:
+        ans = call(s, {"op": "health"}, timeout=5)
+    finally:
+        s.close()
+    health = ans.get("health")
+    if not ans.get("ok") or not isinstance(health, dict):
+        raise ServiceUnavailableError("dkeycache answered status with an error")
+    return health
 
 
 def main(args: list[str] | None = None) -> None:
