@@ -43,3 +43,11 @@ def test_version_option(group: click.Group) -> None:
     with_version(group)
     res = CliRunner().invoke(group, ["--version"], prog_name="x")
     assert res.exit_code == 0 and res.output.strip() == f"x, version {version('sealtorch')}"
+
+
+@pytest.mark.parametrize("group", [sealtorch_cli, dkeycache_cli], ids=["sealtorch", "dkeycache"])
+def test_environment_variables_are_named_in_help(group: click.Group) -> None:
+    from click.testing import CliRunner
+
+    res = CliRunner().invoke(group, ["--help"])
+    assert res.exit_code == 0 and "SEALTORCH_SIM_DIR" in res.output

@@ -32,8 +32,19 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     out, err = p.communicate(timeout=240)
     assert p.returncode == 0, out + err
     assert "outputs vs plaintext model: bit-identical (max |diff| = 0.0)" in out
-    assert "cache: policy_denied; key server: denied" in out
-    assert "audit log reason: caches[0] (sim identity 'demo-dkeycache'): measurement is" in out
+    # two denials, each by the component whose rule it is, each with its reason
+    assert "denied: key cache -> dkeyserver (audited)" in out
+    assert "(dkeyserver: denied (audit #" in out
+    assert ("reason (key server audit log): caches[0] (sim identity 'demo-dkeycache'): "
+            "measurement is") in out
+    assert "denied: runtime -> dkeycache" in out and "(dkeycache: policy_denied)" in out
+    assert ("reason (key cache decision log): runtimes[0] (sim identity 'demo-serve'): "
+            "measurement is") in out
+    # --keep: the same steps as commands, with this run's paths
+    assert f"dkeyserver init --data-dir {workdir / 'keyserver'}" in out
+    assert f"dkeyserver policy set resnet50-demo {workdir / 'policy.toml'}" in out
+    assert "sealtorch policy init --tee sim --platform-key" in out
+    assert f"dkeycache serve --config {workdir / 'dkeycache.toml'} --attester sim" in out
     for name in ("seal ResNet-50", "attestation: dkeycache -> dkeyserver",
                  "attestation: runtime -> dkeycache", "release: signed policy",
                  "load: allow-listed factory", "inference: KServe v2 HTTP", "stop everything"):

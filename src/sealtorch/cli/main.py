@@ -15,8 +15,13 @@ import click
 
 from sealtorch.errors import SealtorchError
 
+ENV_HELP = """\b
+Environment:
+  SEALTORCH_SIM_DIR  where the sim TEE keeps its platform key (default ~/.sealtorch/sim);
+                     read by `sim init` and by `--attester sim`"""
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=ENV_HELP)
 def cli() -> None:
     """Seal PyTorch models and load them only inside an attested TEE."""
 

@@ -31,7 +31,8 @@ def _shape(value: str) -> tuple[int, ...]:
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="the runtime's measured config ([runtime] server_public_key)")
 @click.option("--attester", default="auto", show_default=True, type=click.Choice(ATTESTERS),
-              help="TEE backend for local evidence; auto never picks sim")
+              help="TEE backend for local evidence; auto never picks sim (sim reads its "
+                   "platform key from $SEALTORCH_SIM_DIR)")
 @click.option("--name", default=None,
               help="model name in the API (default: the model id with each character other "
                    "than letters, digits and '-_.' made '-', e.g. acme/resnet50 -> "
@@ -70,6 +71,7 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
     from sealtorch._secret import harden_process
     from sealtorch.attestation import attesters
     from sealtorch.attestation.binding import ServedIdentity
+    from sealtorch.cli.progress import activity
     from sealtorch.format.header import read_header
     from sealtorch.keycache.client import KeyCacheClient
     from sealtorch.keycache.localauth import policy_from_grant
@@ -107,10 +109,11 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
         client = KeyCacheClient(socket_path, server_public_key=config.server_public_key,
                                 attester=tee)
         try:
-            grant = client.grant(header.model_id)
-            module = build_sealed(sealed, factory, key_provider=client,
-                                  allowed_factories=policy_from_grant(grant).factories,
-                                  threads=threads)
+            with activity(f"loading {sealed.name} through the key cache"):
+                grant = client.grant(header.model_id)
+                module = build_sealed(sealed, factory, key_provider=client,
+                                      allowed_factories=policy_from_grant(grant).factories,
+                                      threads=threads)
         finally:
             client.close()
         model = ServedModel(model_name, module, input_shape=shape, datatype=datatype)
@@ -144,14 +147,16 @@ COMMANDS: list[click.Command] = [serve]
               help="model to seal and serve")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="where to put the key server, sealed file and logs (default: a temp dir)")
-@click.option("--keep", is_flag=True, help="keep the work directory afterwards")
+@click.option("--keep", is_flag=True,
+              help="keep the work directory afterwards and print the demo's steps as commands")
 @click.option("--weights", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="ResNet-50 state_dict (.safetensors/.pt) instead of fixed-seed weights")
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(1, 64),
               help="sample batch size")
 def demo(model: str, workdir: Path | None, keep: bool, weights: Path | None, batch: int) -> None:
-    """Run the whole flow on this machine: seal, attest, release, load, infer, deny."""
+    """Run the whole flow on this machine: seal, attest, release, load, infer, and two
+    denials (a key cache and a runtime whose measurements the policy does not allow)."""
     import logging
 
     from rich.console import Console
@@ -175,12 +180,18 @@ def demo(model: str, workdir: Path | None, keep: bool, weights: Path | None, bat
     console.print(table)
     if keep:
         console.print(f"work directory kept: {result.workdir}")
+        console.print("the same steps as commands (docs/tutorial-sim.md explains each; paths, "
+                      "URLs and measurements are this run's):")
+        for line in result.commands:
+            console.print(f"  {line}", soft_wrap=True, markup=False)
     if result.leftover_pids:
         raise ServeError(f"processes still running after stop: {result.leftover_pids}")
     if not result.bit_identical:
         raise ServeError("sealed and plaintext outputs differ")
-    console.print("[green]ok[/green]: outputs bit-identical to the plaintext model; rogue "
-                  f"runtime denied ({result.denial_code}); no process left running")
+    assert result.cache_denial is not None and result.runtime_denial is not None
+    console.print("[green]ok[/green]: outputs bit-identical to the plaintext model; rogue key "
+                  f"cache denied by dkeyserver ({result.cache_denial.code}); rogue runtime "
+                  f"denied by dkeycache ({result.runtime_denial.code}); no process left running")
 
 
 COMMANDS.append(demo)

@@ -7,10 +7,11 @@ from typing import Any
 
 import click
 
-from sealtorch.cli.main import run_cli
+from sealtorch.cli.main import ENV_HELP, run_cli
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+             epilog=ENV_HELP)
 def cli() -> None:
     """The in-TEE key cache: attests to dkeyserver, holds leased model keys in memory only and
     hands file keys to attested local runtimes."""
@@ -26,7 +27,8 @@ def _models(values: tuple[str, ...]) -> list[str] | None:
               help="measured configuration file (TOML, [keycache] table)")
 @click.option("--attester", default="auto", show_default=True,
               type=click.Choice(["auto", "sgx", "tdx", "snp", "sim"]),
-              help="TEE backend; auto never picks sim")
+              help="TEE backend; auto never picks sim (sim reads its platform key from "
+                   "$SEALTORCH_SIM_DIR)")
 @click.option("--socket", "socket_path", default=None, help="override the socket path")
 @click.option("--models", multiple=True, help="model ids to fetch (repeat or comma-separate)")
 def serve(config_path: str, attester: str, socket_path: str | None,

@@ -4,9 +4,10 @@ Owner side: init a key server, create a model key, seal a ResNet-50, upload the 
 computed from the expected (sim) measurements. Inference host: start dkeycache (it attests to
 dkeyserver and receives a signed grant), attest this runtime to the cache, receive the file key,
 decrypt the weights straight into the module, serve it over KServe v2 and compare a sample batch
-bit for bit with the plaintext model. Then a runtime whose measurement differs is denied, with the
-reason read back from the key server's audit log. Everything is stopped at the end, also on
-errors and Ctrl-C.
+bit for bit with the plaintext model. Then two denials, each with its reason: a key cache whose
+measurement the policy does not allow asks dkeyserver (reason from the audit log), and a runtime
+whose measurement it does not allow asks dkeycache (reason from the cache's decision log).
+Everything is stopped at the end, also on errors and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ class Step:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Denial:
+    """One refusal the demo provoked: who refused, the public code, and the reason."""
+
+    by: str
+    code: str
+    reason: str
+
+
 @dataclass
 class DemoResult:
     """What the demo showed (for tests and ``--json``)."""
@@ -50,10 +60,14 @@ class DemoResult:
     steps: list[Step] = field(default_factory=list)
     bit_identical: bool = False
     max_abs_diff: float = 0.0
-    denial_code: str = ""
-    denial_reason: str = ""
+    #: a key cache whose measurement is not allowed, denied by dkeyserver
+    cache_denial: Denial | None = None
+    #: an inference runtime whose measurement is not allowed, denied by dkeycache
+    runtime_denial: Denial | None = None
     workdir: str = ""
     leftover_pids: list[int] = field(default_factory=list)
+    #: what the demo did, as the commands a user would type (``--keep`` prints them)
+    commands: list[str] = field(default_factory=list)
 
 
 class _FileKeyOnce:
@@ -125,6 +139,49 @@ def _audit_denial(dep: LocalDeployment, after: int, model_id: str) -> tuple[int,
     raise ServeError("the key server's audit log has no entry for the denied request")
 
 
+def _cache_denial_reason(health: dict[str, Any]) -> str:
+    """The reasons of the key cache's newest local denial (its decision log)."""
+    recent = (health.get("decisions") or {}).get("recent") or []
+    for d in reversed(recent):
+        if d.get("decision") == "deny":
+            return "; ".join(str(r) for r in d.get("reasons") or []) or str(d.get("code"))
+    raise ServeError("the key cache's decision log has no entry for the denied request")
+
+
+def equivalent_commands(dep: LocalDeployment, factory: str, cache_meas: bytes,
+                        runtime_meas: bytes) -> list[str]:
+    """What the demo did, as the commands a user types (docs/tutorial-sim.md explains each);
+    paths, URLs and measurements are this run's."""
+    wd, ks = dep.workdir, dep.ks_dir
+    key = wd / "owner" / f"{MODEL_ID}.key"
+    admin = f"--admin-url {dep.admin_url}"
+    return [
+        f"export SEALTORCH_SIM_DIR={dep.sim_dir} SEALTORCH_CA_CERT={dep.ca_cert} "
+        f"SEALTORCH_ADMIN_TOKEN_FILE={ks / 'admin.token'}",
+        f"dkeyserver init --data-dir {ks} --release-port 0 --admin-port 0 --sim --auto-approve",
+        f"dkeyserver serve --data-dir {ks} > {dep.logs / 'dkeyserver.log'} 2>&1 &",
+        "sealtorch sim init",
+        f"dkeyserver sim register {dep.sim_dir / 'platform_key.pub'} {admin}",
+        f"sealtorch keygen --model-id {MODEL_ID} -o {key}",
+        f"sealtorch seal resnet50.pt -o {wd / 'resnet50.sealed'} --key-file {key}",
+        f"dkeyserver model add --model-id {MODEL_ID} --key-file {key} {admin}",
+        f"sealtorch attest measure --role dkeycache --config {wd / 'dkeycache.toml'}"
+        f"    # {cache_meas.hex()}",
+        f"sealtorch attest measure --role serve --config {wd / 'runtime.toml'}"
+        f"    # {runtime_meas.hex()}",
+        f"sealtorch policy init --tee sim --platform-key {dep.sim_dir / 'platform_key.pub'} "
+        f"--cache measurement={cache_meas.hex()} --runtime measurement={runtime_meas.hex()} "
+        f"--factory {factory} -o {wd / 'policy.toml'}",
+        f"dkeyserver policy set {MODEL_ID} {wd / 'policy.toml'} {admin}",
+        f"dkeycache serve --config {wd / 'dkeycache.toml'} --attester sim "
+        f"> {dep.logs / 'dkeycache.log'} 2>&1 &",
+        f"sealtorch serve {wd / 'resnet50.sealed'} --factory {factory} --keycache {dep.socket} "
+        f"--config {wd / 'runtime.toml'} --attester sim --name resnet50 --port 8080 &",
+        "curl -s http://127.0.0.1:8080/v2/models/resnet50/infer -H 'content-type: "
+        "application/json' -d @request.json",
+    ]
+
+
 def _audit_seq(dep: LocalDeployment) -> int:
     rows = dep.admin("GET", "/v1/admin/audit?after=0&limit=1000")["entries"]
     return max((int(r.get("seq", 0)) for r in rows), default=0)
@@ -141,7 +198,7 @@ def run_demo(
     """Run the demo; ``say(text)`` reports progress. Leaves no process running."""
     import torch
 
-    from sealtorch.attestation import sim
+    from sealtorch.attestation import binding, sim
     from sealtorch.attestation.attesters.sim import SimAttester
     from sealtorch.attestation.binding import ServedIdentity
     from sealtorch.client import AttestedClient, ClientPolicy
@@ -279,33 +336,43 @@ def run_demo(
                 f"{'bit-identical' if result.bit_identical else 'DIFFERENT'} "
                 f"(max |diff| = {result.max_abs_diff})")
 
-            say("a runtime whose measurement differs (another build / config)")
-            with step("denied request (cache + key server, audited)") as d:
-                rogue_meas = sim.measure("serve", runtime_cfg + b"# another build\n")
-                rogue_att = SimAttester(dep.sim_dir / sim.KEY_FILE, rogue_meas, role="serve")
-                with KeyCacheClient(dep.socket, server_public_key=dep.server_public_key_b64,
-                                    attester=rogue_att) as rogue:
-                    try:
-                        rogue.file_key(read_header(sealed)).wipe()
-                        raise ServeError("the rogue runtime was NOT denied by the cache")
-                    except ReleaseDenied as e:
-                        result.denial_code = e.denial
-                # the same identity asking dkeyserver directly: denied and audited with reasons
+            say("a key cache whose measurement is not allowed (another build or config)")
+            with step("denied: key cache -> dkeyserver (audited)") as d:
+                rogue_cache = SimAttester(
+                    dep.sim_dir / sim.KEY_FILE,
+                    sim.measure("dkeycache", dep.cache_config + b"# another build\n"),
+                    role="dkeycache")
                 before = _audit_seq(dep)
                 with KeyServerClient(dep.url, dep.ca_cert, dep.server_public_key) as ks:
                     nonce = ks.challenge()
                     _sk, pk = hpke.generate_keypair()
-                    from sealtorch.attestation import binding
-
-                    ev = rogue_att.attest(binding.report_data("remote", nonce, hpke.KEM_ID, pk,
-                                                              ks.audience))
+                    ev = rogue_cache.attest(binding.report_data("remote", nonce, hpke.KEM_ID, pk,
+                                                                ks.audience))
                     res = ks.release(ev, pk, nonce, [MODEL_ID])
                     if res.grants or MODEL_ID not in res.denials:
-                        raise ServeError("the rogue runtime was NOT denied by the key server")
+                        raise ServeError("the rogue key cache was NOT denied by the key server")
                 seq, code, reason = _audit_denial(dep, before, MODEL_ID)
-                result.denial_reason = reason
-                d.append(f"cache: {result.denial_code}; key server: {code} (audit #{seq})")
-            say(f"  audit log reason: {result.denial_reason}")
+                result.cache_denial = Denial("dkeyserver", code, reason)
+                d.append(f"dkeyserver: {code} (audit #{seq})")
+            say(f"  reason (key server audit log): {reason}")
+
+            say("an inference runtime whose measurement is not allowed")
+            with step("denied: runtime -> dkeycache") as d:
+                rogue_rt = SimAttester(dep.sim_dir / sim.KEY_FILE,
+                                       sim.measure("serve", runtime_cfg + b"# another build\n"),
+                                       role="serve")
+                with KeyCacheClient(dep.socket, server_public_key=dep.server_public_key_b64,
+                                    attester=rogue_rt) as rogue:
+                    try:
+                        rogue.file_key(read_header(sealed)).wipe()
+                        raise ServeError("the rogue runtime was NOT denied by the key cache")
+                    except ReleaseDenied as e:
+                        code = e.denial
+                    reason = _cache_denial_reason(rogue.status())
+                result.runtime_denial = Denial("dkeycache", code, reason)
+                d.append(f"dkeycache: {code}")
+            say(f"  reason (key cache decision log): {reason}")
+            result.commands = equivalent_commands(dep, FACTORY, cache_meas, runtime_meas)
     finally:
         # a second Ctrl-C/SIGTERM must not cut the teardown short: the children run in their own
         # sessions and would outlive this process (each stop is bounded: terminate, then kill)
