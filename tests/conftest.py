@@ -6,6 +6,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests import pgserver
@@ -33,6 +34,18 @@ def vectors() -> Path:
     return VECTORS
 
 
+#: the session's PostgreSQL server once the ``pg_server`` fixture has found or started it
+_PG: list[pgserver.PgServer] = []
+
+
+def pg_admin_conn() -> Any:
+    """An autocommit admin connection to the session's PostgreSQL server (for helpers that
+    are not fixtures; a test using it must depend on ``pg_url`` or ``pg_server``)."""
+    if not _PG:
+        raise RuntimeError("no PostgreSQL server yet: depend on the pg_url fixture")
+    return _PG[0].admin_conn()
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[pgserver.PgServer]:
     """The PostgreSQL server of this session: the machine's at 127.0.0.1:5432 (or
@@ -42,9 +55,11 @@ def pg_server() -> Iterator[pgserver.PgServer]:
     except pgserver.PgUnavailable as e:
         require_service(f"PostgreSQL ({e})")
         raise
+    _PG[:] = [server]
     try:
         yield server
     finally:
+        _PG.clear()
         server.stop()
 
 

