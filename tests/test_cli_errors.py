@@ -142,8 +142,8 @@ def test_policy_init_writes_a_cache_and_a_runtime_identity(work: Path) -> None:
     fp = sim.fingerprint(sim.load_platform_key(work / "sim" / sim.KEY_FILE).public_key())
     assert [(i["measurement"], i["platform_key"]) for i in doc["caches"]] == [("aa" * 32, fp)]
     assert [(i["measurement"], i["name"]) for i in doc["runtimes"]] == [("bb" * 32, "web")]
-    bad = run("policy", "init", "--tee", "sim", "--measurement", "aa" * 32, "--runtime",
-              "mrenclave=" + "cc" * 32, "-o", "q.toml", cwd=work)
+    bad = run("policy", "init", "--tee", "sim", "--platform-key", fp, "--measurement", "aa" * 32,
+              "--runtime", "mrenclave=" + "cc" * 32, "-o", "q.toml", cwd=work)
     assert "not valid for tee 'sim'" in one_line_error(bad, "policy_invalid")
 
 
