@@ -34,16 +34,10 @@ def vectors() -> Path:
     return VECTORS
 
 
-#: the session's PostgreSQL server once the ``pg_server`` fixture has found or started it
-_PG: list[pgserver.PgServer] = []
-
-
 def pg_admin_conn() -> Any:
     """An autocommit admin connection to the session's PostgreSQL server (for helpers that
     are not fixtures; a test using it must depend on ``pg_url`` or ``pg_server``)."""
-    if not _PG:
-        raise RuntimeError("no PostgreSQL server yet: depend on the pg_url fixture")
-    return _PG[0].admin_conn()
+    return pgserver.current().admin_conn()
 
 
 @pytest.fixture(scope="session")
@@ -55,11 +49,11 @@ def pg_server() -> Iterator[pgserver.PgServer]:
     except pgserver.PgUnavailable as e:
         require_service(f"PostgreSQL ({e})")
         raise
-    _PG[:] = [server]
+    pgserver.CURRENT[:] = [server]
     try:
         yield server
     finally:
-        _PG.clear()
+        pgserver.CURRENT.clear()
         server.stop()
 
 

@@ -28,6 +28,19 @@ PORT_ENV = "SEALTORCH_TEST_PG_PORT"
 START_TIMEOUT = 60
 
 
+#: the session's server, set by the ``pg_server`` fixture. Kept here, not in conftest.py: pytest
+#: imports conftest.py under another module name than ``tests.conftest``, so a list there would
+#: exist twice, while this module is imported once by both.
+CURRENT: list[PgServer] = []
+
+
+def current() -> PgServer:
+    """The session's PostgreSQL server (the ``pg_server`` fixture must have run)."""
+    if not CURRENT:
+        raise RuntimeError("no PostgreSQL server yet: depend on the pg_url fixture")
+    return CURRENT[0]
+
+
 class PgUnavailable(Exception):
     """Neither a running PostgreSQL nor the fallback binaries are available."""
 

@@ -86,3 +86,13 @@ def test_fallback_runs_from_a_copy_when_others_cannot_reach_the_venv(
         assert pgserver.answers(server.host, server.port)
     finally:
         server.stop()
+
+
+def test_pg_admin_conn_reaches_the_sessions_server_from_a_helper(pg_url: str) -> None:
+    """Helpers import it as ``tests.conftest`` (a second module object: pytest loads conftest.py
+    under another name); it must still find the server the fixture started."""
+    from tests.conftest import pg_admin_conn
+
+    with pg_admin_conn() as c:
+        names = [r[0] for r in c.execute("SELECT datname FROM pg_database").fetchall()]
+    assert pg_url.rsplit("/", 1)[1] in names
