@@ -354,4 +354,14 @@ def sim_init(directory: Path | None, force: bool) -> None:
     click.echo(f"fingerprint:  {sim.fingerprint(pub)}")
 
 
+@sim_group.command("fingerprint")
+@click.argument("public_key", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+def sim_fingerprint(public_key: Path) -> None:
+    """Print the fingerprint (hex) of a sim platform's PUBLIC_KEY file: what a policy's
+    ``platform_key`` names."""
+    from sealtorch.attestation import sim
+
+    click.echo(sim.fingerprint(sim.load_platform_public_key(public_key)))
+
+
 COMMANDS: list[click.Command] = [attest, policy, sim_group]

@@ -101,7 +101,8 @@ def receipt() -> None:
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="the attestation document saved with `sealtorch client infer --evidence`")
 @click.option("--policy", "policy_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="the client policy the server must satisfy (as for `client infer`)")
 @click.option("--request", "request_path", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="also check the request body the receipt names")

@@ -6,7 +6,8 @@ dkeyserver and receives a signed grant), attest this runtime to the cache, recei
 decrypt the weights straight into the module, serve it over KServe v2 and compare a sample batch
 bit for bit with the plaintext model. Then two denials, each with its reason: a key cache whose
 measurement the policy does not allow asks dkeyserver (reason from the audit log), and a runtime
-whose measurement it does not allow asks dkeycache (reason from the cache's decision log).
+whose measurement it does not allow asks dkeycache (reason from the cache's decision log, the
+JSON lines it writes to its log).
 Everything is stopped at the end, also on errors and Ctrl-C.
 """
 
@@ -139,13 +140,24 @@ def _audit_denial(dep: LocalDeployment, after: int, model_id: str) -> tuple[int,
     raise ServeError("the key server's audit log has no entry for the denied request")
 
 
-def _cache_denial_reason(health: dict[str, Any]) -> str:
-    """The reasons of the key cache's newest local denial (its decision log)."""
-    recent = (health.get("decisions") or {}).get("recent") or []
-    for d in reversed(recent):
-        if d.get("decision") == "deny":
-            return "; ".join(str(r) for r in d.get("reasons") or []) or str(d.get("code"))
-    raise ServeError("the key cache's decision log has no entry for the denied request")
+def _cache_denial_reason(log: Path, model_id: str) -> str:
+    """The reasons of the key cache's newest local denial of ``model_id``, from its decision
+    log (one JSON object per line on its stderr)."""
+    import json
+
+    deadline = time.monotonic() + 5  # the cache writes the line right after it answers
+    while True:
+        for line in reversed(log.read_text(errors="replace").splitlines()):
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if (isinstance(d, dict) and d.get("event") == "local_decision"
+                    and d.get("decision") == "deny" and d.get("model_id") == model_id):
+                return "; ".join(str(r) for r in d.get("reasons") or []) or str(d.get("code"))
+        if time.monotonic() > deadline:
+            raise ServeError("the key cache's decision log has no entry for the denied request")
+        time.sleep(0.05)
 
 
 def equivalent_commands(dep: LocalDeployment, factory: str, cache_meas: bytes,
@@ -177,8 +189,8 @@ def equivalent_commands(dep: LocalDeployment, factory: str, cache_meas: bytes,
         f"> {dep.logs / 'dkeycache.log'} 2>&1 &",
         f"sealtorch serve {wd / 'resnet50.sealed'} --factory {factory} --keycache {dep.socket} "
         f"--config {wd / 'runtime.toml'} --attester sim --name resnet50 --port 8080 &",
-        "curl -s http://127.0.0.1:8080/v2/models/resnet50/infer -H 'content-type: "
-        "application/json' -d @request.json",
+        "sealtorch client infer http://127.0.0.1:8080 --policy client-policy.toml --input "
+        "request.json --unsafe-sim    # a client policy as in docs/tutorial-sim.md step 9",
     ]
 
 
@@ -368,7 +380,7 @@ def run_demo(
                         raise ServeError("the rogue runtime was NOT denied by the key cache")
                     except ReleaseDenied as e:
                         code = e.denial
-                    reason = _cache_denial_reason(rogue.status())
+                reason = _cache_denial_reason(dep.logs / "dkeycache.log", MODEL_ID)
                 result.runtime_denial = Denial("dkeycache", code, reason)
                 d.append(f"dkeycache: {code}")
             say(f"  reason (key cache decision log): {reason}")
