@@ -1,4 +1,4 @@
-"""Fixtures: a throwaway PostgreSQL database, a fresh SoftHSM2 token, a sim key cache."""
+"""Fixtures: a fresh SoftHSM2 token, a sim key cache (PostgreSQL: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,41 +6,15 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import require_service
+from tests.conftest import pg_admin_conn as _pg_admin_conn  # noqa: F401 (used by tests)
+from tests.conftest import pg_url, require_service  # noqa: F401 (pg_url: a fixture)
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-
-
-def _pg_admin_conn() -> Any:
-    import psycopg
-
-    return psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-                           autocommit=True, connect_timeout=3)
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh database ``sealtorch_<random>`` on 127.0.0.1:5432, dropped afterwards."""
-    try:
-        conn = _pg_admin_conn()
-    except Exception:
-        require_service("PostgreSQL on 127.0.0.1:5432")
-        raise
-    name = "sealtorch_" + secrets.token_hex(6)
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with _pg_admin_conn() as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

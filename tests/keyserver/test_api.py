@@ -16,6 +16,7 @@ import httpx
 import jsonschema
 import pytest
 from tests.keyserver.conftest import SimCache
+from tests.pgserver import PgServer
 from tests.servers import RunningKeyServer, keyserver_cli, sim_policy, start_keyserver
 
 from sealtorch.attestation import sim
@@ -414,7 +415,8 @@ def test_a_model_id_the_format_accepts_is_registered(ks: RunningKeyServer, cache
     assert res.grants[0].grant.model_id == "acme@v1" and res.grants[0].key.equals(mk.key)
 
 
-def test_a_failed_init_leaves_nothing_and_can_be_retried(tmp_path: Path) -> None:
+def test_a_failed_init_leaves_nothing_and_can_be_retried(tmp_path: Path,
+                                                          pg_server: PgServer) -> None:
     """init builds everything in a temporary directory: a failure (no PKCS#11 PIN, a database
     that does not exist) leaves no config, KEK, keys or TLS behind, and a retry just works."""
     env = {k: v for k, v in os.environ.items() if k != "SEALTORCH_PKCS11_PIN"}
@@ -423,7 +425,7 @@ def test_a_failed_init_leaves_nothing_and_can_be_retried(tmp_path: Path) -> None
     assert bad.returncode != 0 and "SEALTORCH_PKCS11_PIN" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert not d.exists() and list(tmp_path.iterdir()) == []
-    missing = "postgresql+psycopg://postgres@127.0.0.1:5432/sealtorch_no_such_db"
+    missing = pg_server.url("sealtorch_no_such_db")
     bad = keyserver_cli("init", "--data-dir", str(d), "--db", missing, env=env, check=False)
     assert bad.returncode != 0 and "sealtorch_no_such_db" in bad.stderr
     assert "check that it runs and exists" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,6 +1,6 @@
 """A key cache is tied to its platform: SGX/TDX caches by the PPID of the PCK certificate in
 their quote, SNP caches by the chip id. Checked against the real vectors in
-../shared/attestation-vectors, with the PPID read independently from the certificate."""
+tests/vectors/attestation, with the PPID read independently from the certificate."""
 
 from __future__ import annotations
 
