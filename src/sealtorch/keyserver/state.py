@@ -203,7 +203,7 @@ def _parse_policy(model_id: str, version: int, text: str) -> StoredPolicy:
 def _fingerprint(raw_hex: str) -> str:
     from sealtorch.attestation import sim
 
-    return sim.fingerprint(sim.load_platform_public_key(raw_hex))
+    return sim.fingerprint(sim.platform_public_key_from_text(raw_hex))
 
 
 def build(row: ServerStateRow, loaded: list[rows.Loaded]) -> AuthState:
