@@ -7,7 +7,7 @@ import pytest
 from sealtorch.errors import KeyFileError, ProtocolError
 from sealtorch.format.keyfile import validate_model_id
 from sealtorch.ids import MODEL_ID_MAX, is_model_id
-from sealtorch.protocol.messages import parse_models
+from sealtorch.protocol.wire import parse_models
 
 VALID = ["acme/resnet50", "acme@v1", "x:y+z=1", "a/.b", "A" * MODEL_ID_MAX, "m-1_2.3"]
 INVALID = ["", ".a", "a/", "a//b", "a/./b", "a/../b", "a/..", "a b", "a\n", "é",

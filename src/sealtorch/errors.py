@@ -222,6 +222,12 @@ class StoreError(SealtorchError):
     code = "store_error"
 
 
+class NotFoundError(StoreError):
+    """The named model, key version, policy, token or cache does not exist for this tenant."""
+
+    code = "not_found"
+
+
 class TamperError(StoreError):
     """Data at rest failed its integrity check (swapped wrapped key, edited policy, audit chain)."""
 

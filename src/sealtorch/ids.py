@@ -18,13 +18,18 @@ MODEL_ID_RULE = (
     "digit, with no empty, '.' or '..' path segment and no trailing '/'"
 )
 # printable ASCII without whitespace; ids also appear in URL paths, file names, logs and
-# headers, so no "." / ".." path segments, no "//" and no trailing "/"
-_MODEL_ID_RE = re.compile(
-    r"(?!.*(?:/\.{1,2}(?:/|\Z)|//|/\Z))[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,"
-    + str(MODEL_ID_MAX - 1) + r"}\Z"
+# headers, so no "." / ".." path segments, no "//" and no trailing "/". Written without
+# look-around so that the same pattern is valid in Python, in JSON Schema (ECMA-262) and in the
+# key server's request models (Rust regex): it is the one definition all three use.
+_C = "A-Za-z0-9._:@+=-"  # segment characters
+_N = "A-Za-z0-9_:@+=-"  # segment characters other than "."
+MODEL_ID_PATTERN = (
+    f"^[A-Za-z0-9][{_C}]*(?:/(?:[{_N}][{_C}]*|\\.[{_N}][{_C}]*|\\.\\.[{_C}]+))*$"
 )
+_MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 
 
 def is_model_id(value: object) -> TypeGuard[str]:
     """True when ``value`` is a valid model id (see :data:`MODEL_ID_RULE`)."""
-    return isinstance(value, str) and _MODEL_ID_RE.match(value) is not None
+    return (isinstance(value, str) and len(value) <= MODEL_ID_MAX
+            and _MODEL_ID_RE.fullmatch(value) is not None)

@@ -56,8 +56,8 @@ class FrameProxy:
                 if op in self.replay and op in self.recorded:
                     send_frame(up, req)  # the cache still sees the request ...
                     recv_frame(up, deadline=time.monotonic() + 30)
+                    self.replayed += 1  # counted first: the runtime acts on the answer at once
                     send_frame(conn, self.recorded[op])  # ... the runtime gets the old answer
-                    self.replayed += 1
                     continue
                 send_frame(up, req)
                 ans = recv_frame(up, deadline=time.monotonic() + 30)

@@ -17,7 +17,13 @@ import jsonschema
 import pytest
 from tests.keyserver.conftest import SimCache
 from tests.pgserver import PgServer
-from tests.servers import RunningKeyServer, keyserver_cli, sim_policy, start_keyserver
+from tests.servers import (
+    RunningKeyServer,
+    keyserver_cli,
+    sim_fingerprint,
+    sim_policy,
+    start_keyserver,
+)
 
 from sealtorch.attestation import sim
 from sealtorch.errors import ConfigError, ReleaseDenied
@@ -434,3 +440,19 @@ def test_a_failed_init_leaves_nothing_and_can_be_retried(tmp_path: Path,
     assert (d / "config.toml").exists() and (d / "state.hwm").exists()
     again = keyserver_cli("init", "--data-dir", str(d), env=env, check=False)
     assert again.returncode != 0 and "already initialised" in again.stderr
+
+
+def test_a_sim_platform_key_is_text_never_a_path_on_the_server(ks: RunningKeyServer,
+                                                               tmp_path: Path) -> None:
+    """The admin API takes a key's text forms only: a path is refused without being opened
+    (the CLI reads files on the admin's machine, the server never does for a request)."""
+    key = sim.init_platform_key(tmp_path / "p")
+    pub = tmp_path / "p" / sim.PUBLIC_FILE
+    for value in (str(pub), str(key), "/etc/hostname", "~/.ssh/id_ed25519"):
+        r = ks.admin("POST", "/v1/admin/sim/platforms", {"public_key": value}, expect=None)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"].startswith("public_key: expected")
+        assert value not in r.text
+    for text in (pub.read_text(), sim.raw_public(sim.load_platform_public_key(pub)).hex()):
+        r = ks.admin("POST", "/v1/admin/sim/platforms", {"public_key": text}, expect=None)
+        assert r.status_code == 200 and r.json()["fingerprint"] == sim_fingerprint(key)

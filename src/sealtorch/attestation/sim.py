@@ -10,7 +10,6 @@ report data, the platform public key and the role, signed with the platform's Ed
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
@@ -108,24 +107,41 @@ def load_platform_key(path: Path | str) -> Ed25519PrivateKey:
     return key
 
 
+#: the text forms of a sim platform public key: 64 hex characters, canonical base64 of the 32
+#: raw bytes, or the one-line PEM of its SubjectPublicKeyInfo (whose DER prefix for Ed25519 is
+#: fixed, so the pattern pins the whole document). The admin API accepts exactly these.
+_B64_32 = "[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]="
+PLATFORM_PUBLIC_KEY_PATTERN = (
+    f"^(?:[0-9a-fA-F]{{64}}|{_B64_32}|-----BEGIN PUBLIC KEY-----\\r?\\nMCowBQYDK2VwAyEA"
+    f"{_B64_32}\\r?\\n-----END PUBLIC KEY-----(?:\\r?\\n)?)$"
+)
+_PLATFORM_PUBLIC_KEY_RE = re.compile(PLATFORM_PUBLIC_KEY_PATTERN)
+
+
+def platform_public_key_from_text(text: str) -> Ed25519PublicKey:
+    """A sim platform public key from one of its text forms (never a file path: this is what
+    the admin API calls with request input)."""
+    if _PLATFORM_PUBLIC_KEY_RE.fullmatch(text) is None:
+        raise KeyFileError("sim platform key must be 64 hex characters, base64 of 32 bytes or "
+                           "an Ed25519 public key PEM")
+    if text.startswith("-----BEGIN"):
+        return _pem_public(text.encode("ascii"), "sim platform key")
+    raw = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text, validate=True)
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def load_platform_public_key(value: Ed25519PublicKey | bytes | str | Path) -> Ed25519PublicKey:
-    """A registered sim platform public key from a key object, 32 raw bytes, 64 hex chars,
-    base64 of 32 bytes, PEM text, or a path to a ``.pub`` PEM (or the private key file)."""
+    """A registered sim platform public key from a key object, 32 raw bytes, one of the text
+    forms of :func:`platform_public_key_from_text`, or a path to a ``.pub`` PEM (or the
+    private key file). For the CLI: it reads files."""
     if isinstance(value, Ed25519PublicKey):
         return value
     if isinstance(value, bytes) and len(value) == 32:
         return Ed25519PublicKey.from_public_bytes(value)
-    if isinstance(value, str) and not isinstance(value, Path):
+    if isinstance(value, str):
         s = value.strip()
-        if re.fullmatch(r"[0-9a-fA-F]{64}", s):
-            return Ed25519PublicKey.from_public_bytes(bytes.fromhex(s))
-        if s.startswith("-----BEGIN"):
-            return _pem_public(s.encode("ascii"), "sim platform key")
-        if re.fullmatch(r"[A-Za-z0-9+/]{43}=", s):
-            try:
-                return Ed25519PublicKey.from_public_bytes(base64.b64decode(s, validate=True))
-            except (binascii.Error, ValueError):
-                pass
+        if _PLATFORM_PUBLIC_KEY_RE.fullmatch(s) is not None:
+            return platform_public_key_from_text(s)
         value = Path(s).expanduser()
     if isinstance(value, Path):
         try:

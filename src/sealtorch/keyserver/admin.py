@@ -18,7 +18,7 @@ from typing import Any
 
 from sealtorch._secret import Secret
 from sealtorch.attestation.policy import ModelPolicy
-from sealtorch.errors import AuthError, PolicyError, ProtocolError, StoreError
+from sealtorch.errors import AuthError, NotFoundError, PolicyError, ProtocolError, StoreError
 from sealtorch.keyserver import queries, rows
 from sealtorch.keyserver.audit import Head, verify_chain
 from sealtorch.keyserver.keyring import KeyRef
@@ -112,7 +112,7 @@ class Admin:
     def _model(state: AuthState, p: Principal, model_id: str) -> None:
         m = state.models.get(model_id)
         if m is None or m.tenant != p.tenant:
-            raise StoreError("model not found for this tenant")
+            raise NotFoundError("model not found for this tenant")
 
     # --- tokens -------------------------------------------------------------------------
     def whoami(self, p: Principal) -> dict[str, Any]:
@@ -130,7 +130,7 @@ class Admin:
             t = next((t for t in ch.state.tokens.values()
                       if t.token_id == token_id and t.tenant == p.tenant), None)
             if t is None:
-                raise StoreError("token not found for this tenant")
+                raise NotFoundError("token not found for this tenant")
             ch.put(rows.TOKENS, {"token_id": t.token_id, "tenant": t.tenant,
                                  "token_hash": t.token_hash, "expires": t.expires,
                                  "revoked": True, "created": t.created})
@@ -215,7 +215,7 @@ class Admin:
             v = next((v for v in ch.state.versions.get(model_id, ()) if v.key_version == kv),
                      None)
             if v is None:
-                raise StoreError("the model has no such key version (not found)")
+                raise NotFoundError("the model has no such key version")
             ch.put(rows.KEY_VERSIONS, {"model_id": model_id, "key_version": kv,
                                        "wrapped": v.wrapped, "state": "retired",
                                        "created": v.created})
@@ -263,7 +263,7 @@ class Admin:
         self._model(st, p, model_id)
         pol = st.policies.get(model_id)
         if pol is None:
-            raise StoreError("policy not found for this model")
+            raise NotFoundError("policy not found for this model")
         return {"model_id": model_id, "policy": pol.doc, "policy_version": pol.version}
 
     def policy_test(self, p: Principal, model_id: str, evidence: dict[str, Any]
@@ -288,7 +288,7 @@ class Admin:
 
     def cache_set(self, p: Principal, cache_id: str, state: str) -> dict[str, Any]:
         if not queries.cache_rows(self.store.db, {cache_id}):
-            raise StoreError("cache not found: it has not enrolled yet (it must attest once)")
+            raise NotFoundError("cache not found: it has not enrolled yet (it must attest once)")
         with self._change() as ch:
             ch.put(rows.APPROVALS, {"tenant": p.tenant, "cache_id": cache_id, "state": state,
                                     "updated": ch.now})
@@ -320,7 +320,7 @@ class Admin:
             raise ProtocolError("sim attestation is disabled in this server's configuration")
         from sealtorch.attestation import sim
 
-        pub = sim.load_platform_public_key(key_text.strip())
+        pub = sim.platform_public_key_from_text(key_text)
         raw = sim.raw_public(pub).hex()
         with self._change() as ch:
             owner = ch.state.sim_keys.get(raw)

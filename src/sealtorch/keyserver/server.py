@@ -20,7 +20,8 @@ import uvicorn
 from sealtorch._secret import harden_process
 from sealtorch.errors import StateRollbackError, TamperError
 from sealtorch.keyserver import ops
-from sealtorch.keyserver.app import admin_app, release_app
+from sealtorch.keyserver.admin_app import admin_app
+from sealtorch.keyserver.app import release_app
 from sealtorch.keyserver.bootstrap import load_signing_key, open_store
 from sealtorch.keyserver.config import ServerConfig
 from sealtorch.keyserver.service import KeyServer

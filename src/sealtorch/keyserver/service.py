@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from sealtorch._secret import Secret
 from sealtorch.attestation.claims import Claims
-from sealtorch.errors import SealtorchError, StoreError, TamperError
+from sealtorch.errors import NotFoundError, SealtorchError, StoreError, TamperError
 from sealtorch.keyserver import attest, queries
 from sealtorch.keyserver.admission import DENIED, Admission, admission_input, admit
 from sealtorch.keyserver.attest import CacheIdentity
@@ -331,7 +331,7 @@ class KeyServer:
         """Explain, claim by claim, whether evidence would get this model's key (no nonce)."""
         model = state.models.get(model_id)
         if model is None or model.tenant != tenant:
-            raise StoreError("model not found for this tenant")
+            raise NotFoundError("model not found for this tenant")
         pol = state.policies.get(model_id)
         if pol is None or pol.parsed is None:
             return {"allowed": False, "reasons": ["model has no (valid) policy"]}

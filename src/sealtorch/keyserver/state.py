@@ -203,7 +203,7 @@ def _parse_policy(model_id: str, version: int, text: str) -> StoredPolicy:
 def _fingerprint(raw_hex: str) -> str:
     from sealtorch.attestation import sim
 
-    return sim.fingerprint(sim.load_platform_public_key(raw_hex))
+    return sim.fingerprint(sim.platform_public_key_from_text(raw_hex))
 
 
 def build(row: ServerStateRow, loaded: list[rows.Loaded]) -> AuthState:
@@ -299,11 +299,12 @@ class StateCache:
     def current(self) -> AuthState:
         """The verified snapshot for a reader outside any transaction (one read of the
         server-state row when nothing changed; a locked reload when something did)."""
+        seen = self.watermark.seen()  # before the read: see Watermark.check
         with self.db.read() as conn:
             row = read_server_state(self.db, conn)
         st = self._fresh(row)
         if st is not None:
-            self.watermark.check(row.db_id, row.state_seq, row.audit_seq)
+            self.watermark.check(row.db_id, row.state_seq, row.audit_seq, seen=seen)
             return st
         with self.db.tx() as conn:
             return self.verified(conn, read_server_state(self.db, conn, lock=True))

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sealtorch.errors import StateRollbackError, StoreError
 from sealtorch.protocol.canonical import canonical_json
@@ -119,16 +120,23 @@ class Watermark:
         with self._lock:
             return self._seen
 
-    def check(self, db_id: str, state_seq: int, audit_seq: int) -> None:
+    def check(self, db_id: str, state_seq: int, audit_seq: int, *,
+              seen: Mark | Literal["now"] | None = "now") -> None:
         """Refuse a database that is not the one seen, or is behind what was seen (memory
         only: :meth:`load` reads the file at start, :meth:`raise_to` keeps both in step; the
-        file is read again only before refusing, in case ``recover`` reset it meanwhile)."""
+        file is read again only before refusing, in case ``recover`` reset it meanwhile).
+
+        ``seen``: the mark taken with :meth:`seen` *before* the row was read, for a row read
+        without the server-state lock; a batch committing in between may note a newer mark,
+        which such a row need not reach (the default compares with the mark now, right for a
+        row read under the lock, when nothing can commit past it)."""
+        mark = self.seen() if seen == "now" else seen
         try:
-            self._check(db_id, state_seq, audit_seq)
+            self._check(mark, db_id, state_seq, audit_seq)
         except StateRollbackError:
             if not self._adopt_recovery():
                 raise
-            self._check(db_id, state_seq, audit_seq)
+            self._check(self.seen(), db_id, state_seq, audit_seq)
 
     def _adopt_recovery(self) -> bool:
         """Take the file's mark if ``recover`` reset it after this process read it."""
@@ -139,9 +147,8 @@ class Watermark:
             self._seen = self._written = disk
             return True
 
-    def _check(self, db_id: str, state_seq: int, audit_seq: int) -> None:
-        with self._lock:
-            mark = self._seen
+    @staticmethod
+    def _check(mark: Mark | None, db_id: str, state_seq: int, audit_seq: int) -> None:
         if mark is None:
             return
         if mark.db_id != db_id:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -23,7 +23,7 @@ from sealtorch.protocol.signing import (
     verify_document,
 )
 
-FORMAT = "sealtorch-collateral/v1"
+FORMAT: Final = "sealtorch-collateral/v1"
 MAX_FILES = 64
 MAX_FILE_CHARS = 256 * 1024
 

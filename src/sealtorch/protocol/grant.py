@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -35,10 +35,10 @@ from sealtorch.protocol.signing import (
     verify_document,
 )
 
-GRANT_FORMAT = "sealtorch-grant/v1"
-STATUS_FORMAT = "sealtorch-status/v1"
-AUDIT_HEAD_FORMAT = "sealtorch-audit-head/v1"
-CLAIMS_FORMAT = "sealtorch-claims/v1"
+GRANT_FORMAT: Final = "sealtorch-grant/v1"
+STATUS_FORMAT: Final = "sealtorch-status/v1"
+AUDIT_HEAD_FORMAT: Final = "sealtorch-audit-head/v1"
+CLAIMS_FORMAT: Final = "sealtorch-claims/v1"
 NONCE_LEN = 32
 _MAX_INT = 2**53
 

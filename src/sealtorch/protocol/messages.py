@@ -1,4 +1,5 @@
-"""Request/response schemas of the key server's release API (strict parsing, size limits).
+"""Typed requests of the key server's release API, parsed from the wire models of
+:mod:`sealtorch.protocol.wire` (strict parsing, size limits).
 
 Parsers raise :class:`~sealtorch.errors.ProtocolError` naming the field that was wrong, never
 echoing its value. See ``docs/keyserver.md`` for the wire format.
@@ -15,16 +16,24 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from sealtorch.errors import ProtocolError
-from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.protocol import hpke
-from sealtorch.protocol.b64 import b64d, b64e
+from sealtorch.protocol.b64 import b64e
 from sealtorch.protocol.canonical import canonical_json
-from sealtorch.protocol.grant import NONCE_LEN
+from sealtorch.protocol.wire import ReleaseBody, StatusBody, b64_bytes, parse
 
 MAX_BODY = 64 * 1024
-MAX_MODELS = 32
-MAX_EVIDENCE_JSON = 60 * 1024
-CACHE_ID_LEN = 32  # hex chars
+
+
+def _number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: JSON has one number type, so ``3.0`` is the
+    integer 3 (as JSON Schema says), while ``3.5`` stays a float (refused where an integer is
+    expected). Only exactly representable values (|x| <= 2**53) become integers."""
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) <= 2**53 else value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity, -Infinity: Python extensions
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -32,36 +41,13 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if len(raw) > MAX_BODY:
         raise ProtocolError(f"request body larger than {MAX_BODY} bytes")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        obj = json.loads(raw.decode("utf-8"), parse_float=_number,
+                         parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError("request body is not valid UTF-8 JSON") from e
     if not isinstance(obj, dict):
         raise ProtocolError("request body must be a JSON object")
     return obj
-
-
-def _only(obj: dict[str, Any], allowed: set[str], what: str) -> None:
-    extra = set(obj) - allowed
-    if extra:
-        raise ProtocolError(f"{what}: unexpected fields (allowed: {', '.join(sorted(allowed))})")
-
-
-def parse_models(value: object) -> list[str] | None:
-    """``null`` (all the requester is entitled to) or a list of <= 32 distinct valid model ids."""
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise ProtocolError("models: expected a list of model ids or null")
-    if len(value) > MAX_MODELS:
-        raise ProtocolError(f"models: at most {MAX_MODELS} models per request")
-    out: list[str] = []
-    for m in value:
-        if not is_model_id(m):
-            raise ProtocolError(f"models: each model id must be {MODEL_ID_RULE}")
-        if m in out:
-            raise ProtocolError("models: duplicate model id")
-        out.append(m)
-    return out
 
 
 @dataclass(frozen=True)
@@ -87,29 +73,13 @@ class ReleaseRequest:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ReleaseRequest:
-        _only(obj, {"evidence", "public_key", "nonce", "models", "kem_id"}, "release request")
-        ev = obj.get("evidence")
-        if not isinstance(ev, dict):
-            raise ProtocolError("evidence: expected the evidence JSON object")
-        kem_id = obj.get("kem_id", hpke.KEM_ID)
-        if kem_id != hpke.KEM_ID or isinstance(kem_id, bool):
-            raise ProtocolError("kem_id: only 0x0020 (DHKEM X25519 HKDF-SHA256) is supported")
-        raw, key = _x25519(obj.get("public_key"))
-        return cls(
-            evidence=ev,
-            public_key=raw,
-            nonce=b64d(obj.get("nonce"), field="nonce", max_len=NONCE_LEN, exact_len=NONCE_LEN),
-            models=parse_models(obj.get("models")),
-            kem_id=hpke.KEM_ID,
-            checked_key=key,
-        )
-
-
-def _x25519(value: object) -> tuple[bytes, X25519PublicKey]:
-    """A raw X25519 public key that HPKE can seal to (refused before any nonce is burned)."""
-    raw = b64d(value, field="public_key", max_len=hpke.PUBLIC_KEY_LEN,
-               exact_len=hpke.PUBLIC_KEY_LEN)
-    return raw, hpke.load_public_key(raw)
+        """Parse a request body (:class:`~sealtorch.protocol.wire.ReleaseBody`); the public key
+        is checked as an X25519 point here, before any nonce is burned."""
+        body = parse(ReleaseBody, obj, "release request")
+        raw = b64_bytes(body.public_key)
+        return cls(evidence=body.evidence, public_key=raw, nonce=b64_bytes(body.nonce),
+                   models=list(body.models) if body.models is not None else None,
+                   kem_id=body.kem_id, checked_key=hpke.load_public_key(raw))
 
 
 STATUS_KEY_LEN = 32
@@ -155,18 +125,11 @@ class StatusRequest:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> StatusRequest:
-        _only(obj, {"nonce", "cache_id", "models", "mac"}, "status request")
-        cid = obj.get("cache_id")
-        if not isinstance(cid, str) or len(cid) != CACHE_ID_LEN or not all(
-            c in "0123456789abcdef" for c in cid
-        ):
-            raise ProtocolError(f"cache_id: expected {CACHE_ID_LEN} lowercase hex characters")
-        return cls(
-            nonce=b64d(obj.get("nonce"), field="nonce", max_len=NONCE_LEN, exact_len=NONCE_LEN),
-            cache_id=cid,
-            models=parse_models(obj.get("models")),
-            mac=b64d(obj.get("mac"), field="mac", max_len=32, exact_len=32),
-        )
+        """Parse a request body (:class:`~sealtorch.protocol.wire.StatusBody`)."""
+        body = parse(StatusBody, obj, "status request")
+        return cls(nonce=b64_bytes(body.nonce), cache_id=body.cache_id,
+                   models=list(body.models) if body.models is not None else None,
+                   mac=b64_bytes(body.mac))
 
 
 def error_body(code: str, message: str | None = None) -> dict[str, Any]:
