@@ -25,6 +25,7 @@ from sealtorch.protocol.canonical import canonical_json
 
 FORMAT = "sealtorch-policy/v1"
 MAX_POLICY_BYTES = 64 * 1024
+
 MAX_IDENTITIES = 64
 TEES = ("sgx", "tdx", "snp", "sim")
 SNP_PRODUCTS = ("milan", "genoa", "turin")
@@ -68,6 +69,17 @@ _EXTRA: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_ACCEPT_TCB: dict[str, tuple[str, ...]] = {"UpToDate": ()}
 _FLAGS = ("allow_debug", "allow_migration_agent", "allow_provision_key")
+
+
+def read_policy_file(path: Path, what: str) -> bytes:
+    """The bytes of a policy file, refused with a clear error if unreadable or over the size cap."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PolicyError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{what} {path} is larger than {MAX_POLICY_BYTES} bytes")
+    return data
 
 
 def _hex(value: object, n: int, where: str) -> str:
@@ -368,12 +380,7 @@ class ModelPolicy:
     def load(cls, path: str | Path) -> ModelPolicy:
         """Read a ``.json`` file as JSON, anything else as TOML."""
         p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise PolicyError(f"cannot read policy {p}: {e.strerror}") from None
-        if len(data) > MAX_POLICY_BYTES:
-            raise PolicyError(f"policy {p} larger than {MAX_POLICY_BYTES} bytes")
+        data = read_policy_file(p, "policy")
         if p.suffix.lower() == ".json":
             return cls.from_json(data)
         try:

@@ -42,14 +42,13 @@ from typing import Any
 
 from sealtorch.attestation.binding import ServedIdentity
 from sealtorch.attestation.claims import Claims
-from sealtorch.attestation.policy import Decision, Identity
+from sealtorch.attestation.policy import Decision, Identity, read_policy_file
 from sealtorch.attestation.policy import evaluate as evaluate_identities
 from sealtorch.errors import PolicyError, ProtocolError
 from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.protocol.signing import key_id, load_public_key
 
 FORMAT = "sealtorch-client-policy/v1"
-MAX_POLICY_BYTES = 64 * 1024
 MAX_ENTRIES = 64
 _FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 _HEX32 = re.compile(r"[0-9a-fA-F]{64}")
@@ -212,12 +211,7 @@ class ClientPolicy:
     def load(cls, path: str | Path) -> ClientPolicy:
         """Read a ``.json`` file as JSON, anything else as TOML."""
         p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise PolicyError(f"cannot read client policy {p}: {e.strerror}") from None
-        if len(data) > MAX_POLICY_BYTES:
-            raise PolicyError(f"client policy {p} is larger than {MAX_POLICY_BYTES} bytes")
+        data = read_policy_file(p, "client policy")
         try:
             obj = json.loads(data) if p.suffix.lower() == ".json" else tomllib.loads(
                 data.decode("utf-8"))
