@@ -103,6 +103,13 @@ class StreamError(FormatError):
     code = "stream_invalid"
 
 
+class SealedDirError(FormatError):
+    """A sealed model directory does not match its manifest: a file missing, extra, swapped,
+    from another sealing, or the manifest itself from another sealing."""
+
+    code = "sealed_dir_invalid"
+
+
 class OutputError(SealtorchError):
     """An output cannot be written: its directory is missing or is a file, or the output exists
     and overwriting was not asked for."""

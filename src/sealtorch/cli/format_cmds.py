@@ -82,9 +82,10 @@ def keygen(model_id: str | None, key_version: int, signing: bool, output: str, f
 
 
 @click.command("seal")
-@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Sealed file to write (written to a temporary file, then renamed).")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Sealed file to write (written to a temporary file, then renamed); for a "
+                   "model directory, the new sealed directory.")
 @click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Model key file from `sealtorch keygen` (its model id goes in the header).")
 @click.option("--chunk-size", default="4MiB", show_default=True,
@@ -95,6 +96,11 @@ def keygen(model_id: str | None, key_version: int, signing: bool, output: str, f
               help="Owner Ed25519 signing key (PEM, from `sealtorch keygen --signing`).")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE",
               help="Stored in the (encrypted) index; repeatable.")
+@click.option("--public-config", is_flag=True,
+              help="Model directory: leave config.json readable (it is sealed by default).")
+@click.option("--public", "public", multiple=True, metavar="NAME",
+              help="Model directory: leave this file (path relative to the directory, e.g. "
+                   "tokenizer.json) readable; repeatable. Weight shards are always sealed.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def seal_cmd(
     input_path: str,
@@ -104,11 +110,21 @@ def seal_cmd(
     public_index: bool,
     sign_key: str | None,
     metadata: tuple[str, ...],
+    public_config: bool,
+    public: tuple[str, ...],
     force: bool,
 ) -> None:
-    """Encrypt a state_dict (.pt/.pth/.bin, weights only) or .safetensors file."""
+    """Encrypt a state_dict (.pt/.pth/.bin, weights only) or .safetensors file, or a Hugging
+    Face model directory (config.json and *.safetensors shards) into a sealed directory."""
     from sealtorch.cli.progress import bytes_bar
     from sealtorch.format.writer import seal
+
+    if Path(input_path).is_dir():
+        _seal_dir(input_path, output, key_file, parse_size(chunk_size), sign_key,
+                  public_config, public, public_index or bool(metadata) or force)
+        return
+    if public_config or public:
+        raise InputError("--public-config and --public apply to a model directory only")
 
     meta = {}
     for item in metadata:
@@ -133,6 +149,28 @@ def seal_cmd(
         f"{header.key_version}, {header.total_length} bytes in {header.chunk_count} chunks"
         + (", signed" if header.signed else "")
         + (", public index" if header.public_index else "")
+    )
+
+
+def _seal_dir(
+    src: str, out: str, key_file: str, chunk_size: int, sign_key: str | None,
+    public_config: bool, public: tuple[str, ...], file_only: bool,
+) -> None:
+    """`sealtorch seal MODEL_DIR -o SEALED_DIR`: see docs/huggingface.md."""
+    from sealtorch.cli.progress import activity
+    from sealtorch.hf.seal import seal_pretrained
+
+    if file_only:
+        raise InputError("--public-index, --metadata and --force apply to a single file only; "
+                         "a model directory is sealed into a new directory")
+    with activity(f"sealing {Path(src).name}"):
+        manifest = seal_pretrained(src, out, key_file, public_config=public_config,
+                                   public=public, chunk_size=chunk_size, sign_key=sign_key)
+    open_files = [f.name for f in manifest.files if not f.sealed]
+    click.echo(
+        f"sealed {src} -> {out}: {len(manifest.shards)} weight shard(s), "
+        f"{sum(f.sealed for f in manifest.files)} other file(s) sealed"
+        + (f", readable: {', '.join(open_files)}" if open_files else "")
     )
 
 
@@ -172,15 +210,29 @@ def inspect_cmd(path: str, key_file: str | None, as_json: bool) -> None:
 
 
 @click.command("verify")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Model key file of the sealed file.")
 @click.option("--signer", help="Require an owner signature by this Ed25519 key (hex or PEM).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_cmd(path: str, key_file: str, signer: str | None, as_json: bool) -> None:
-    """Authenticate every byte of a sealed file; writes nothing."""
+    """Authenticate every byte of a sealed file (or sealed model directory); writes nothing."""
     from sealtorch.cli.progress import activity
     from sealtorch.format.reader import verify
+
+    if Path(path).is_dir():
+        from sealtorch.hf.sealed_dir import SealedDir
+
+        with activity(f"verifying {Path(path).name}"), SealedDir(
+            path, key=key_file, signer=signer
+        ) as sd:
+            counts = sd.verify_all()
+        if as_json:
+            _echo_json({**counts, "ok": True})
+        else:
+            click.echo(f"OK: {path} authenticates ({counts['shards']} weight shard(s), "
+                       f"{counts['tensors']} tensors, {counts['files']} other file(s))")
+        return
 
     with activity(f"verifying {Path(path).name}"):
         summary = verify(path, key=key_file, signer=signer)

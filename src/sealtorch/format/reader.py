@@ -19,7 +19,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -595,8 +595,21 @@ class SealedFile:
         mismatched module is left untouched; then destinations are handed to the decryption
         threads in file order while the rest are still being prepared.
         """
+        return self.load_into_tensors(module.state_dict(keep_vars=True), strict=strict,
+                                      threads=threads)
+
+    def load_into_tensors(
+        self,
+        state: Mapping[str, torch.Tensor],
+        *,
+        strict: bool = True,
+        threads: int | None = None,
+        every_chunk: bool = False,
+    ) -> list[str]:
+        """Decrypt into the given tensors' own storage, by name (what :meth:`load_into` does
+        with a module's ``state_dict(keep_vars=True)``); tensors that share storage are ties.
+        ``every_chunk`` authenticates every chunk even when ``strict=False``."""
         idx = self.index
-        state = module.state_dict(keep_vars=True)
         entries, aliases = idx.entries, idx.aliases
         if strict:
             missing = [n for n in state if n not in entries and n not in aliases]
@@ -671,7 +684,7 @@ class SealedFile:
 
         try:
             # strict: every stored tensor is a destination, a full read (every chunk)
-            every = range(self.header.chunk_count) if strict else None
+            every = range(self.header.chunk_count) if strict or every_chunk else None
             self.decrypt(regions(), threads=threads, chunks=every)
             with torch.no_grad():
                 for target, tmp in post:
