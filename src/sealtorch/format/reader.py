@@ -222,6 +222,9 @@ class SealedFile:
         self._keys: fkeys.FileKeys | None = None
         self._mm: mmap.mmap | None = None
         self._mv: memoryview | None = None
+        #: drop each chunk's ciphertext pages from this process once decrypted (the page cache
+        #: keeps them): resident memory then grows by the plaintext only, not also by the file
+        self.release_pages = False
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -385,6 +388,17 @@ class SealedFile:
         errors: list[BaseException] = []
         ready: SimpleQueue[int | None] = SimpleQueue()
         checks = self.index.checks
+        mm = self._mm if self.release_pages else None
+        page = mmap.PAGESIZE
+
+        def release(i: int) -> None:
+            """Unmap chunk ``i``'s whole pages of ciphertext (MADV_DONTNEED; read-only file
+            pages are read again from the page cache if ever needed)."""
+            off = h.chunk_offset(i)
+            lo = -(-off // page) * page
+            hi = (off + h.chunk_plain_length(i) + hdr.TAG_BYTES) // page * page
+            if mm is not None and hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
         def chunk(aead: AESGCM, scratch: memoryview, i: int) -> None:
             n = h.chunk_plain_length(i)
@@ -464,6 +478,8 @@ class SealedFile:
                         return
                     try:
                         chunk(aead, scratch, i)
+                        if mm is not None:
+                            release(i)
                     except InvalidTag:
                         raise rules.CHUNK_TAG.fail(
                             f"chunk {i} of {count} failed authentication: the file was "

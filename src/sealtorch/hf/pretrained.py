@@ -217,6 +217,7 @@ def _load_shards(
     try:
         with torch.no_grad():
             for sf, direct, cast in plans:
+                sf.release_pages = True
                 sf.load_into_tensors(direct, strict=False, threads=threads, every_chunk=True)
                 for fname, t in cast:
                     tmp = sf.load([fname], threads=threads)[fname]
