@@ -21,7 +21,7 @@ import torch
 
 from sealtorch._secret import Secret
 from sealtorch.errors import FormatError
-from sealtorch.format import keyfile, reader, rules
+from sealtorch.format import keyfile, owner, reader, rules
 from sealtorch.format.dtypes import NAME_TO_DTYPE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +106,7 @@ def test_sealtorch_reader_returns_the_manifest_result(test):
     signer = bytes.fromhex(test["signer"]) if "signer" in test else None
     loaded: dict[str, torch.Tensor] = {}
     expect(test, outcome(lambda: loaded.update(reader.load(path, key=key, signer=signer))), "load")
-    expect(test, outcome(lambda: reader.verify(path, key=key, signer=signer)), "verify")
+    expect(test, outcome(lambda: owner.verify(path, key=key, signer=signer)), "verify")
     module = module_for(test.get("tensors", []))
     expect(test, outcome(lambda: reader.load_into(module, path, key=key, signer=signer)),
            "load_into")  # fmt: skip
@@ -122,7 +122,7 @@ def test_sealtorch_reader_returns_the_manifest_result(test):
     # vector that breaks an earlier rule, with the same code
     before_chunks = int(test["rule"][2:]) < int(rules.CHUNK_TAG.id[2:])
     if before_chunks and "signer" not in test:
-        expect(test, outcome(lambda: reader.inspect(path, key=key)), "inspect")
+        expect(test, outcome(lambda: owner.inspect(path, key=key)), "inspect")
 
 
 @pytest.mark.parametrize(

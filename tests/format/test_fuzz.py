@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sealtorch.errors import FormatError
-from sealtorch.format import keyfile, reader, writer
+from sealtorch.format import keyfile, owner, reader, writer
 
 MK = keyfile.generate_model_key("fuzz-model", 1)
 
@@ -89,13 +89,13 @@ def test_corrupted_files_never_load(tmp_path, case):
     with pytest.raises(FormatError):
         reader.load(path, key=MK, tensors=SUBSET)
     with pytest.raises(FormatError):
-        reader.verify(path, key=MK)
+        owner.verify(path, key=MK)
     module = _module()
     with pytest.raises(FormatError):
         reader.load_into(module, path, key=MK)
     assert all(not t.any() for t in module.state_dict().values())  # nothing left behind
     try:  # without a key nothing is authenticated; it may succeed, but only with FormatErrors
-        reader.inspect(path)
+        owner.inspect(path)
     except FormatError:
         pass
 

@@ -13,7 +13,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealtorch.errors import IntegrityError
-from sealtorch.format import reader, writer
+from sealtorch.format import memory, reader, writer
 from sealtorch.format.header import read_header
 
 from .conftest import same_bytes
@@ -120,14 +120,14 @@ def test_decrypt_threads_are_reused_between_loads(sealed, mk):
 
 def test_gil_capability_follows_the_cryptography_version(monkeypatch):
     # the installed release (pyproject requires >= 50) runs AES-GCM without the GIL
-    assert reader.aead_releases_gil()
-    assert reader.default_threads() == reader._cpus()
+    assert memory.aead_releases_gil()
+    assert memory.default_threads() == memory._cpus()
     for version, expected in [("48.0.0", False), ("49.0.0", False), ("50.0.0", True),
                               ("50.0.2", True), ("51.1", True)]:
         monkeypatch.setattr(cryptography, "__version__", version)
-        assert reader.aead_releases_gil() is expected, version
+        assert memory.aead_releases_gil() is expected, version
     monkeypatch.setattr(cryptography, "__version__", "49.0.0")
-    assert reader.default_threads() == 1
+    assert memory.default_threads() == 1
 
 
 def test_installed_aesgcm_lets_python_threads_run_during_decrypt_into():
@@ -199,7 +199,7 @@ def _vm_flags(ptr: int) -> set[str]:
 @pytest.mark.parametrize("kernel", ["populate_write", "before_5_14"])
 def test_whole_load_arena_is_undumpable_and_in_huge_pages(sealed, mk, monkeypatch, kernel):
     if kernel == "before_5_14":  # MADV_POPULATE_WRITE refused: the MAP_POPULATE fallback
-        monkeypatch.setattr(reader, "_MADV_POPULATE_WRITE", -1)
+        monkeypatch.setattr(memory, "_MADV_POPULATE_WRITE", -1)
     sd, p = sealed
     out = reader.load(p, key=mk)
     for k, v in sd.items():

@@ -12,7 +12,7 @@ from tests.format.conftest import same_bytes
 
 import sealtorch
 from sealtorch.errors import IndexError_, InputError
-from sealtorch.format import reader, writer
+from sealtorch.format import owner, reader, writer
 from sealtorch.format.header import read_header
 
 
@@ -34,7 +34,7 @@ def test_tied_weights_stored_once(tmp_path, mk):
     w = torch.randn(64, 64)
     path = tmp_path / "m.sealed"
     writer.seal({"a": w, "b": w}, path, mk, public_index=True)
-    info = reader.inspect(path)
+    info = owner.inspect(path)
     assert [t["name"] for t in info["index"]["tensors"]] == ["a"]
     assert info["index"]["aliases"] == {"b": "a"}
 
@@ -132,10 +132,10 @@ def test_subset_decrypts_only_needed_chunks(tmp_path, mk):
 def test_unseal_and_verify(tmp_path, mk, state):
     path = tmp_path / "m.sealed"
     writer.seal(state, path, mk, chunk_size=300)
-    summary = reader.verify(path, key=mk)
+    summary = owner.verify(path, key=mk)
     assert summary["ok"] and summary["tensors"] == len(state) - 1 and summary["aliases"] == 1
     out = tmp_path / "plain.safetensors"
-    assert reader.unseal(path, out, key=mk) == len(state)
+    assert owner.unseal(path, out, key=mk) == len(state)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
     from safetensors.torch import load_file
 
@@ -143,7 +143,7 @@ def test_unseal_and_verify(tmp_path, mk, state):
     for k, v in state.items():
         assert same_bytes(plain[k], v), k
     with pytest.raises(InputError, match="already exists"):
-        reader.unseal(path, out, key=mk)
+        owner.unseal(path, out, key=mk)
 
 
 def test_bad_inputs(tmp_path, mk):

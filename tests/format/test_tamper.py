@@ -21,7 +21,7 @@ from sealtorch.errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from sealtorch.format import keyfile, reader, writer
+from sealtorch.format import chunks, keyfile, owner, reader, writer
 from sealtorch.format.header import read_header
 from sealtorch.format.signing import raw_public
 
@@ -188,13 +188,13 @@ def test_failed_load_returns_nothing_and_zeroes(sealed, mk, monkeypatch):
     h = read_header(sealed)
     _flip(sealed, h.chunk_offset(h.chunk_count - 1))
     captured = []
-    orig = reader._Region.zero
+    orig = chunks._Region.zero
 
     def spy(self):
         orig(self)
         captured.append(self.arr)
 
-    monkeypatch.setattr(reader._Region, "zero", spy)
+    monkeypatch.setattr(chunks._Region, "zero", spy)
     with pytest.raises(IntegrityError):
         reader.load(sealed, key=mk)
     assert captured and all(not any(a) for a in captured)
@@ -206,8 +206,8 @@ def test_owner_signature(tmp_path, mk):
     writer.seal(_state(), path, mk, chunk_size=CS, sign_key=sk)
     pub = raw_public(sk.public_key())
     assert reader.load(path, key=mk, signer=pub)
-    assert reader.verify(path, key=mk)["signer"] == pub.hex()
-    assert reader.inspect(path)["signer_unverified"] == pub.hex()
+    assert owner.verify(path, key=mk)["signer"] == pub.hex()
+    assert owner.inspect(path)["signer_unverified"] == pub.hex()
     with pytest.raises(SignatureError, match="another key"):
         reader.load(path, key=mk, signer=raw_public(Ed25519PrivateKey.generate().public_key()))
     data = path.read_bytes()

@@ -65,14 +65,14 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from safetensors.torch import load_file, save_file
 
-    from sealtorch.format import keyfile, reader, writer
+    from sealtorch.format import keyfile, memory, reader, writer
     from sealtorch.format.header import TAG_BYTES
-    from sealtorch.format.writer import chunk_aad, chunk_nonce
+    from sealtorch.format.stream import chunk_aad, chunk_nonce
 
     load_start = os.getloadavg()[0]
     if threads is not None:  # explicit: everyone gets the same count
         torch.set_num_threads(threads)
-    nthreads = threads or reader.default_threads()  # sealtorch's own default otherwise
+    nthreads = threads or memory.default_threads()  # sealtorch's own default otherwise
     if model == "resnet50":
         from sealtorch.models.resnet import make_resnet50
 
@@ -178,11 +178,11 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
         "bytes": nbytes,
         "threads": nthreads,
         "torch_threads": torch.get_num_threads(),
-        "aead_releases_gil": reader.aead_releases_gil(),
+        "aead_releases_gil": memory.aead_releases_gil(),
         "repeat": repeat,
         "cryptography": cryptography.__version__,
         "torch": torch.__version__,
-        "cpus": reader._cpus(),
+        "cpus": memory._cpus(),
         "loadavg_start": round(load_start, 2),
         "loadavg_end": round(load_end, 2),
         "times_s": {k: round(v, 6) for k, v in times.items()},

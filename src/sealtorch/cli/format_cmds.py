@@ -182,7 +182,7 @@ def _seal_dir(
 def inspect_cmd(path: str, key_file: str | None, as_json: bool) -> None:
     """Show a sealed file's public header; with --key-file (or a public index), its tensors."""
     from sealtorch.cli.progress import activity
-    from sealtorch.format.reader import inspect
+    from sealtorch.format.owner import inspect
 
     with activity(f"reading {Path(path).name}"):
         info = inspect(path, key=key_file)
@@ -218,7 +218,7 @@ def inspect_cmd(path: str, key_file: str | None, as_json: bool) -> None:
 def verify_cmd(path: str, key_file: str, signer: str | None, as_json: bool) -> None:
     """Authenticate every byte of a sealed file (or sealed model directory); writes nothing."""
     from sealtorch.cli.progress import activity
-    from sealtorch.format.reader import verify
+    from sealtorch.format.owner import verify
 
     if Path(path).is_dir():
         from sealtorch.hf.sealed_dir import SealedDir
@@ -257,7 +257,7 @@ def unseal_cmd(path: str, key_file: str, output: str, signer: str | None, force:
     """Decrypt to a plaintext .safetensors file (mode 0600) — on the owner's machine only."""
     from sealtorch._outputs import output_file
     from sealtorch.cli.progress import activity
-    from sealtorch.format.reader import unseal
+    from sealtorch.format.owner import unseal
 
     output_file(output, overwrite=force)
     with activity(f"decrypting {Path(path).name}"):

@@ -12,171 +12,37 @@ error is raised.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import hmac
 import mmap
 import os
-import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
-from queue import SimpleQueue
 from types import TracebackType
-from typing import Any
 
 import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealtorch._secret import Secret, wipe
-from sealtorch.errors import FormatError, IndexError_, InputError, IntegrityError
+from sealtorch.errors import FormatError, IndexError_, InputError
+from sealtorch.format import chunks as fchunks
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
 from sealtorch.format import rules, signing
+from sealtorch.format.chunks import _Region
 from sealtorch.format.dtypes import NAME_TO_DTYPE, torch_dtype
 from sealtorch.format.index import Entry, Index, parse_index
 from sealtorch.format.keyfile import ModelKey, read_key_file
-from sealtorch.format.writer import chunk_aad, chunk_nonce, public_index_mac
+from sealtorch.format.memory import _plaintext_buffer, _raw_bytes
+from sealtorch.format.stream import public_index_mac
 
 KeyArg = ModelKey | Secret | str | os.PathLike[str] | None
 SignerArg = Ed25519PublicKey | bytes | str | os.PathLike[str] | None
 
 
-def _cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-#: first cryptography release whose AES-GCM calls run without the GIL. pyca/cryptography#15361
-#: ("Release the GIL in one-shot AEAD encrypt/decrypt", merged 2026-07-30) shipped in 50.0.0.
-#: Measured here with a spinner thread during one 128 MiB call: AESGCM.decrypt_into/encrypt_into
-#: block it for the whole call on 48.0.0 and 49.0.0 and not at all on 50.0.0 and 50.0.2; so does
-#: the streaming GCM ``update_into`` on 48.0.0 (blocks) and 50.0.2 (does not).
-AEAD_NOGIL_VERSION = (50, 0)
-
-
-def aead_releases_gil() -> bool:
-    """Whether the installed ``cryptography`` runs AES-GCM without holding the GIL.
-
-    Older releases hold it for the whole operation, so there extra threads only add contention.
-    """
-    import cryptography
-
-    parts = cryptography.__version__.split(".")
-    try:
-        version = (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
-    except ValueError:  # pragma: no cover - unparseable dev build: be conservative
-        return False
-    return version >= AEAD_NOGIL_VERSION
-
-
-def default_threads() -> int:
-    """Decryption threads: one per CPU when AES-GCM runs in parallel, else one."""
-    return _cpus() if aead_releases_gil() else 1
-
-
-_POOL_LOCK = threading.Lock()
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of at least ``workers`` decryption threads, reused across loads.
-
-    Starting threads for every load costs about as much as decrypting a megabyte. A new pool
-    replaces the old one after a fork (its threads do not exist in the child) or when more
-    threads are asked for; the old pool's threads exit once it is no longer referenced.
-    """
-    global _POOL
-    with _POOL_LOCK:
-        cur = _POOL
-        if cur is not None and cur[0] == os.getpid() and cur[1] >= workers:
-            return cur[2]
-        size = max(workers, cur[1] if cur is not None else 0)
-        pool = ThreadPoolExecutor(size, thread_name_prefix="sealtorch-decrypt")
-        _POOL = (os.getpid(), size, pool)
-        return pool
-
-
-_POPULATE_MIN = 1 << 20
-#: pieces of a chunk at least this large are decrypted straight into their tensor; smaller
-#: ones are batched through a scratch buffer (one GIL release per run instead of per piece)
-_DIRECT_MIN = 64 << 10
-
-
-#: MADV_POPULATE_WRITE (Linux >= 5.14), which Python 3.11's mmap module does not name
-_MADV_POPULATE_WRITE = 23
-
-
-def _advise(mm: mmap.mmap, name: str) -> None:
-    """Apply an optional ``madvise`` hint; a kernel without it just does not get the hint."""
-    option = getattr(mmap, name, None)
-    if option is not None:
-        try:
-            mm.madvise(option)
-        except OSError:  # pragma: no cover - kernel without this hint
-            pass
-
-
-def _plaintext_buffer(n: int) -> torch.Tensor:
-    """A uint8 tensor of ``n`` bytes for decrypted weights.
-
-    Large buffers are a private anonymous mapping, excluded from core dumps where supported,
-    backed by transparent huge pages where the kernel allows, and populated in one call before
-    decryption: a new page costs a fault and a zeroing, and in 4 KiB pages that was 48 ms for
-    ResNet-50's 102 MB here, against 11 ms in huge pages.
-    """
-    if n < _POPULATE_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return torch.empty(n, dtype=torch.uint8)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    prot = mmap.PROT_READ | mmap.PROT_WRITE
-    mm = mmap.mmap(-1, n, flags=flags, prot=prot)
-    _advise(mm, "MADV_HUGEPAGE")
-    try:
-        mm.madvise(_MADV_POPULATE_WRITE)
-    except OSError:  # kernel before 5.14: populate in the mmap call instead, in small pages
-        mm.close()
-        mm = mmap.mmap(-1, n, flags=flags | getattr(mmap, "MAP_POPULATE", 0), prot=prot)
-    _advise(mm, "MADV_DONTDUMP")  # before any plaintext is written into it
-    return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
-
-
-def _raw_bytes(ptr: int, nbytes: int) -> memoryview:
-    """A writable ``B`` memoryview of ``nbytes`` at ``ptr`` (the owner must outlive it).
-
-    Five times cheaper than going through numpy, which matters once per tensor per load.
-    """
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(ptr)).cast("B")
-
-
 _TORCH_DTYPES = {name: torch_dtype(name) for name in NAME_TO_DTYPE}
-
-
-@dataclass
-class _Region:
-    """A destination: plaintext stream bytes [start, start+nbytes) go into ``arr``; with
-    ``check``, the rules on decrypted bytes (padding, BOOL) are checked on ``arr``."""
-
-    start: int
-    nbytes: int
-    arr: memoryview
-    copies: list[memoryview] = field(default_factory=list)
-    check: bool = False
-
-    @property
-    def end(self) -> int:
-        return self.start + self.nbytes
-
-    def zero(self) -> None:
-        for a in (self.arr, *self.copies):
-            if a.nbytes:
-                wipe(a)
 
 
 def check_file_length(path: Path, header: hdr.Header, size: int) -> None:
@@ -362,191 +228,12 @@ class SealedFile:
         threads: int | None = None,
         chunks: Iterable[int] | None = None,
     ) -> None:
-        """Decrypt the chunks that ``regions`` need (and ``chunks``) into the regions.
-
-        ``regions`` must come in increasing ``start`` order, and may be a generator: the calling
-        thread plans while ``threads - 1`` threads of a process-wide pool already decrypt every
-        chunk whose destinations are all known (a chunk is complete once a region starts past
-        its end), then joins them. Chunks are taken in file order from one queue (no per-chunk
-        futures, no thread start-up per load). On any failure (a chunk tag, a rule on decrypted
-        bytes, or an exception from the ``regions`` generator) every region seen so far is
-        zeroed and the error is raised. Regions' ``copies`` are filled only after every chunk
-        authenticated and every decrypted byte passed the index's :class:`StreamChecks`: bytes
-        that stay in the scratch buffer (padding, tensors no region wants) as each chunk is
-        decrypted, and regions marked ``check`` once all are.
-        """
-        h = self.header
-        cs = h.chunk_size
-        count = h.chunk_count
-        extra = frozenset(chunks) if chunks is not None else frozenset()
-        per_chunk: dict[int, list[_Region]] = {}
-        seen: list[_Region] = []
-        digest = h.digest()
-        view = self.view
-        key = self.keys.chunk_key.view()
-        failed = threading.Event()
-        errors: list[BaseException] = []
-        ready: SimpleQueue[int | None] = SimpleQueue()
-        checks = self.index.checks
-        mm = self._mm if self.release_pages else None
-        page = mmap.PAGESIZE
-
-        def release(i: int) -> None:
-            """Unmap chunk ``i``'s whole pages of ciphertext (MADV_DONTNEED; read-only file
-            pages are read again from the page cache if ever needed)."""
-            off = h.chunk_offset(i)
-            lo = -(-off // page) * page
-            hi = (off + h.chunk_plain_length(i) + hdr.TAG_BYTES) // page * page
-            if mm is not None and hi > lo:
-                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-        def chunk(aead: AESGCM, scratch: memoryview, i: int) -> None:
-            n = h.chunk_plain_length(i)
-            off = h.chunk_offset(i)
-            start = i * cs
-            ct = view[off : off + n + hdr.TAG_BYTES]
-            aad = chunk_aad(digest, i, i == count - 1)
-            nonce = chunk_nonce(i)
-            regs = per_chunk.get(i, ())
-            broken: rules.Rule | None = None  # a rule on decrypted bytes, raised once authentic
-            if len(regs) == 1 and regs[0].start <= start and regs[0].end >= start + n:
-                a = start - regs[0].start
-                aead.decrypt_into(nonce, ct, aad, regs[0].arr[a : a + n])
-                return
-            if not regs:  # verification only
-                try:
-                    aead.decrypt_into(nonce, ct, aad, scratch[:n])
-                    broken = checks.violation(start, scratch[:n]) if checks else None
-                finally:
-                    wipe(scratch[:n])
-                if broken is not None:
-                    raise broken.fail(rules.describe_violation(broken))
-                return
-            # The chunk spans several destinations (or gaps): one streaming GCM pass. Large
-            # pieces are decrypted straight into their tensor; runs of small pieces (and gaps)
-            # go through the scratch buffer in one call and are copied out, because every
-            # update_into call releases and retakes the GIL, which costs more than a small copy.
-            dec = Cipher(algorithms.AES(key), modes.GCM(nonce, bytes(ct[n:]))).decryptor()
-            dec.authenticate_additional_data(aad)
-            pieces: list[tuple[int, int, _Region | None]] = []
-            pos = start
-            for reg in regs:
-                a, b = max(reg.start, start), min(reg.end, start + n)
-                if a > pos:  # bytes no destination wants (padding, other tensors)
-                    pieces.append((pos, a, None))
-                pieces.append((a, b, reg))
-                pos = b
-            if pos < start + n:
-                pieces.append((pos, start + n, None))
-            run: list[tuple[int, int, _Region | None]] = []
-            used = 0  # scratch[:used] held plaintext and is wiped below
-            try:
-                for k, (a, b, dst) in enumerate(pieces):
-                    if dst is not None and b - a >= _DIRECT_MIN:
-                        dec.update_into(
-                            ct[a - start : b - start], dst.arr[a - dst.start : b - dst.start]
-                        )
-                        continue
-                    run.append((a, b, dst))
-                    if k + 1 < len(pieces):
-                        na, nb, nr = pieces[k + 1]
-                        if nr is None or nb - na < _DIRECT_MIN:
-                            continue  # the next piece joins this run
-                    lo = run[0][0]
-                    used = max(used, b - lo)
-                    dec.update_into(ct[lo - start : b - start], scratch[: b - lo])
-                    if checks and broken is None:
-                        broken = checks.violation(lo, scratch[: b - lo])
-                    for ra, rb, rr in run:
-                        if rr is not None:
-                            rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - lo : rb - lo]
-                    run.clear()
-                dec.finalize()
-            finally:
-                if used:
-                    wipe(scratch[:used])
-            if broken is not None:
-                raise broken.fail(rules.describe_violation(broken))
-
-        def worker() -> None:
-            aead = AESGCM(key)
-            scratch = memoryview(bytearray(min(cs, max(h.total_length, 1))))
-            try:
-                while True:
-                    i = ready.get()
-                    if i is None or failed.is_set():
-                        return
-                    try:
-                        chunk(aead, scratch, i)
-                        if mm is not None:
-                            release(i)
-                    except InvalidTag:
-                        raise rules.CHUNK_TAG.fail(
-                            f"chunk {i} of {count} failed authentication: the file was "
-                            "modified, truncated, reordered or spliced; no tensors were loaded"
-                        ) from None
-            except BaseException as e:
-                failed.set()
-                errors.append(e)
-
-        nthreads = max(1, min(threads or default_threads(), count))
-        futures: list[Future[None]] = []
-        try:
-            if nthreads > 1:
-                pool = _pool(nthreads - 1)
-                futures = [pool.submit(worker) for _ in range(nthreads - 1)]
-            published = 0  # chunks below this are queued (or need no work)
-
-            def publish(upto: int) -> None:
-                nonlocal published
-                for i in range(published, upto):
-                    if i in per_chunk or i in extra:
-                        ready.put(i)
-                if futures and upto > published:
-                    time.sleep(0)  # hand the GIL to a woken worker now, not after 5 ms
-                published = max(published, upto)
-
-            last_start = 0
-            for r in regions:
-                if r.start < last_start:  # pragma: no cover - a planning bug, not bad input
-                    raise FormatError("internal error: destinations out of order")
-                last_start = r.start
-                seen.append(r)
-                if r.nbytes == 0 or failed.is_set():
-                    continue
-                first = r.start // cs
-                if first > published:
-                    publish(first)  # no later region can touch the chunks before this one
-                for i in range(first, (r.end - 1) // cs + 1):
-                    per_chunk.setdefault(i, []).append(r)
-            publish(count)
-        except BaseException as e:  # planning failed, or the pool could not start a thread
-            failed.set()
-            errors.append(e)
-        finally:
-            for _ in range(nthreads):
-                ready.put(None)
-        if not failed.is_set():
-            worker()  # the calling thread decrypts too
-        for f in futures:  # not started yet (pool busy with another load): nothing left
-            f.cancel()
-        wait(futures)
-        if not errors and checks:
-            for r in seen:
-                broken = checks.violation(r.start, r.arr) if r.check else None
-                if broken is not None:
-                    errors.append(broken.fail(rules.describe_violation(broken)))
-                    break
-        if errors:
-            for r in seen:
-                r.zero()
-            error = next((e for e in errors if isinstance(e, IntegrityError)), errors[0])
-            if isinstance(error, IntegrityError):
-                raise error.with_traceback(None)
-            raise error
-        for r in seen:  # untied copies of one stored tensor, once everything authenticated
-            for c in r.copies:
-                c[:] = r.arr
+        """Decrypt the chunks that ``regions`` need (and ``chunks``) into the regions; see
+        :func:`sealtorch.format.chunks.decrypt`."""
+        fchunks.decrypt(
+            self.header, self.view, self.keys.chunk_key, self.index.checks, regions,
+            threads=threads, chunks=chunks, release_map=self._mm if self.release_pages else None,
+        )
 
     def verify_all(self, *, threads: int | None = None) -> None:
         """Authenticate every chunk without keeping any plaintext."""
@@ -776,90 +463,3 @@ def load_into(
     """
     with SealedFile(path, key=key, key_provider=key_provider, signer=signer, populate=False) as sf:
         return sf.load_into(module, strict=strict, threads=threads)
-
-
-def verify(
-    path: str | os.PathLike[str],
-    *,
-    key: KeyArg = None,
-    key_provider: fkeys.KeyProvider | None = None,
-    signer: SignerArg = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Authenticate every byte of a sealed file, keeping no plaintext; returns a summary."""
-    with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
-        sf.verify_all(threads=threads)
-        return {
-            **sf.header.describe(),
-            "tensors": len(sf.index.entries),
-            "aliases": len(sf.index.aliases),
-            "signer": sf.signer_public.hex() if sf.signer_public else None,
-            "ok": True,
-        }
-
-
-def unseal(
-    path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    key: KeyArg = None,
-    key_provider: fkeys.KeyProvider | None = None,
-    signer: SignerArg = None,
-    overwrite: bool = False,
-) -> int:
-    """Write the plaintext weights to a .safetensors file (mode 0600; for the owner's machine).
-
-    Tied tensors are written as separate copies (safetensors cannot share storage). Returns the
-    number of tensors written.
-    """
-    from safetensors.torch import save_file
-
-    target = Path(out)
-    with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
-        names = list(sf.index.entries)
-        tensors = sf.load(names)  # every stored tensor: a full read, as verify
-        for alias, stored in sf.index.aliases.items():
-            tensors[alias] = tensors[stored].clone()
-        metadata = dict(sf.index.metadata)
-    flags = os.O_WRONLY | os.O_CREAT | (0 if overwrite else os.O_EXCL)
-    try:
-        fd = os.open(target, flags, 0o600)
-    except FileExistsError:
-        raise InputError(f"{target}: already exists; pass --force to overwrite") from None
-    except OSError as e:
-        raise InputError(f"{target}: cannot create output ({e.strerror})") from None
-    os.fchmod(fd, 0o600)
-    os.close(fd)
-    save_file(tensors, str(target), metadata=metadata or None)
-    return len(tensors)
-
-
-def inspect(
-    path: str | os.PathLike[str],
-    *,
-    key: KeyArg = None,
-    key_provider: fkeys.KeyProvider | None = None,
-) -> dict[str, Any]:
-    """What is known about a sealed file: its header, and its index when public or keyed."""
-    header = hdr.read_header(path)
-    if key is None and key_provider is None:  # with a key, SealedFile checks the MAC first
-        check_file_length(Path(path), header, Path(path).stat().st_size)
-    info: dict[str, Any] = {"header": header.describe()}
-    if key is not None or key_provider is not None:
-        with SealedFile(path, key=key, key_provider=key_provider, populate=False) as sf:
-            info["index"] = sf.index.describe()
-            info["index_authenticated"] = True
-            info["signer"] = sf.signer_public.hex() if sf.signer_public else None
-        return info
-    if header.public_index:
-        with open(path, "rb") as f:
-            f.seek(header.header_length)
-            body = f.read(header.index_length - hdr.MAC_BYTES)
-        info["index"] = parse_index(body, header.total_length).describe()
-        info["index_authenticated"] = False
-    if header.signed:
-        size = Path(path).stat().st_size
-        with open(path, "rb") as f:
-            f.seek(max(0, size - hdr.SIGNATURE_TRAILER_BYTES))
-            info["signer_unverified"] = f.read(32).hex()
-    return info

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealtorch._outputs import output_file
-from sealtorch._secret import Secret, wipe
+from sealtorch._secret import wipe
 from sealtorch.errors import IndexError_, InputError, OutputError
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
@@ -30,24 +29,10 @@ from sealtorch.format.index import Entry, Index, align, parse_index
 from sealtorch.format.inputs import collect
 from sealtorch.format.keyfile import ModelKey, read_key_file
 from sealtorch.format.signing import load_signing_key, raw_public, signed_message
+from sealtorch.format.stream import chunk_aad, chunk_nonce, public_index_mac
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 INDEX_NONCE_BYTES = hdr.INDEX_NONCE_BYTES
-
-
-def chunk_nonce(i: int) -> bytes:
-    """Nonce of chunk ``i``: 64-bit big-endian index || 4 zero bytes."""
-    return struct.pack(">Q", i) + b"\x00\x00\x00\x00"
-
-
-def chunk_aad(header_digest: bytes, i: int, last: bool) -> bytes:
-    """AAD of chunk ``i``: SHA-256(header) || 64-bit big-endian index || last-chunk flag."""
-    return header_digest + struct.pack(">QB", i, 1 if last else 0)
-
-
-def public_index_mac(index_key: Secret, header_digest: bytes, index_json: bytes) -> bytes:
-    """HMAC-SHA256 that authenticates a public index."""
-    return fkeys.header_mac(index_key, header_digest + index_json)
 
 
 def _as_bytes_view(t: torch.Tensor) -> np.ndarray:
