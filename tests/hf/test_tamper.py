@@ -141,4 +141,4 @@ def test_header_garbage(sealed, hf_key):
     data = bytearray(p.read_bytes())
     data[10:12] = b"\xff\xff"  # header length out of range
     p.write_bytes(bytes(data))
-    refused(sealed, hf_key, HeaderError, "")
+    refused(sealed, hf_key, HeaderError, r"header length field is out of range")
