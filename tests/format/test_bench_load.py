@@ -34,3 +34,26 @@ def test_bench_load_json_small_synthetic():
     assert r["cpus"] == 1  # the CPUs this process may run on, not the machine's count
     assert isinstance(r["loadavg_start"], float) and isinstance(r["loadavg_end"], float)
     assert r["aead_releases_gil"] is True
+
+
+def test_bench_load_peers_sharded_json():
+    """The sharded case with every peer, each load in a worker process: medians, ratios to
+    plain safetensors, peak RSS, weights checked bit for bit."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sealtorch", "bench", "load", "--model", "sharded",
+         "--size-mb", "8", "--shards", "2", "--repeat", "2", "--peers", "--json"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    r = json.loads(out)
+    assert r["model"] == "sharded" and r["shards"] == 2 and r["bytes"] >= 8 << 20
+    assert r["peers_unavailable"] == {}
+    variants = r["variants"]
+    assert set(variants) == {"plain_safetensors", "sealed_load_into", "sealed_load",
+                             "cryptotensors", "tensorizer", "kserve_jwe"}
+    assert variants["plain_safetensors"]["ratio_to_plain"] == 1.0
+    for v in variants.values():
+        assert v["bit_identical"] is True
+        assert 0 < v["min_ms"] <= v["median_ms"] <= v["max_ms"]
+        assert v["peak_rss_bytes"] > r["bytes"]  # the ready model itself is resident
+        assert v["ratio_to_plain"] == pytest.approx(
+            v["median_ms"] / variants["plain_safetensors"]["median_ms"], rel=0.01)

@@ -202,18 +202,46 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
 
 
 @click.command("load")
-@click.option("--model", type=click.Choice(["resnet50", "synthetic"]), default="resnet50",
-              show_default=True, help="model to load (synthetic: --size-mb of tensors)")
-@click.option("--size-mb", type=int, default=1024, show_default=True, help="synthetic only")
+@click.option("--model", type=click.Choice(["resnet50", "synthetic", "sharded"]),
+              default="resnet50", show_default=True,
+              help="model to load (synthetic: --size-mb of tensors; sharded: the same as a "
+                   "Hugging Face directory of --shards shards, sealed with `sealtorch seal DIR`)")
+@click.option("--size-mb", type=int, default=1024, show_default=True,
+              help="synthetic and sharded only")
+@click.option("--shards", type=int, default=4, show_default=True, help="sharded only")
+@click.option("--peers", is_flag=True,
+              help="also CryptoTensors, tensorizer with encryption and a KServe-style whole-file "
+                   "JWE (the `bench` extra), each load in a fresh worker process")
 @click.option("--threads", type=int, default=None, help="default: one per CPU")
 @click.option(
     "--repeat", type=int, default=9, show_default=True, help="rounds; medians are reported"
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(model: str, size_mb: int, threads: int | None, repeat: int, as_json: bool) -> None:
-    """Sealed load time vs plain safetensors/torch.load and raw AES-GCM (one run)."""
-    if size_mb < 1 or repeat < 1 or (threads is not None and threads < 1):
-        raise click.UsageError("--size-mb, --repeat and --threads must be positive")
+def command(model: str, size_mb: int, shards: int, peers: bool, threads: int | None,
+            repeat: int, as_json: bool) -> None:
+    """Sealed load time vs plain safetensors/torch.load and raw AES-GCM (one run); with
+    --peers or --model sharded, vs encrypted-weights peers in worker processes."""
+    if size_mb < 1 or repeat < 1 or shards < 2 or (threads is not None and threads < 1):
+        raise click.UsageError("--size-mb, --repeat and --threads must be positive, --shards "
+                               "at least 2")
+    if peers or model == "sharded":
+        from sealtorch.bench.peers import run_peers
+
+        res = run_peers("synthetic" if model == "sharded" else model, size_mb, repeat,
+                        threads, peers, shards if model == "sharded" else 1)
+        if as_json:
+            click.echo(json.dumps(res, sort_keys=True))
+            return
+        click.echo(f"{res['model']}: {res['bytes'] / 1e6:.1f} MB in {res['shards']} file(s), "
+                   f"median of {res['repeat']} interleaved rounds, one fresh process per load")
+        for name, v in res["variants"].items():
+            click.echo(f"  {name:<18} {v['median_ms']:10.1f} ms  x{v['ratio_to_plain']:<7} "
+                       f"peak RSS {v['peak_rss_bytes'] / 1e6:8.1f} MB "
+                       f"(x{v['peak_rss_over_plain']})"
+                       + ("" if v["bit_identical"] else "  WEIGHTS DIFFER"))
+        for name, why in res["peers_unavailable"].items():
+            click.echo(f"  {name}: not run ({why})")
+        return
     result = run_bench(model, size_mb, threads, repeat)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
