@@ -33,3 +33,35 @@ def test_shards_in_index_order(sealed_llama, llama_dir, hf_key):
         assert len(names) >= 3
         assert sum(s.tensors or 0 for s in sd.manifest.shards) == sum(
             len(sf.index.order) for sf in sd.shards)
+
+
+def test_key_provider_and_signer(tmp_path, llama_dir, hf_key):
+    """Keys from a KeyProvider (as from the key cache: one file key per sealed file), and an
+    owner signature required on every file."""
+    import pytest
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sealtorch.errors import SignatureError
+    from sealtorch.format.keyfile import read_key_file
+    from sealtorch.format.keys import KeyFileProvider
+    from sealtorch.format.signing import raw_public
+    from sealtorch.hf import seal_pretrained
+
+    owner = Ed25519PrivateKey.generate()
+    out = tmp_path / "signed"
+    seal_pretrained(llama_dir, out, hf_key, sign_key=owner)
+    asked: list[str] = []
+
+    class Counting(KeyFileProvider):
+        def file_key(self, header):
+            asked.append(header.digest().hex())
+            return super().file_key(header)
+
+    model = from_pretrained(out, key_provider=Counting(read_key_file(hf_key)),
+                            signer=raw_public(owner.public_key()))
+    assert model.model.embed_tokens.weight.dtype is torch.bfloat16
+    with SealedDir(out, key=hf_key) as sd:
+        assert set(asked) >= {sf.header.digest().hex() for sf in sd.shards}
+    other = Ed25519PrivateKey.generate()
+    with pytest.raises(SignatureError):
+        from_pretrained(out, key=hf_key, signer=raw_public(other.public_key()))
