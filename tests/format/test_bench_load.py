@@ -47,6 +47,7 @@ def test_bench_load_peers_sharded_json():
     r = json.loads(out)
     assert r["model"] == "sharded" and r["shards"] == 2 and r["bytes"] >= 8 << 20
     assert r["peers_unavailable"] == {}
+    assert isinstance(r["loadavg_start"], float) and isinstance(r["loadavg_end"], float)
     variants = r["variants"]
     assert set(variants) == {"plain_safetensors", "sealed_load_into", "sealed_load",
                              "cryptotensors", "tensorizer", "kserve_jwe"}

@@ -233,7 +233,9 @@ def command(model: str, size_mb: int, shards: int, peers: bool, threads: int | N
             click.echo(json.dumps(res, sort_keys=True))
             return
         click.echo(f"{res['model']}: {res['bytes'] / 1e6:.1f} MB in {res['shards']} file(s), "
-                   f"median of {res['repeat']} interleaved rounds, one fresh process per load")
+                   f"median of {res['repeat']} interleaved rounds, one fresh process per load; "
+                   f"load average {res['loadavg_start']} -> {res['loadavg_end']} on "
+                   f"{res['cpus']} CPU(s)")
         for name, v in res["variants"].items():
             click.echo(f"  {name:<18} {v['median_ms']:10.1f} ms  x{v['ratio_to_plain']:<7} "
                        f"peak RSS {v['peak_rss_bytes'] / 1e6:8.1f} MB "

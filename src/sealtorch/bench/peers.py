@@ -298,6 +298,7 @@ def run_peers(model: str, size_mb: int, repeat: int, threads: int | None, peers:
               shards: int) -> dict[str, Any]:
     """Prepare the files, run every variant ``repeat`` times in fresh processes, interleaved;
     returns per-variant median ms, ratio to plain safetensors and peak RSS."""
+    load_start = os.getloadavg()[0]
     status = peer_status() if peers else {}
     runnable = [p for p, why in status.items() if why is None]
     variants = SEALED + runnable
@@ -327,6 +328,7 @@ def run_peers(model: str, size_mb: int, repeat: int, threads: int | None, peers:
     return {"model": "sharded" if shards > 1 else model, "bytes": spec["bytes"],
             "shards": len(spec["files"]), "repeat": repeat, "threads": threads,
             "cpus": len(os.sched_getaffinity(0)), "variants": result,
+            "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
             "peers_unavailable": {p: why for p, why in status.items() if why is not None}}
 
 
