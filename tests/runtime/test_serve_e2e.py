@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 from tests.runtime.conftest import FACTORY, Sealed, infer_body, output_tensor, sample
+from tests.runtime.oip import triton_http, triton_http_default
 
 from sealtorch.attestation import sim
 from sealtorch.client import AttestedClient, ClientPolicy
@@ -152,6 +153,12 @@ def test_serve_through_the_cache(deployment: LocalDeployment, sealed_resnet: Sea
             assert answers[i].status_code == 200, answers[i].text
             got = output_tensor(answers[i].json())
             assert torch.equal(got, _reference(sealed_resnet.plain, x)), i
+        # tritonclient (a client nobody here wrote): JSON, binary tensor data, and its defaults
+        for i, kind in enumerate(("json", "binary", "default")):
+            x = sample(1 + i, seed=500 + i)
+            got = (triton_http_default(url, "resnet50", x) if kind == "default"
+                   else triton_http(url, "resnet50", x, binary=kind == "binary"))
+            assert torch.equal(got, _reference(sealed_resnet.plain, x)), kind
         # the same model end to end: attested, encrypted, receipted, and still bit-identical
         with AttestedClient(url, _client_policy(deployment, sealed_resnet),
                             unsafe_sim=True) as c:

@@ -1,17 +1,16 @@
 """The Open Inference Protocol (KServe v2) REST app served by ``sealtorch serve``.
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
-``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer`` (JSON tensors) and ``GET
-/metrics`` (Prometheus). Every bad request gets a 4xx with ``{"error": "..."}`` that says what
-was wrong without echoing the input; the server keeps serving.
+``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer`` (JSON tensors, and the binary
+tensor data extension; :mod:`.codec`) and ``GET /metrics`` (Prometheus). Every
+bad request gets a 4xx with ``{"error": "..."}`` that says what was wrong without echoing the
+input; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,20 +24,15 @@ from starlette.routing import Route
 
 import sealtorch
 from sealtorch.errors import InferenceInputError, OverloadedError, ServeError
+from sealtorch.runtime.attested import JSON_ONLY
 from sealtorch.runtime.batcher import Batcher
+from sealtorch.runtime.codec import HEADER_LENGTH, decode_request, encode_response
 from sealtorch.runtime.ratelimit import RateLimiter
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from sealtorch.runtime.model import ServedModel
 
 log = logging.getLogger("sealtorch.serve")
-
-MAX_ID_LEN = 128
-_MODEL_KEYS = {"id", "parameters", "inputs", "outputs"}
-_INPUT_KEYS = {"name", "shape", "datatype", "data", "parameters"}
-
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -58,83 +52,6 @@ class _HTTPError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
-
-
-def _reject_constant(name: str) -> float:
-    raise InferenceInputError("JSON numbers must be finite (NaN/Infinity are not allowed)")
-
-
-def parse_infer_request(body: bytes, model: ServedModel, max_batch: int) -> tuple[str | None,
-                                                                                 torch.Tensor]:
-    """Validate a KServe v2 JSON infer request; return its id and the input tensor."""
-    import numpy as np
-    import torch
-
-    from sealtorch.runtime.model import torch_dtype
-
-    try:
-        doc = json.loads(body, parse_constant=_reject_constant)
-    except InferenceInputError:
-        raise
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InferenceInputError("the request body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise InferenceInputError("the request must be a JSON object with an 'inputs' list")
-    unknown = set(doc) - _MODEL_KEYS
-    if unknown:
-        raise InferenceInputError(f"unknown request field(s); allowed: {sorted(_MODEL_KEYS)}")
-    rid = doc.get("id")
-    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID_LEN
-                            or not rid.isprintable()):
-        raise InferenceInputError(f"'id' must be a printable string of at most {MAX_ID_LEN} "
-                                  "characters")
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InferenceInputError(
-            f"'inputs' must be a list with exactly one tensor named {model.input_name!r}")
-    inp = inputs[0]
-    if set(inp) - _INPUT_KEYS or not {"name", "shape", "datatype", "data"} <= set(inp):
-        raise InferenceInputError("an input tensor needs exactly 'name', 'shape', 'datatype' "
-                                  "and 'data' (and optional 'parameters')")
-    if inp["name"] != model.input_name:
-        raise InferenceInputError(f"unknown input name; this model's input is "
-                                  f"{model.input_name!r}")
-    if inp["datatype"] != model.datatype:
-        raise InferenceInputError(f"wrong datatype; this model takes {model.datatype}")
-    shape = inp["shape"]
-    want = list(model.input_shape)
-    if (not isinstance(shape, list) or len(shape) != len(want) + 1
-            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
-        raise InferenceInputError(f"wrong shape; expected [batch, {', '.join(map(str, want))}]")
-    if shape[1:] != want:
-        raise InferenceInputError(f"wrong shape; expected [batch, {', '.join(map(str, want))}]")
-    if not 1 <= shape[0] <= max_batch:
-        raise InferenceInputError(f"batch size must be between 1 and {max_batch}")
-    data = inp["data"]
-    if not isinstance(data, list):
-        raise InferenceInputError("'data' must be a list of numbers (flat or nested)")
-    try:
-        arr = np.array(data)
-    except (ValueError, TypeError, OverflowError):
-        raise InferenceInputError("'data' must be a rectangular list of numbers") from None
-    if arr.dtype.kind not in "fiu":
-        raise InferenceInputError("'data' must contain only numbers")
-    n = math.prod(shape)
-    if arr.size != n or (arr.ndim > 1 and list(arr.shape) != shape):
-        raise InferenceInputError(f"'data' has the wrong number of values for shape; expected "
-                                  f"{n}")
-    dtype = torch_dtype(model.datatype)
-    np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
-                torch.int64: np.int64, torch.int32: np.int32}[dtype]
-    if arr.dtype.kind == "f" and np_dtype in (np.int64, np.int32):
-        raise InferenceInputError(f"wrong datatype; this model takes {model.datatype} values")
-    with np.errstate(over="ignore", invalid="ignore"):
-        conv = arr.astype(np_dtype).reshape(shape)
-    if conv.dtype.kind == "f" and not np.isfinite(conv).all():
-        raise InferenceInputError(f"values out of range for {model.datatype}")
-    if conv.dtype.kind in "iu" and not np.array_equal(conv, arr.reshape(shape)):
-        raise InferenceInputError(f"values out of range for {model.datatype}")
-    return rid, torch.from_numpy(np.ascontiguousarray(conv))
 
 
 class _Metrics:
@@ -165,8 +82,7 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
     batcher = Batcher(model, max_batch=opts.max_batch, max_queue_rows=opts.max_queue_rows,
                       on_batch=metrics.batch_rows.observe)
     limiter = RateLimiter(opts.rate_per_second, opts.rate_burst)
-    max_body = opts.max_body_bytes or (
-        65536 + opts.max_batch * model.sample_elements * 32)
+    max_body = opts.max_body_bytes or (65536 + opts.max_batch * model.max_sample_bytes)
 
     def error(status: int, message: str, endpoint: str,
               headers: dict[str, str] | None = None) -> JSONResponse:
@@ -191,8 +107,8 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
         return ok({"ready": batcher.ready}, "ready", 200 if batcher.ready else 503)
 
     async def server_meta(request: Request) -> Response:
-        return ok({"name": "sealtorch", "version": sealtorch.__version__, "extensions": []},
-                  "server")
+        return ok({"name": "sealtorch", "version": sealtorch.__version__,
+                   "extensions": ["binary_tensor_data"]}, "server")
 
     async def model_meta(request: Request) -> Response:
         if (bad := check_model(request, "model")) is not None:
@@ -201,10 +117,8 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
             return error(503, "the model is not ready", "model")
         return ok({
             "name": model.name, "versions": [model.version], "platform": "pytorch",
-            "inputs": [{"name": model.input_name, "datatype": model.datatype,
-                        "shape": [-1, *model.input_shape]}],
-            "outputs": [{"name": model.output_name, "datatype": batcher.output_datatype,
-                         "shape": [-1, *batcher.output_shape]}],
+            "inputs": [s.to_dict() for s in model.inputs],
+            "outputs": [s.to_dict() for s in batcher.outputs],
         }, "model")
 
     async def model_ready(request: Request) -> Response:
@@ -221,8 +135,11 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
             if int(cl) > max_body:
                 raise _HTTPError(413, f"request body larger than {max_body} bytes")
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-        if ctype.lower() != "application/json":
-            raise _HTTPError(415, "the request body must be application/json")
+        binary = HEADER_LENGTH in request.headers
+        if ctype.lower() not in (("application/json", "application/octet-stream") if binary
+                                 else ("application/json",)):
+            raise _HTTPError(415, "the request body must be application/json (or binary "
+                                  f"tensor data with the {HEADER_LENGTH} header)")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -245,15 +162,19 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
         start = time.perf_counter()
         try:
             body = await read_body(request)
-            rid, x = await anyio.to_thread.run_sync(
-                parse_infer_request, body, model, opts.max_batch)
+            req = await anyio.to_thread.run_sync(lambda: decode_request(
+                body, model.inputs, max_batch=opts.max_batch,
+                header_length=request.headers.get(HEADER_LENGTH),
+                output_names=model.output_names))
         except _HTTPError as e:
             return error(e.status, e.message, endpoint, e.headers)
         except InferenceInputError as e:
             return error(400, str(e), endpoint)
+        if request.scope.get(JSON_ONLY):
+            req.binary_default, req.binary = False, {}
         try:
-            metrics.queue_rows.set(batcher.queued_rows + x.shape[0])
-            y = await batcher.submit(x)
+            metrics.queue_rows.set(batcher.queued_rows + req.rows)
+            ys = await batcher.submit_many(req.values)
         except OverloadedError as e:
             return error(503, str(e), endpoint, {"Retry-After": "1"})
         except ServeError as e:
@@ -261,15 +182,18 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
             return error(500, "inference failed; see the server log", endpoint)
         finally:
             metrics.queue_rows.set(batcher.queued_rows)
-        out: dict[str, Any] = {
-            "model_name": model.name, "model_version": model.version,
-            "outputs": [{"name": model.output_name, "datatype": batcher.output_datatype,
-                         "shape": list(y.shape), "data": y.reshape(-1).tolist()}],
-        }
-        if rid is not None:
-            out["id"] = rid
+        try:
+            out, header_len = encode_response(
+                model_name=model.name, model_version=model.version, request=req,
+                outputs=list(zip(model.output_names, ys, strict=True)))
+        except InferenceInputError as e:
+            return error(400, str(e), endpoint)
         metrics.latency.observe(time.perf_counter() - start)
-        return ok(out, endpoint)
+        metrics.requests.labels(endpoint, "200").inc()
+        if header_len is None:
+            return Response(out, media_type="application/json")
+        return Response(out, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_len)})
 
     async def metrics_endpoint(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -55,6 +55,10 @@ _NAME = r"(?P<name>[A-Za-z0-9_.-]{1,64})"
 ATTEST_RE = re.compile(rf"/v2(?:/models/{_NAME}(?:/versions/[^/]{{1,64}})?)?/attestation")
 INFER_RE = re.compile(rf"/v2/models/{_NAME}(?:/versions/[^/]{{1,64}})?/infer")
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+#: ASGI scope key: answer in JSON only (no binary tensor data, whose length is a header)
+JSON_ONLY = "sealtorch.json_only"
+_BODY_HEADERS = (b"content-type", b"content-length", b"inference-header-content-length",
+                 b"content-encoding", b"transfer-encoding")
 
 
 @dataclass
@@ -283,10 +287,13 @@ class E2EMiddleware:
     async def _call_app(self, scope: Scope, receive: Receive, body: bytes) -> tuple[int, bytes]:
         """Run the app on the plaintext request; return its status and body."""
         inner_scope = dict(scope)
+        # the host's headers must not change how the decrypted body is read: the inner
+        # request is plain JSON whatever the outer one says (no binary data header)
         inner_scope["headers"] = [(k, v) for k, v in scope["headers"]
-                                  if k not in (b"content-type", b"content-length")] + [
+                                  if k.lower() not in _BODY_HEADERS] + [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode("ascii"))]
+        inner_scope[JSON_ONLY] = True  # the encapsulated answer carries a body, no headers
         delivered = False
         status = 500
         chunks: list[bytes] = []

@@ -8,6 +8,10 @@ sample's output can differ in the last bits between a batch of 1 and a batch of 
 ResNet-50 in eval mode). Every forward therefore runs at exactly ``max_batch`` rows, padding with
 zeros, so a request's output depends only on its own input and never on which requests it was
 batched with; :func:`reference_forward` computes the same thing for a plaintext model.
+
+A model may take several inputs (tensors, or numpy arrays of ``bytes`` for BYTES inputs, padded
+with ``b""``), called as ``module(*inputs)``, and return one tensor, a tuple of them, or a dict
+keyed by output name.
 """
 
 from __future__ import annotations
@@ -15,43 +19,100 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from sealtorch.errors import OverloadedError, ServeError
+from sealtorch.runtime.codec import NUMPY_DTYPES, TensorSpec, datatype_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from sealtorch.runtime.codec import Value
     from sealtorch.runtime.model import ServedModel
 
 log = logging.getLogger("sealtorch.serve")
 
 
-def reference_forward(module: torch.nn.Module, x: torch.Tensor, max_batch: int) -> torch.Tensor:
-    """What the server returns for ``x``: forward in ``max_batch``-row zero-padded batches."""
+def _pad(values: Sequence[Value], max_batch: int) -> list[Value]:
+    """Each value zero-padded (BYTES: ``b""``) to ``max_batch`` rows."""
     import torch
 
-    outs = []
+    out: list[Value] = []
+    for v in values:
+        p: Value
+        if isinstance(v, np.ndarray):
+            p = np.full((max_batch, *v.shape[1:]), b"", dtype=object)
+        else:
+            p = torch.zeros((max_batch, *v.shape[1:]), dtype=v.dtype)
+        p[: v.shape[0]] = v  # type: ignore[assignment]
+        out.append(p)
+    return out
+
+
+def call_module(module: Any, values: Sequence[Value], output_names: Sequence[str]
+                ) -> list[Value]:
+    """Run ``module(*values)`` (inference mode) and return its outputs in ``output_names``
+    order; raises :class:`ServeError` if they do not match."""
+    import torch
+
     with torch.inference_mode():
-        for start in range(0, x.shape[0], max_batch):
-            part = x[start:start + max_batch]
-            padded = torch.zeros((max_batch, *x.shape[1:]), dtype=x.dtype)
-            padded[: part.shape[0]] = part
-            outs.append(module(padded)[: part.shape[0]].clone())
-    return torch.cat(outs)
+        out = module(*values)
+    if isinstance(out, dict):
+        if set(out) != set(output_names):
+            raise ServeError(f"the model returned outputs {sorted(out)}; expected "
+                             f"{list(output_names)}")
+        outs = [out[n] for n in output_names]
+    else:
+        outs = list(out) if isinstance(out, tuple | list) else [out]
+    if len(outs) != len(output_names) or not all(
+            isinstance(o, torch.Tensor | np.ndarray) and o.ndim >= 1 for o in outs):
+        raise ServeError(f"the model must return {len(output_names)} tensor(s) "
+                         f"({', '.join(output_names)}) with the batch as first dimension")
+    return outs
+
+
+def reference_forward(module: torch.nn.Module, x: Value | Sequence[Value], max_batch: int,
+                      output_names: Sequence[str] = ("output",)) -> Any:
+    """What the server returns for ``x`` (one input, or a list of them): forward in
+    ``max_batch``-row padded batches. One output: that tensor; several: a list."""
+    import torch
+
+    xs = [x] if isinstance(x, torch.Tensor | np.ndarray) else list(x)
+    parts: list[list[Value]] = []
+    for start in range(0, xs[0].shape[0], max_batch):
+        chunk = [v[start:start + max_batch] for v in xs]
+        rows = chunk[0].shape[0]
+        parts.append([_copy(o[:rows]) for o in call_module(module, _pad(chunk, max_batch),
+                                                           output_names)])
+    outs = [_cat([p[i] for p in parts]) for i in range(len(output_names))]
+    return outs[0] if len(outs) == 1 else outs
+
+
+def _copy(v: Value) -> Value:
+    return v.copy() if isinstance(v, np.ndarray) else v.clone()
+
+
+def _cat(vs: list[Value]) -> Value:
+    import torch
+
+    if isinstance(vs[0], np.ndarray):
+        return np.concatenate(vs)
+    return torch.cat([v for v in vs if isinstance(v, torch.Tensor)])
 
 
 @dataclass
 class _Item:
-    x: torch.Tensor
-    future: asyncio.Future[torch.Tensor] = field(repr=False)
+    values: list[Value]
+    future: asyncio.Future[list[Value]] = field(repr=False)
 
     @property
     def rows(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.values[0].shape[0])
 
 
 class Batcher:
@@ -71,27 +132,42 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.ready = False
+        self.outputs: list[TensorSpec] = []
 
     @property
     def queued_rows(self) -> int:
         """Rows waiting for a forward pass."""
         return self._queued_rows
 
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the first output."""
+        return self.outputs[0].shape
+
+    @property
+    def output_datatype(self) -> str:
+        """Datatype of the first output."""
+        return self.outputs[0].datatype
+
     async def start(self) -> None:
         """Warm the model up at the fixed shape (checks it runs) and start the worker."""
         import torch
 
-        from sealtorch.runtime.model import torch_dtype
-
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sealtorch-infer")
         loop = asyncio.get_running_loop()
-        x = torch.zeros((self.max_batch, *self.model.input_shape),
-                        dtype=torch_dtype(self.model.datatype))
-        y = await loop.run_in_executor(self._pool, self._forward, x)
-        if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != self.max_batch:
-            raise ServeError("the model must return one tensor with the batch as first dimension")
-        self.output_shape: tuple[int, ...] = tuple(y.shape[1:])
-        self.output_datatype = _datatype(y)
+        warm: list[Value] = []
+        for spec in self.model.inputs:
+            if spec.datatype == "BYTES":
+                warm.append(np.full((1, *spec.shape), b"", dtype=object))
+            else:
+                warm.append(torch.zeros((1, *spec.shape),
+                                        dtype=torch.from_numpy(np.zeros(
+                                            0, NUMPY_DTYPES[spec.datatype])).dtype))
+        ys = await loop.run_in_executor(self._pool, self._forward, _pad(warm, self.max_batch))
+        if any(y.shape[0] != self.max_batch for y in ys):
+            raise ServeError("the model must return tensors with the batch as first dimension")
+        self.outputs = [TensorSpec(n, datatype_of(y), tuple(y.shape[1:]))
+                        for n, y in zip(self.model.output_names, ys, strict=True)]
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name="sealtorch-batcher")
         self.ready = True
@@ -106,25 +182,30 @@ class Batcher:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    async def submit(self, x: torch.Tensor) -> torch.Tensor:
-        """Queue ``x`` (``[n, *input_shape]``, ``n <= max_batch``); return its output rows."""
-        if self._queue is None or not self.ready:
-            raise ServeError("the model is not ready")
-        if self._queued_rows + x.shape[0] > self.max_queue_rows:
-            raise OverloadedError("too many requests are waiting; retry later")
-        fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._queued_rows += int(x.shape[0])
-        await self._queue.put(_Item(x, fut))
-        return await fut
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    async def submit(self, x: Value | Sequence[Value]) -> Any:
+        """Queue one input (a tensor) or one value per model input (``[n, ...]``, ``n <=
+        max_batch``); return the output rows (one output: a tensor; several: a list)."""
         import torch
 
-        with torch.inference_mode():
-            out = self.model.module(x)
-        if not isinstance(out, torch.Tensor):
-            raise ServeError("the model returned something other than one tensor")
-        return out
+        values: list[Value] = ([x] if isinstance(x, np.ndarray | torch.Tensor)
+                               else list(x))
+        outs = await self.submit_many(values)
+        return outs[0] if len(outs) == 1 else outs
+
+    async def submit_many(self, values: list[Value]) -> list[Value]:
+        """Queue one value per model input; return every output's rows, in output order."""
+        if self._queue is None or not self.ready:
+            raise ServeError("the model is not ready")
+        rows = int(values[0].shape[0])
+        if self._queued_rows + rows > self.max_queue_rows:
+            raise OverloadedError("too many requests are waiting; retry later")
+        fut: asyncio.Future[list[Value]] = asyncio.get_running_loop().create_future()
+        self._queued_rows += rows
+        await self._queue.put(_Item(values, fut))
+        return await fut
+
+    def _forward(self, xs: list[Value]) -> list[Value]:
+        return call_module(self.model.module, xs, self.model.output_names)
 
     async def _next_batch(self) -> list[_Item]:
         assert self._queue is not None
@@ -144,8 +225,6 @@ class Batcher:
         return batch
 
     async def _run(self) -> None:
-        import torch
-
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
@@ -155,12 +234,11 @@ class Batcher:
             if not live:
                 continue
             try:
-                x = torch.zeros((self.max_batch, *live[0].x.shape[1:]), dtype=live[0].x.dtype)
-                off = 0
-                for it in live:
-                    x[off:off + it.rows] = it.x
-                    off += it.rows
-                y = await loop.run_in_executor(self._pool, self._forward, x)
+                joined = [_cat([it.values[i] for it in live])
+                          for i in range(len(live[0].values))]
+                off = int(joined[0].shape[0])
+                ys = await loop.run_in_executor(self._pool, self._forward,
+                                                _pad(joined, self.max_batch))
             except Exception as e:  # the model failed: every waiting request gets the error
                 log.error("inference failed: %s", type(e).__name__)
                 for it in live:
@@ -173,11 +251,5 @@ class Batcher:
             off = 0
             for it in live:
                 if not it.future.done():
-                    it.future.set_result(y[off:off + it.rows])
+                    it.future.set_result([y[off:off + it.rows] for y in ys])
                 off += it.rows
-
-
-def _datatype(y: torch.Tensor) -> str:
-    from sealtorch.runtime.model import datatype_of
-
-    return datatype_of(y.dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -11,14 +10,13 @@ from typing import TYPE_CHECKING
 
 from sealtorch.errors import FactoryError, ServeError
 from sealtorch.runtime import factory as _factory
+from sealtorch.runtime.codec import TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from sealtorch.format.keys import KeyProvider
 
-#: KServe v2 datatype names of the tensor dtypes the JSON API carries
-DATATYPES = ("FP32", "FP64", "INT64", "INT32")
 #: longest model name in the API (it appears in URL paths)
 NAME_MAX = 64
 _NAME_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{NAME_MAX}}}")
@@ -40,28 +38,6 @@ def default_model_name(model_id: str) -> str:
     return check_model_name(name)
 
 
-def torch_dtype(datatype: str) -> torch.dtype:
-    """The torch dtype of a KServe v2 datatype name."""
-    import torch
-
-    table = {"FP32": torch.float32, "FP64": torch.float64, "INT64": torch.int64,
-             "INT32": torch.int32}
-    if datatype not in table:
-        raise ServeError(f"datatype must be one of {', '.join(DATATYPES)}")
-    return table[datatype]
-
-
-def datatype_of(dtype: torch.dtype) -> str:
-    """The KServe v2 datatype name of a torch dtype (only those the JSON API carries)."""
-    import torch
-
-    table = {torch.float32: "FP32", torch.float64: "FP64", torch.int64: "INT64",
-             torch.int32: "INT32"}
-    if dtype not in table:
-        raise ServeError("the model's output dtype cannot be carried as JSON (FP32/FP64/INT)")
-    return table[dtype]
-
-
 def check_input_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """Return the per-sample input shape if every size is positive; raise otherwise."""
     if not shape or any(d <= 0 for d in shape):
@@ -71,7 +47,9 @@ def check_input_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 @dataclass
 class ServedModel:
-    """A loaded module with its tensor signature (per-sample input shape, no batch dim)."""
+    """A loaded module with its signature: named inputs (datatype, per-sample shape, no batch
+    dim) and output names. One input can be given as ``input_shape``/``datatype``/``input_name``;
+    several as ``inputs`` (the module is called with them as positional arguments, in order)."""
 
     name: str
     module: torch.nn.Module
@@ -81,17 +59,26 @@ class ServedModel:
     output_name: str = "output"
     version: str = "1"
     sealed: bool = True
+    inputs: tuple[TensorSpec, ...] = ()
+    output_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_model_name(self.name)
-        check_input_shape(self.input_shape)
-        torch_dtype(self.datatype)
+        if not self.inputs:
+            self.inputs = (TensorSpec(self.input_name, self.datatype,
+                                      check_input_shape(self.input_shape)),)
+        self.inputs = tuple(self.inputs)
+        if len({s.name for s in self.inputs}) != len(self.inputs):
+            raise ServeError("input names must be unique")
+        self.output_names = tuple(self.output_names) or (self.output_name,)
+        if len(set(self.output_names)) != len(self.output_names):
+            raise ServeError("output names must be unique")
         self.module.eval()
 
     @property
-    def sample_elements(self) -> int:
-        """Number of values in one sample."""
-        return math.prod(self.input_shape)
+    def max_sample_bytes(self) -> int:
+        """An upper bound of one sample's size in a request (JSON: 32 bytes per number)."""
+        return sum(max(s.sample_bytes, s.elements * 32) for s in self.inputs)
 
 
 def build_sealed(
