@@ -69,20 +69,13 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
     import uvicorn
 
     from sealtorch._secret import harden_process
-    from sealtorch.attestation import attesters
-    from sealtorch.attestation.binding import ServedIdentity
     from sealtorch.cli.progress import activity
-    from sealtorch.format.header import read_header
-    from sealtorch.keycache.client import KeyCacheClient
-    from sealtorch.keycache.localauth import policy_from_grant
     from sealtorch.runtime.app import ServeOptions, build_app
     from sealtorch.runtime.attested import E2EMiddleware, Gateway
-    from sealtorch.runtime.config import load_runtime_config
-    from sealtorch.runtime.factory import validate_factory
     from sealtorch.runtime.listener import bind_listener
+    from sealtorch.runtime.loading import load_through_cache, prepare
     from sealtorch.runtime.model import (
         ServedModel,
-        build_sealed,
         check_input_shape,
         check_model_name,
         default_model_name,
@@ -93,12 +86,10 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # checks that need no key, cheapest first: nothing below asks the cache before they pass
     shape = check_input_shape(_shape(input_shape))
-    validate_factory(factory)
-    config = load_runtime_config(config_path)
-    header = read_header(sealed)
+    source = prepare(sealed, factory, config_path, attester)
+    header = source.header
     model_name = check_model_name(name) if name is not None else default_model_name(
         header.model_id)
-    tee = attesters.select(attester, role="serve", config_bytes=config.raw)
     listener = bind_listener(host, port)
     try:
         bound = listener.getsockname()[1]
@@ -106,25 +97,13 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
                    "asking the key cache for the key", err=True)
         if threads:
             torch.set_num_threads(threads)
-        client = KeyCacheClient(socket_path, server_public_key=config.server_public_key,
-                                attester=tee)
-        try:
-            with activity(f"loading {sealed.name} through the key cache"):
-                grant = client.grant(header.model_id)
-                module = build_sealed(sealed, factory, key_provider=client,
-                                      allowed_factories=policy_from_grant(grant).factories,
-                                      threads=threads)
-        finally:
-            client.close()
-        model = ServedModel(model_name, module, input_shape=shape, datatype=datatype)
+        with activity(f"loading {sealed.name} through the key cache"):
+            loaded = load_through_cache(source, socket_path, threads=threads)
+        model = ServedModel(model_name, loaded.module, input_shape=shape, datatype=datatype)
         app = build_app(model, ServeOptions(max_batch=max_batch, rate_per_second=rate,
                                             rate_burst=max(1, int(rate * 2))))
         # no TLS terminates in this process, so the TLS key bound into the evidence is empty
-        gateway = Gateway(tee, [ServedIdentity(
-            name=model.name, model_id=header.model_id, key_version=header.key_version,
-            header_digest=header.digest(), policy_version=grant.policy_version,
-            factory=factory, tenant=grant.tenant,
-            server_key_id=bytes.fromhex(grant.server_key_id))])
+        gateway = Gateway(source.attester, [loaded.identity(model.name)])
         e2e = E2EMiddleware(app, gateway, allow_plaintext=unsafe_allow_plaintext,
                             max_request_bytes=app.state.max_body + 4096,
                             registry=app.state.metrics.registry)

@@ -126,7 +126,8 @@ def input_value(spec: TensorSpec, array: np.ndarray, rows: int) -> Value:
             raise InferenceInputError(f"input {spec.name!r} must hold {out.size} strings")
         out.reshape(-1)[:] = flat
         return out
-    return torch.from_numpy(np.ascontiguousarray(array.reshape(shape)))
+    array = np.ascontiguousarray(array.reshape(shape))
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _reject_constant(name: str) -> float:

@@ -1,0 +1,140 @@
+"""``SealedModel``: a ``kserve.Model`` whose weights are decrypted inside the TEE.
+
+``load()`` opens the sealed model through dkeycache with the same core as ``sealtorch serve``
+(:mod:`sealtorch.runtime.loading`: the factory is checked against the signed policy before its
+module is imported); ``predict()`` checks each input against the model's signature with the
+shared codec and runs it in process through the same fixed-shape batcher, so outputs are
+bit-identical to :func:`~sealtorch.runtime.batcher.reference_forward` of the plaintext model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from kserve import Model
+from kserve.errors import InvalidInput, ModelNotReady
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from sealtorch.errors import InferenceInputError, OverloadedError, ServeError
+from sealtorch.runtime.batcher import Batcher
+from sealtorch.runtime.codec import TensorSpec, check_input, datatype_of, input_value
+from sealtorch.runtime.loading import LoadedModel, SealedSource, load_through_cache
+from sealtorch.runtime.model import ServedModel
+
+
+class SealedModel(Model):
+    """A sealed model served by ``kserve.ModelServer`` (REST and gRPC)."""
+
+    def __init__(self, name: str, source: SealedSource, keycache: str, *,
+                 inputs: Sequence[TensorSpec], output_names: Sequence[str] = ("output",),
+                 max_batch: int = 8, max_queue_rows: int = 256,
+                 threads: int | None = None) -> None:
+        super().__init__(name)
+        self.source = source
+        self.keycache = keycache
+        self.inputs = tuple(inputs)
+        self.output_names = tuple(output_names)
+        self.max_batch = max_batch
+        self.max_queue_rows = max_queue_rows
+        self.threads = threads
+        self.loaded: LoadedModel | None = None
+        self.served: ServedModel | None = None
+        self._batcher: Batcher | None = None
+        self._starting: asyncio.Lock | None = None
+
+    def load(self) -> bool:
+        """Attest to the key cache, check the factory against the signed policy, decrypt."""
+        self.loaded = load_through_cache(self.source, self.keycache, threads=self.threads)
+        self.served = ServedModel(self.name, self.loaded.module, inputs=self.inputs,
+                                  output_names=self.output_names)
+        self.ready = True
+        return self.ready
+
+    async def batcher(self) -> Batcher:
+        """The model's batcher, started (warm-up at the fixed shape) on first use in the
+        server's event loop."""
+        if self._batcher is not None and self._batcher.ready:
+            return self._batcher
+        if self.served is None:
+            raise ServeError("the model is not loaded")
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._batcher is None:
+                b = Batcher(self.served, max_batch=self.max_batch,
+                            max_queue_rows=self.max_queue_rows)
+                await b.start()
+                self._batcher = b
+        return self._batcher
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        """Model metadata: the inputs (``-1``: the batch dimension)."""
+        return [s.to_dict() for s in self.inputs]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        """Model metadata: the outputs, once known (after the first forward pass)."""
+        if self._batcher is None:
+            return [{"name": n} for n in self.output_names]
+        return [s.to_dict() for s in self._batcher.outputs]
+
+    def decode(self, payload: InferRequest) -> list[Any]:
+        """One value per model input, in signature order, each checked against its spec."""
+        if not isinstance(payload, InferRequest):
+            raise InvalidInput("this model speaks the Open Inference Protocol (v2) only")
+        names = [s.name for s in self.inputs]
+        given = [i.name for i in payload.inputs]
+        if sorted(given) != sorted(names):
+            raise InvalidInput(f"'inputs' must hold exactly one tensor for each of this "
+                               f"model's inputs: {names}")
+        values: list[Any] = []
+        rows = None
+        try:
+            for spec in self.inputs:
+                inp = payload.inputs[given.index(spec.name)]
+                n = check_input(spec, datatype=inp.datatype, shape=list(inp.shape),
+                                max_batch=self.max_batch)
+                if rows is not None and n != rows:
+                    raise InferenceInputError("every input must have the same batch size")
+                rows = n
+                try:
+                    array = inp.as_numpy()
+                except (ValueError, TypeError) as e:
+                    raise InferenceInputError(f"the data of input {spec.name!r} does not "
+                                              f"match its shape and datatype") from e
+                if spec.datatype == "BYTES":
+                    array = np.array([v.encode() if isinstance(v, str) else bytes(v)
+                                      for v in array.reshape(-1)], dtype=object)
+                values.append(input_value(spec, array, n))
+        except InferenceInputError as e:
+            raise InvalidInput(str(e)) from None
+        return values
+
+    async def predict(self, payload: InferRequest,
+                      headers: dict[str, str] | None = None) -> InferResponse:
+        """Run one request through the batcher; answer every output the model has."""
+        values = self.decode(payload)
+        batcher = await self.batcher()
+        try:
+            ys = await batcher.submit_many(values)
+        except OverloadedError as e:  # 503: retry later
+            raise ModelNotReady(self.name, str(e)) from None
+        outputs = []
+        for name, y in zip(self.output_names, ys, strict=True):
+            arr = y if isinstance(y, np.ndarray) else y.numpy()
+            out = InferOutput(name=name, shape=list(arr.shape), datatype=datatype_of(y))
+            out.set_data_from_numpy(arr, binary_data=True)  # REST re-encodes it as asked
+            outputs.append(out)
+        return InferResponse(response_id=payload.id or str(uuid.uuid4()),
+                             model_name=self.name, infer_outputs=outputs,
+                             use_binary_outputs=payload.use_binary_outputs,
+                             requested_outputs=payload.request_outputs)
+
+    def stop(self) -> None:
+        """Stop the batcher's worker thread with the server."""
+        self.ready = False
+        if self._batcher is not None:
+            self._batcher.ready = False
