@@ -43,3 +43,28 @@ def test_bench_serve_e2e_json() -> None:
     assert set(steps) == {"client_encapsulate", "server_open", "server_seal_and_sign",
                           "client_open", "client_verify_receipt", "total"}
     assert all(v > 0 for v in steps.values())
+
+
+def test_bench_serve_kserve_json() -> None:
+    """KServe sealed vs plaintext on one KServe server, and vs `sealtorch serve`, one run."""
+    p = subprocess.run([sys.executable, "-m", "sealtorch", "bench", "serve", "--engine",
+                        "kserve", "--json", "--requests", "4", "--rounds", "1", "--image", "32",
+                        "--concurrency", "2", "--max-batch", "2"], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["engine"] == "kserve" and res["bit_identical"] is True
+    sides = ("kserve_plaintext", "kserve_sealed", "serve_sealed")
+    for side in sides:
+        assert res[side]["requests"] == 4.0
+        assert res[side]["rps"] > 0 and res[side]["p99_ms"] >= res[side]["p50_ms"] > 0
+        assert res["all_rounds"][side] == [res[side]]
+    assert res["rps_ratio"] == res["kserve_sealed"]["rps"] / res["kserve_plaintext"]["rps"]
+    assert res["kserve_vs_serve_rps_ratio"] == (res["kserve_sealed"]["rps"]
+                                                / res["serve_sealed"]["rps"])
+
+
+def test_bench_serve_kserve_refuses_e2e() -> None:
+    p = subprocess.run([sys.executable, "-m", "sealtorch", "bench", "serve", "--engine",
+                        "kserve", "--e2e"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "leave out --engine kserve" in p.stderr

@@ -302,11 +302,27 @@ def _crypto_costs(gateway: Any, client: Any, body: bytes, answer: bytes, n: int 
 @click.option("--e2e", is_flag=True,
               help="compare end-to-end (attested, encrypted, receipted) requests with "
                    "plaintext ones on the sealed model (sim TEE)")
+@click.option("--engine", default="sealtorch", show_default=True,
+              type=click.Choice(["sealtorch", "kserve"]),
+              help="kserve: the KServe predictor, sealed vs plaintext on one KServe server, "
+                   "and vs `sealtorch serve` on the same sealed model (needs the kserve extra)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def command(requests: int, concurrency: int, max_batch: int, rounds: int, image: int,
-            threads: int | None, e2e: bool, as_json: bool) -> None:
-    """Inference server: sealed ResNet-50 vs plaintext, or end-to-end vs plaintext requests
-    (requests/s, p99), same run."""
+            threads: int | None, e2e: bool, engine: str, as_json: bool) -> None:
+    """Inference server: sealed ResNet-50 vs plaintext, or end-to-end vs plaintext requests,
+    or (--engine kserve) the KServe predictor (requests/s, p99), same run."""
+    if engine == "kserve":
+        if e2e:
+            raise click.UsageError("--e2e measures `sealtorch serve`; leave out --engine kserve")
+        from sealtorch.bench.serve_kserve import print_kserve, run_kserve_bench
+
+        res = run_kserve_bench(requests=requests, concurrency=concurrency,
+                               max_batch=max_batch, rounds=rounds, image=image, threads=threads)
+        if as_json:
+            click.echo(json.dumps(res, sort_keys=True))
+        else:
+            print_kserve(res)
+        return
     res = run_bench(requests=requests, concurrency=concurrency, max_batch=max_batch,
                     rounds=rounds, image=image, threads=threads, e2e=e2e)
     if as_json:

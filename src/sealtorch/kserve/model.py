@@ -26,31 +26,26 @@ from sealtorch.runtime.loading import LoadedModel, SealedSource, load_through_ca
 from sealtorch.runtime.model import ServedModel
 
 
-class SealedModel(Model):
-    """A sealed model served by ``kserve.ModelServer`` (REST and gRPC)."""
+class OIPModel(Model):
+    """A module under ``kserve.ModelServer`` with a fixed signature: requests are checked with
+    the shared codec and run through the fixed-shape batcher. :meth:`serve` makes it ready."""
 
-    def __init__(self, name: str, source: SealedSource, keycache: str, *,
-                 inputs: Sequence[TensorSpec], output_names: Sequence[str] = ("output",),
-                 max_batch: int = 8, max_queue_rows: int = 256,
-                 threads: int | None = None) -> None:
+    def __init__(self, name: str, *, inputs: Sequence[TensorSpec],
+                 output_names: Sequence[str] = ("output",), max_batch: int = 8,
+                 max_queue_rows: int = 256) -> None:
         super().__init__(name)
-        self.source = source
-        self.keycache = keycache
         self.inputs = tuple(inputs)
         self.output_names = tuple(output_names)
         self.max_batch = max_batch
         self.max_queue_rows = max_queue_rows
-        self.threads = threads
-        self.loaded: LoadedModel | None = None
         self.served: ServedModel | None = None
         self._batcher: Batcher | None = None
         self._starting: asyncio.Lock | None = None
 
-    def load(self) -> bool:
-        """Attest to the key cache, check the factory against the signed policy, decrypt."""
-        self.loaded = load_through_cache(self.source, self.keycache, threads=self.threads)
-        self.served = ServedModel(self.name, self.loaded.module, inputs=self.inputs,
-                                  output_names=self.output_names)
+    def serve(self, module: Any, *, sealed: bool = True) -> bool:
+        """Serve ``module`` (its weights already in place); the model is then ready."""
+        self.served = ServedModel(self.name, module, inputs=self.inputs,
+                                  output_names=self.output_names, sealed=sealed)
         self.ready = True
         return self.ready
 
@@ -138,3 +133,24 @@ class SealedModel(Model):
         self.ready = False
         if self._batcher is not None:
             self._batcher.ready = False
+
+
+class SealedModel(OIPModel):
+    """A sealed model served by ``kserve.ModelServer`` (REST and gRPC): :meth:`load` opens it
+    through the key cache."""
+
+    def __init__(self, name: str, source: SealedSource, keycache: str, *,
+                 inputs: Sequence[TensorSpec], output_names: Sequence[str] = ("output",),
+                 max_batch: int = 8, max_queue_rows: int = 256,
+                 threads: int | None = None) -> None:
+        super().__init__(name, inputs=inputs, output_names=output_names, max_batch=max_batch,
+                         max_queue_rows=max_queue_rows)
+        self.source = source
+        self.keycache = keycache
+        self.threads = threads
+        self.loaded: LoadedModel | None = None
+
+    def load(self) -> bool:
+        """Attest to the key cache, check the factory against the signed policy, decrypt."""
+        self.loaded = load_through_cache(self.source, self.keycache, threads=self.threads)
+        return self.serve(self.loaded.module)
