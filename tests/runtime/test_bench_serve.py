@@ -62,6 +62,10 @@ def test_bench_serve_kserve_json() -> None:
     assert res["rps_ratio"] == res["kserve_sealed"]["rps"] / res["kserve_plaintext"]["rps"]
     assert res["kserve_vs_serve_rps_ratio"] == (res["kserve_sealed"]["rps"]
                                                 / res["serve_sealed"]["rps"])
+    cpu = {side: res[side]["server_cpu_ms_per_request"] for side in sides}
+    assert all(v > 0 for v in cpu.values())  # each server worked for its own rounds
+    assert res["cpu_ratio"] == cpu["kserve_plaintext"] / cpu["kserve_sealed"]
+    assert res["kserve_vs_serve_cpu_ratio"] == cpu["serve_sealed"] / cpu["kserve_sealed"]
 
 
 def test_bench_serve_kserve_refuses_e2e() -> None:

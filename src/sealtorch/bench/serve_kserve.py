@@ -10,7 +10,10 @@ same torch threads and max batch. Concurrent clients send the same pre-encoded J
 rounds rotate through the three sides (and which goes first), so each group of rounds sees the
 same machine load. ``rps_ratio`` is the median over groups of KServe sealed / plaintext
 requests per second (target >= 0.95); ``kserve_vs_serve_rps_ratio`` KServe sealed /
-`sealtorch serve` sealed.
+`sealtorch serve` sealed. Each round also records its server process's CPU time per request:
+``cpu_ratio`` (KServe plaintext / sealed) and ``kserve_vs_serve_cpu_ratio`` (`sealtorch serve`
+/ KServe) are what requests/s would be on a CPU-bound server, and much less disturbed than wall
+time when other processes load the machine.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 SIDES = ("kserve_plaintext", "kserve_sealed", "serve_sealed")
 _ENV = "SEALTORCH_BENCH_SERVER"
+_CPU = "server_cpu_ms_per_request"
 
 
 def _modules(image: int) -> tuple[Any, Any]:
@@ -119,10 +123,17 @@ def _wait(p: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 300)
         time.sleep(0.2)
 
 
-def _rotate(senders: dict[str, Any], results: dict[str, list[dict[str, float]]],
-            requests: int, rounds: int) -> None:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rotate(senders: dict[str, Any], pids: dict[str, int],
+            results: dict[str, list[dict[str, float]]], requests: int, rounds: int) -> None:
     """One untimed round per side, then ``rounds`` groups of one round per side, the order
-    rotating from group to group (cancels drift)."""
+    rotating from group to group (cancels drift). Each round also records the CPU time its
+    server process spent per request (one side runs at a time, so it is that side's)."""
     from sealtorch.bench.serve import _round
 
     names = list(senders)
@@ -130,7 +141,10 @@ def _rotate(senders: dict[str, Any], results: dict[str, list[dict[str, float]]],
         _round(senders[name], len(senders[name]))
     for i in range(rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            results[name].append(_round(senders[name], requests))
+            c0 = _cpu_seconds(pids[name])
+            r = _round(senders[name], requests)
+            r["server_cpu_ms_per_request"] = (_cpu_seconds(pids[name]) - c0) * 1000 / requests
+            results[name].append(r)
 
 
 def run_kserve_bench(*, requests: int, concurrency: int, max_batch: int, rounds: int,
@@ -163,7 +177,8 @@ def run_kserve_bench(*, requests: int, concurrency: int, max_batch: int, rounds:
             for side, url in urls.items():
                 senders[side] = [_plain_sender(url, body) for _ in range(concurrency)]
             outputs = {side: ss[0]() for side, ss in senders.items()}
-            _rotate(senders, results, requests, rounds)
+            pids = {side: servers[side.split("_")[0]][0].pid for side in SIDES}
+            _rotate(senders, pids, results, requests, rounds)
         finally:
             for ss in senders.values():
                 for snd in ss:
@@ -189,6 +204,9 @@ def run_kserve_bench(*, requests: int, concurrency: int, max_batch: int, rounds:
                                                        for _, ks, ss in groups),
         "kserve_vs_serve_p50_ratio": statistics.median(ks["p50_ms"] / ss["p50_ms"]
                                                        for _, ks, ss in groups),
+        "cpu_ratio": statistics.median(kp[_CPU] / ks[_CPU] for kp, ks, _ in groups),
+        "kserve_vs_serve_cpu_ratio": statistics.median(ss[_CPU] / ks[_CPU]
+                                                       for _, ks, ss in groups),
         "target_rps_ratio": 0.95,
         "bit_identical": outputs["kserve_sealed"] == outputs["kserve_plaintext"]
         == outputs["serve_sealed"],
@@ -203,16 +221,18 @@ def print_kserve(res: dict[str, Any]) -> None:
     t = Table(title=f"KServe predictor vs sealtorch serve: ResNet-50 {res['input_shape']}, max "
                     f"batch {res['max_batch']}, {res['concurrency']} clients, median of "
                     f"{res['rounds']} round groups")
-    for col in ("server", "requests/s", "p50 ms", "p99 ms"):
+    for col in ("server", "requests/s", "p50 ms", "p99 ms", "server CPU ms/request"):
         t.add_column(col, justify="right" if col != "server" else "left")
     for side in SIDES:
         r = res[side]
         t.add_row(side.replace("_", " "), f"{r['rps']:.2f}", f"{r['p50_ms']:.0f}",
-                  f"{r['p99_ms']:.0f}")
+                  f"{r['p99_ms']:.0f}", f"{r[_CPU]:.0f}")
     console = Console(highlight=False)
     console.print(t)
     ok = res["rps_ratio"] >= res["target_rps_ratio"]
     console.print(f"KServe sealed/plaintext requests/s: {res['rps_ratio']:.3f} (target >= 0.95: "
                   f"{'met' if ok else 'NOT met'}); KServe/sealtorch serve requests/s (sealed): "
-                  f"{res['kserve_vs_serve_rps_ratio']:.3f}; outputs "
+                  f"{res['kserve_vs_serve_rps_ratio']:.3f}; server CPU per request, KServe "
+                  f"plaintext/sealed {res['cpu_ratio']:.3f}, sealtorch serve/KServe "
+                  f"{res['kserve_vs_serve_cpu_ratio']:.3f}; outputs "
                   f"{'bit-identical' if res['bit_identical'] else 'DIFFERENT'}")
