@@ -1,6 +1,7 @@
 """``SealedModel``: a ``kserve.Model`` whose weights are decrypted inside the TEE.
 
-``load()`` opens the sealed model through dkeycache with the same core as ``sealtorch serve``
+:class:`OIPModel` serves a module whose weights are in place; :class:`SealedModel`'s ``load()``
+opens the sealed model through dkeycache with the same core as ``sealtorch serve``
 (:mod:`sealtorch.runtime.loading`: the factory is checked against the signed policy before its
 module is imported); ``predict()`` checks each input against the model's signature with the
 shared codec and runs it in process through the same fixed-shape batcher, so outputs are

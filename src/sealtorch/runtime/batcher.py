@@ -139,16 +139,6 @@ class Batcher:
         """Rows waiting for a forward pass."""
         return self._queued_rows
 
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        """Per-sample shape of the first output."""
-        return self.outputs[0].shape
-
-    @property
-    def output_datatype(self) -> str:
-        """Datatype of the first output."""
-        return self.outputs[0].datatype
-
     async def start(self) -> None:
         """Warm the model up at the fixed shape (checks it runs) and start the worker."""
         import torch
