@@ -107,6 +107,14 @@ def test_bad_requests_get_kserve_4xx(predictor: tuple[str, str], sealed_resnet: 
         assert r.status_code == 400 and "'input'" in r.json()["error"]
         r = post(good, url + "/v2/models/nope/infer")
         assert r.status_code == 404 and "nope" in r.json()["error"]
+        # binary tensor data whose size does not match its shape
+        head = json.dumps({"inputs": [{"name": "input", "shape": [1, *SMALL_SHAPE],
+                                       "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 12}}]}).encode()
+        r = c.post(infer, content=head + bytes(12),
+                   headers={"Inference-Header-Content-Length": str(len(head)),
+                            "content-type": "application/octet-stream"})
+        assert r.status_code == 400 and "wrong size" in r.json()["error"]
         r = c.post(infer, content=b" " * (MAX_BODY + 1),
                    headers={"content-type": "application/json"})
         assert r.status_code == 413 and "larger than" in r.json()["error"]

@@ -24,7 +24,7 @@ from tests.runtime.conftest import (
     stop_process,
     wait_ready,
 )
-from tests.runtime.oip import triton_http, triton_http_default
+from tests.runtime.oip import kserve_rest, triton_http, triton_http_default
 
 from sealtorch.client import AttestedClient
 from sealtorch.runtime.world import LocalDeployment
@@ -75,12 +75,18 @@ def test_serve_through_the_cache(deployment: LocalDeployment, sealed_resnet: Sea
             assert answers[i].status_code == 200, answers[i].text
             got = output_tensor(answers[i].json())
             assert torch.equal(got, reference(sealed_resnet.plain, x)), i
-        # tritonclient (a client nobody here wrote): JSON, binary tensor data, and its defaults
-        for i, kind in enumerate(("json", "binary", "default")):
-            x = sample(1 + i, seed=500 + i)
-            got = (triton_http_default(url, "resnet50", x) if kind == "default"
-                   else triton_http(url, "resnet50", x, binary=kind == "binary"))
-            assert torch.equal(got, reference(sealed_resnet.plain, x)), kind
+        # clients nobody here wrote: tritonclient (JSON, binary tensor data, and its
+        # defaults) and KServe's REST client (JSON and binary)
+        queries = {
+            "triton json": lambda x: triton_http(url, "resnet50", x, binary=False),
+            "triton binary": lambda x: triton_http(url, "resnet50", x, binary=True),
+            "triton defaults": lambda x: triton_http_default(url, "resnet50", x),
+            "kserve json": lambda x: kserve_rest(url, "resnet50", x, binary=False),
+            "kserve binary": lambda x: kserve_rest(url, "resnet50", x, binary=True),
+        }
+        for i, (kind, query) in enumerate(queries.items()):
+            x = sample(1 + i % MAX_BATCH, seed=500 + i)
+            assert torch.equal(query(x), reference(sealed_resnet.plain, x)), kind
         # the same model end to end: attested, encrypted, receipted, and still bit-identical
         with AttestedClient(url, client_policy(deployment, sealed_resnet),
                             unsafe_sim=True) as c:

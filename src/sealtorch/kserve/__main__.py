@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     assert model.loaded is not None and model.served is not None
     max_body = args.max_body_bytes or 65536 + args.max_batch * model.served.max_sample_bytes
     app = model_server.app
-    app.add_middleware(BodyLimit, max_bytes=max_body)
+    app.add_middleware(BodyLimit, max_bytes=max_body, precheck=model.binary_precheck)
     app.add_middleware(E2EMiddleware,
                        gateway=Gateway(source.attester, [model.loaded.identity(name)]),
                        allow_plaintext=args.unsafe_allow_plaintext,

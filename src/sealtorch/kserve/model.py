@@ -21,8 +21,16 @@ from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from sealtorch.errors import InferenceInputError, OverloadedError, ServeError
+from sealtorch.runtime.attested import INFER_RE
 from sealtorch.runtime.batcher import Batcher
-from sealtorch.runtime.codec import TensorSpec, check_input, datatype_of, input_value
+from sealtorch.runtime.codec import (
+    HEADER_LENGTH,
+    TensorSpec,
+    check_input,
+    datatype_of,
+    decode_request,
+    input_value,
+)
 from sealtorch.runtime.loading import LoadedModel, SealedSource, load_through_cache
 from sealtorch.runtime.model import ServedModel
 
@@ -66,6 +74,22 @@ class OIPModel(Model):
                 await b.start()
                 self._batcher = b
         return self._batcher
+
+    def binary_precheck(self, path: str, headers: dict[bytes, bytes], body: bytes
+                        ) -> str | None:
+        """What is wrong with a binary tensor data request to this model (None: nothing, or
+        not such a request): the shared codec reads it as ``sealtorch serve`` would."""
+        length = headers.get(HEADER_LENGTH.encode())
+        m = INFER_RE.fullmatch(path)
+        if length is None or m is None or m.group("name") != self.name:
+            return None
+        try:
+            decode_request(body, self.inputs, max_batch=self.max_batch,
+                           header_length=length.decode("latin-1"),
+                           output_names=self.output_names)
+        except InferenceInputError as e:
+            return str(e)
+        return None
 
     def get_input_types(self) -> list[dict[str, Any]]:
         """Model metadata: the inputs (``-1``: the batch dimension)."""

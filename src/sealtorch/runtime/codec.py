@@ -38,7 +38,9 @@ NUMPY_DTYPES: dict[str, Any] = {
 DATATYPES = (*NUMPY_DTYPES, "BYTES")
 #: a BYTES element counts as this many bytes when a body limit is derived from a signature
 BYTES_ELEMENT_ALLOWANCE = 4096
-_REQUEST_KEYS = {"id", "parameters", "inputs", "outputs"}
+#: "model_name"/"model_version" are not in the protocol's request, but KServe's own client sends
+#: them; they are checked to be short strings and otherwise ignored (the URL names the model)
+_REQUEST_KEYS = {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}
 _INPUT_KEYS = {"name", "shape", "datatype", "data", "parameters"}
 _OUTPUT_KEYS = {"name", "parameters"}
 
@@ -245,6 +247,9 @@ def decode_request(body: bytes, signature: Sequence[TensorSpec], *, max_batch: i
                             or not rid.isprintable()):
         raise InferenceInputError(f"'id' must be a printable string of at most {MAX_ID_LEN} "
                                   "characters")
+    for key in ("model_name", "model_version"):
+        if key in doc and (not isinstance(doc[key], str) or len(doc[key]) > 64):
+            raise InferenceInputError(f"{key!r} must be a string of at most 64 characters")
     names = [s.name for s in signature]
     inputs = doc.get("inputs")
     if (not isinstance(inputs, list) or len(inputs) != len(signature)
