@@ -120,6 +120,8 @@ class ReplicaSet:
         self._release_at: int | None = None  # the endpoint that issued the last nonce
         #: requests that an endpoint did not answer (each moved the cache to another one)
         self.endpoint_failures = 0
+        #: requests each endpoint answered
+        self.answered = [0] * len(self.clients)
 
     @property
     def urls(self) -> list[str]:
@@ -157,6 +159,7 @@ class ReplicaSet:
             raise
         with self._lock:
             self.health[i] = failover.after_success(self.health[i])
+            self.answered[i] += 1
         return out
 
     # --- the Upstream protocol -----------------------------------------------------------
