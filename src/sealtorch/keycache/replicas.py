@@ -80,7 +80,7 @@ def expand_endpoints(urls: Sequence[str], resolve: Resolver = resolve_addresses
 
 
 class ReplicaSet:
-    """An :class:`~sealtorch.keycache.leases.Upstream` over several dkeyserver endpoints.
+    """An :class:`~sealtorch.keycache.lease.Upstream` over several dkeyserver endpoints.
 
     ``clock`` and ``rng`` (uniform in [0, 1)) are injected: the failover decisions are pure
     functions of them. ``clients`` replaces the HTTPS clients (tests); they must share the
