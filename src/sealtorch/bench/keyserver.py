@@ -324,6 +324,9 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             elapsed = time.perf_counter() - t0
             server_cpu = _proc_cpu(proc.pid) - s_cpu0
             micro = _micro(pk_path, meas)
+            from sealtorch.bench.fleet import crypto_per_release
+
+            crypto_cpu = crypto_per_release(pk_path, meas)["crypto_per_release_us"]
         finally:
             proc.terminate()
             proc.wait(30)
@@ -345,6 +348,8 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             "client_cpu_ms_per_release": client_cpu / n * 1000,
             "http_ceiling_requests_per_s": ceiling,
             "ratio_to_http_ceiling": rate / (ceiling / 2) if ceiling else float("nan"),
+            "crypto_cpu_us_per_release": crypto_cpu,
+            "server_cpu_over_crypto": server_cpu / n * 1e6 / crypto_cpu,
             **micro}
 
 
@@ -413,5 +418,8 @@ def command(db: str, replicas: str | None, caches: int, speedup: float, concurre
                f"generator {res['client_cpu_ms_per_release']:.2f} ms; bare HTTPS ceiling "
                f"{res['http_ceiling_requests_per_s']:.0f} requests/s (a release is 2 requests): "
                f"releases at {res['ratio_to_http_ceiling']:.2f}x of that ceiling")
+    click.echo(f"  server CPU per release {res['server_cpu_over_crypto']:.1f}x the crypto a "
+               f"release needs ({res['crypto_cpu_us_per_release']:.0f} us of CPU: one evidence "
+               "verification, two HPKE seals, three signatures)")
     click.echo(f"  one evidence verification {res['verify_evidence_us']:.0f} us, one HPKE seal "
                f"{res['hpke_seal_us']:.0f} us, one grant signature {res['grant_sign_us']:.0f} us")
