@@ -151,3 +151,40 @@ def test_caches_keep_their_leases_when_a_replica_is_killed(pg_url: str, tmp_path
             lm.stop()
         for r in replicas:
             r.stop()
+
+
+def test_a_name_with_two_addresses_is_two_replicas_checked_by_name(tmp_path: Path) -> None:
+    """A name resolving to two addresses: the cache connects to each address, TLS checks the
+    server's certificate against the name (its SAN), and a dead address is failed over."""
+    from sealtorch.attestation import sim
+
+    ks = start_keyserver(tmp_path, auto_approve=True)
+    try:
+        platform = ks.sim_platform()
+        meas = sim.measure("dkeycache", b"dns")
+        ks.add_model("m", b"k" * 32)
+        ks.set_policy("m", sim_policy(meas, platform))
+        port = int(ks.url.rsplit(":", 1)[1])
+        resolved: list[tuple[str, int]] = []
+
+        def resolve(host: str, p: int) -> list[str]:
+            resolved.append((host, p))
+            return ["127.0.0.2", "127.0.0.1"]  # nothing listens on the first one
+
+        up = ReplicaSet([f"https://localhost:{port}"], ks.ca_cert_path, ks.signing_public_key,
+                        timeout=5, resolve=resolve, rng=lambda: 0.0, retry_min=5,
+                        retry_max=10)
+        assert resolved == [("localhost", port)]
+        assert up.urls == [f"https://127.0.0.2:{port}", f"https://127.0.0.1:{port}"]
+        att = SimAttester(platform, meas, role="dkeycache")
+        lm = LeaseManager(
+            up, lambda n, pk, aud: att.attest(binding.report_data("remote", n, hpke.KEM_ID, pk,
+                                                                  aud)),
+            models=["m"], retry_min=RETRY_MIN, retry_max=RETRY_MAX)
+        lm.refresh()
+        assert lm.summary()["leases"] == 1 and lm.failovers == 1
+        assert up.answered == [0, 2]  # challenge and release, by name over the second address
+        assert lm.poll() is False and up.answered == [0, 3]  # the first is still backing off
+        up.close()
+    finally:
+        ks.stop()

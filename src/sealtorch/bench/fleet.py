@@ -88,8 +88,7 @@ class _LightCache:
         self.sk, self.pk = hpke.generate_keypair()
         self.health = [failover.EndpointHealth() for _ in range(n)]
         self.cursor = rng.randrange(n)
-        self.conn: _Http | None = None
-        self.conn_to = -1
+        self.conns: dict[int, _Http] = {}  # one keep-alive connection per replica, as a cache
         self.cache_id: str | None = None
         self.status_key: bytes | None = None
         self.lease_end = 0.0
@@ -128,13 +127,14 @@ async def _caches(urls: list[str], ca: Path, audience: bytes, platform_key: Path
             at = failover.choose(c.health, time.perf_counter(), c.cursor)
             c.cursor = (at + 1) % len(c.health)
         i = at
-        if c.conn_to != i and c.conn is not None:
-            await c.conn.close()
-            c.conn = None
-        if c.conn is None:
-            c.conn, c.conn_to = _Http(*hosts[i], ctx), i
+        conn = c.conns.get(i)
+        if conn is not None and conn.reader is not None and conn.reader.at_eof():
+            await conn.close()  # the replica closed this idle keep-alive connection: reopen
+            conn = None
+        if conn is None:
+            conn = c.conns[i] = _Http(*hosts[i], ctx)
         try:
-            st, data = await c.conn.request(b"POST", path, body)
+            st, data = await conn.request(b"POST", path, body)
         except (OSError, asyncio.IncompleteReadError, ValueError) as e:
             st, data = 0, b""
             err: Exception | None = e
@@ -146,8 +146,8 @@ async def _caches(urls: list[str], ca: Path, audience: bytes, platform_key: Path
                                                  retry_max=sched.retry_max,
                                                  jitter=rng.random())
             t.endpoint_failures += 1
-            await c.conn.close()
-            c.conn = None
+            await conn.close()
+            c.conns.pop(i, None)
             raise _Unavailable
         c.health[i] = failover.after_success(c.health[i])
         return i, st, data
@@ -226,8 +226,8 @@ async def _caches(urls: list[str], ca: Path, audience: bytes, platform_key: Path
                 t.poll_lat.append(done - t0)
                 t.poll_done.append(done)
                 next_poll = t0 + sched.poll_every
-        if c.conn is not None:
-            await c.conn.close()
+        for conn in c.conns.values():
+            await conn.close()
 
     caches = [_LightCache(len(urls), rng) for _ in range(count)]
     await asyncio.gather(*(run(c) for c in caches))
