@@ -32,6 +32,8 @@ from sealtorch.keycache import failover
 MODEL = "bench-model"
 #: simulated caches per load-generator process
 CACHES_PER_PROCESS = 500
+#: seconds the replicas' idle CPU is measured before each round
+IDLE_SECONDS = 3.0
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Tally:
     unanswered: int = 0
     failed_over: int = 0
     endpoint_failures: int = 0
+    handshakes: int = 0  # TLS connections opened (a new one per request once keep-alive ends)
     lapses: int = 0
     cpu: float = 0.0
 
@@ -133,6 +136,8 @@ async def _caches(urls: list[str], ca: Path, audience: bytes, platform_key: Path
             conn = None
         if conn is None:
             conn = c.conns[i] = _Http(*hosts[i], ctx)
+        if conn.writer is None:
+            t.handshakes += 1
         try:
             st, data = await conn.request(b"POST", path, body)
         except (OSError, asyncio.IncompleteReadError, ValueError) as e:
@@ -339,6 +344,9 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
     """One measurement over ``replicas``: the caches run, replica 0 is SIGKILLed at 40% of
     the run and restarted on its port; returns the figures."""
     urls = [r.url for r in replicas]
+    idle0, i0 = sum(r.cpu() for r in replicas), time.perf_counter()
+    time.sleep(IDLE_SECONDS)  # what the replicas cost doing nothing (state checks, pings)
+    idle_rate = (sum(r.cpu() for r in replicas) - idle0) / (time.perf_counter() - i0)
     cpu0 = [r.cpu() for r in replicas]
     t0 = time.perf_counter()
     q, procs = _run_caches(urls, ca, audience, platform_key, measurement, caches, seconds,
@@ -376,10 +384,14 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         "unanswered": sum(t.unanswered for t in tallies),
         "releases_failed_over": sum(t.failed_over for t in tallies),
         "endpoint_failures": sum(t.endpoint_failures for t in tallies),
+        "tls_handshakes_per_request": sum(t.handshakes for t in tallies)
+        / max(1, 2 * len(rel) + len(polls)),
         "leases_lapsed": sum(t.lapses for t in tallies),
         "nonces_accepted_twice": len(nonces) - len(set(nonces)),
         "killed_at_s": killed_at, "restarted_at_s": restarted_at,
         "server_cpu_s": server_cpu,
+        "server_idle_cpu_per_s": idle_rate,
+        "server_busy_cpu_s": max(0.0, server_cpu - idle_rate * elapsed),
         "server_cpu_ms_per_release": server_cpu / n * 1000,
         "client_cpu_ms_per_release": sum(t.cpu for t in tallies) / n * 1000,
     }
@@ -468,6 +480,7 @@ def run_fleet(db_url: str, replica_counts: list[int], caches: int, seconds: floa
                 work_us = (fig["releases"] * crypto["crypto_per_release_us"]
                            + fig["polls"] * crypto["crypto_per_poll_us"])
                 fig["server_cpu_over_crypto"] = fig["server_cpu_s"] * 1e6 / max(work_us, 1.0)
+                fig["busy_cpu_over_crypto"] = fig["server_busy_cpu_s"] * 1e6 / max(work_us, 1.0)
             return {"rounds": rounds, "schedule": sched.__dict__, **crypto}
     finally:
         for r in replicas:
@@ -484,7 +497,7 @@ def report_fleet(res: dict[str, Any]) -> str:
              "releases/s and polls/s: over the whole round (steady: before the kill)",
              "replicas  releases/s  polls/s  release p50/p99 ms  poll p50/p99 ms  errors  "
              "unanswered  failed over  lapsed  nonces twice  server CPU ms/release (x crypto)  "
-             "client CPU ms/release"]
+             "client CPU ms/release  TLS handshakes/request"]
     for r in res["rounds"]:
         lines.append(
             f"{r['replicas']:>8}  {r['releases_per_s']:>4.0f} ({r['steady_releases_per_s']:.0f})  "
@@ -493,14 +506,17 @@ def report_fleet(res: dict[str, Any]) -> str:
             f"{r['poll_p50_ms']:>6.1f}/{r['poll_p99_ms']:<8.1f}  {r['errors']:>6}  "
             f"{r['unanswered']:>10}  {r['releases_failed_over']:>11}  {r['leases_lapsed']:>6}  "
             f"{r['nonces_accepted_twice']:>12}  {r['server_cpu_ms_per_release']:>8.2f} "
-            f"({r['server_cpu_over_crypto']:.1f}x)  {r['client_cpu_ms_per_release']:>8.2f}")
+            f"({r['server_cpu_over_crypto']:.1f}x; {r['busy_cpu_over_crypto']:.1f}x net of "
+            f"idle)  {r['client_cpu_ms_per_release']:>8.2f}  "
+            f"{r['tls_handshakes_per_request']:.2f}")
         if r["error_kinds"]:
             lines.append(f"          errors: {r['error_kinds']}")
     lines.append(f"crypto per release {res['crypto_per_release_us']:.0f} us (evidence "
                  f"{res['verify_evidence_us']:.0f}, 2 HPKE seals {2 * res['hpke_seal_us']:.0f}, "
                  f"3 signatures {3 * res['grant_sign_us']:.0f}), per poll "
                  f"{res['crypto_per_poll_us']:.0f} us; server CPU/release counts the polls' CPU "
-                 "too, (x crypto) is all server CPU over all the crypto it did")
+                 "too, (x crypto) is all server CPU over all the crypto it did; net of idle: "
+                 "minus what the replicas spend idle (measured before each round)")
     return "\n".join(lines)
 
 
