@@ -13,7 +13,6 @@ same concurrency: no database, no crypto), a release being two requests."""
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,19 @@ import click
 _SERVER = [sys.executable, "-c", "from sealtorch.keyserver.cli import main; main()"]
 
 
-def _per_op(fn: Any, budget: float = 0.3) -> float:
-    """Mean seconds per call of ``fn`` over a short time budget."""
+def _per_op(fn: Any, budget: float = 0.3, clock: Any = time.perf_counter) -> float:
+    """Mean seconds per call of ``fn`` over a short time budget of ``clock`` (wall time, or
+    ``time.process_time`` for CPU time, comparable with a server's CPU on a loaded machine)."""
     fn()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < budget:
+    n, start = 0, clock()
+    while clock() - start < budget:
         fn()
         n += 1
-    return (time.perf_counter() - start) / max(n, 1)
+    return (clock() - start) / max(n, 1)
 
 
-def _micro(platform_key: Path, measurement: bytes) -> dict[str, float]:
+def _micro(platform_key: Path, measurement: bytes, clock: Any = time.perf_counter
+           ) -> dict[str, float]:
     import os
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -56,26 +57,10 @@ def _micro(platform_key: Path, measurement: bytes) -> dict[str, float]:
     g = Grant("t", "m", 1, os.urandom(32), pk, hpke.KEM_ID, "00" * 32, "ab" * 16,
               {"version": 1}, 1, 300, 0, 0, key_id(sk))
     return {
-        "verify_evidence_us": _per_op(lambda: vs.verify(ev)) * 1e6,
-        "hpke_seal_us": _per_op(lambda: hpke.seal(b"k" * 32, pk, b"info")) * 1e6,
-        "grant_sign_us": _per_op(lambda: sign_grant(sk, g)) * 1e6,
+        "verify_evidence_us": _per_op(lambda: vs.verify(ev), clock=clock) * 1e6,
+        "hpke_seal_us": _per_op(lambda: hpke.seal(b"k" * 32, pk, b"info"), clock=clock) * 1e6,
+        "grant_sign_us": _per_op(lambda: sign_grant(sk, g), clock=clock) * 1e6,
     }
-
-
-def _pg_database() -> tuple[str, Any]:
-    import psycopg
-
-    name = "sealtorch_bench_" + secrets.token_hex(4)
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-                         autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-                             autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", drop
 
 
 class _Http:
@@ -279,8 +264,10 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
         d = Path(tmp) / "ks"
         args = ["init", "--data-dir", str(d), "--release-port", "0", "--admin-port", "0",
                 "--sim", "--auto-approve", "--workers", str(workers)]
-        if db == "postgresql":
-            url, drop = _pg_database()
+        if db != "sqlite":
+            from sealtorch.bench.fleet import _pg_database
+
+            url, drop = _pg_database(db)
             args += ["--db", url]
         subprocess.run([*_SERVER, *args], check=True, capture_output=True)
         log = open(Path(tmp) / "server.log", "wb")
@@ -316,8 +303,10 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
                 h.post(adm + "/v1/admin/models", json={
                     "model_id": "bench-model", "key": base64.b64encode(os.urandom(32)).decode()}
                 ).raise_for_status()
+                fp = sim.fingerprint(sim.load_platform_key(pk_path).public_key())
                 h.put(adm + "/v1/admin/policy/bench-model", json={"policy": {
-                    "version": 1, "caches": [{"tee": "sim", "measurement": meas.hex()}]}}
+                    "version": 1, "caches": [{"tee": "sim", "measurement": meas.hex(),
+                                              "platform_key": fp}]}}
                 ).raise_for_status()
             pub = serialization.load_pem_public_key((d / "signing.pub").read_bytes())
             raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -335,6 +324,9 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             elapsed = time.perf_counter() - t0
             server_cpu = _proc_cpu(proc.pid) - s_cpu0
             micro = _micro(pk_path, meas)
+            from sealtorch.bench.fleet import crypto_per_release
+
+            crypto_cpu = crypto_per_release(pk_path, meas)["crypto_per_release_us"]
         finally:
             proc.terminate()
             proc.wait(30)
@@ -348,38 +340,86 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
 
     n = max(len(lat), 1)
     rate = len(lat) / elapsed
-    return {"db": db, "concurrency": concurrency, "workers": workers, "seconds": elapsed,
+    return {"db": "sqlite" if db == "sqlite" else "postgresql", "concurrency": concurrency,
+            "workers": workers, "seconds": elapsed,
             "releases": len(lat), "releases_per_s": rate, "p50_ms": pct(0.50),
             "p99_ms": pct(0.99), "errors": errors,
             "server_cpu_ms_per_release": server_cpu / n * 1000,
             "client_cpu_ms_per_release": client_cpu / n * 1000,
             "http_ceiling_requests_per_s": ceiling,
             "ratio_to_http_ceiling": rate / (ceiling / 2) if ceiling else float("nan"),
+            "crypto_cpu_us_per_release": crypto_cpu,
+            "server_cpu_over_crypto": server_cpu / n * 1e6 / crypto_cpu,
             **micro}
 
 
+def _counts(value: str | None) -> list[int] | None:
+    """``--replicas 1,2,4`` -> [1, 2, 4]."""
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or not all(1 <= n <= 16 for n in out):
+        raise click.BadParameter("give replica counts from 1 to 16, comma separated (1,2,4)",
+                                 param_hint="--replicas")
+    return out
+
+
 @click.command("keyserver")
-@click.option("--db", type=click.Choice(["sqlite", "postgresql"]), default="sqlite",
-              show_default=True,
-              help="database backend (postgresql: the server on 127.0.0.1:5432)")
+@click.option("--db", default="sqlite", show_default=True,
+              help="sqlite, or a PostgreSQL URL of a role that may create databases "
+                   "(postgresql+psycopg://USER@HOST:PORT/postgres): the bench creates and drops "
+                   "a database of its own there")
+@click.option("--replicas", default=None, metavar="N[,N..]",
+              help="fleet mode: N dkeyserver replicas on the PostgreSQL of --db, one round "
+                   "per N, one replica SIGKILLed and restarted mid-run")
+@click.option("--caches", type=click.IntRange(1, 100_000), default=2000, show_default=True,
+              help="fleet mode: simulated light caches")
+@click.option("--speedup", type=click.FloatRange(1, 10_000), default=10.0, show_default=True,
+              help="fleet mode: time compression of the caches' schedules (a 300 s lease "
+                   "renewed at half and a 30 s status poll); past the servers' capacity every "
+                   "cache is always behind and latency is the number of caches over the rate")
 @click.option("--concurrency", type=int, default=16, show_default=True,
               help="concurrent release requests")
-@click.option("--seconds", type=float, default=5.0, show_default=True,
-              help="duration of each measurement")
+@click.option("--seconds", type=float, default=None,
+              help="duration of each measurement [default: 5; fleet mode: 60 per round]")
 @click.option("--workers", type=int, default=1, help="server release worker processes")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def command(db: str, concurrency: int, seconds: float, workers: int, as_json: bool) -> None:
-    """Release throughput and latency of a real dkeyserver under concurrent sim-TEE clients."""
+def command(db: str, replicas: str | None, caches: int, speedup: float, concurrency: int,
+            seconds: float | None, workers: int, as_json: bool) -> None:
+    """Release throughput and latency of a real dkeyserver under concurrent sim-TEE clients
+    (with --replicas: several replicas on PostgreSQL under a fleet of simulated caches)."""
+    counts = _counts(replicas)
+    seconds = seconds if seconds is not None else (60.0 if counts else 5.0)
+    pg = db.startswith(("postgresql://", "postgresql+psycopg://"))
+    if not pg and db != "sqlite":
+        raise click.BadParameter("give sqlite or a postgresql+psycopg://USER@HOST:PORT/DB URL",
+                                 param_hint="--db")
+    if counts is not None:
+        if not pg:
+            raise click.BadParameter("replicas share one PostgreSQL database: give its server "
+                                     "as a postgresql+psycopg:// URL", param_hint="--db")
+        from sealtorch.bench.fleet import Schedule, report_fleet, run_fleet
+
+        fleet = run_fleet(db, counts, caches, seconds, Schedule(speedup=speedup),
+                          progress=None if as_json else click.echo)
+        click.echo(json.dumps(fleet, sort_keys=True) if as_json else report_fleet(fleet))
+        return
     res = run_bench(db, concurrency, seconds, workers)
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
         return
-    click.echo(f"dkeyserver ({db}, {workers} worker(s), concurrency {concurrency}): "
+    click.echo(f"dkeyserver ({res['db']}, {workers} worker(s), concurrency {concurrency}): "
                f"{res['releases_per_s']:.0f} releases/s, p50 {res['p50_ms']:.1f} ms, "
                f"p99 {res['p99_ms']:.1f} ms, errors {res['errors']}")
     click.echo(f"  CPU per release: server {res['server_cpu_ms_per_release']:.2f} ms, load "
                f"generator {res['client_cpu_ms_per_release']:.2f} ms; bare HTTPS ceiling "
                f"{res['http_ceiling_requests_per_s']:.0f} requests/s (a release is 2 requests): "
                f"releases at {res['ratio_to_http_ceiling']:.2f}x of that ceiling")
+    click.echo(f"  server CPU per release {res['server_cpu_over_crypto']:.1f}x the crypto a "
+               f"release needs ({res['crypto_cpu_us_per_release']:.0f} us of CPU: one evidence "
+               "verification, two HPKE seals, three signatures)")
     click.echo(f"  one evidence verification {res['verify_evidence_us']:.0f} us, one HPKE seal "
                f"{res['hpke_seal_us']:.0f} us, one grant signature {res['grant_sign_us']:.0f} us")

@@ -8,7 +8,7 @@ sim: ``sim.measure`` config bytes), so a host cannot point the cache at another 
 Example::
 
     [keycache]
-    keyserver_url = "https://127.0.0.1:8443"
+    keyserver_url = "https://127.0.0.1:8443"   # or a list of replicas: ["https://a:8443", ...]
     server_public_key = "<base64 raw Ed25519 key, or PEM>"
     ca_cert = "/etc/sealtorch/ca.pem"
     poll_interval = 30          # seconds between signed status polls
@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sealtorch._toml import load_table, pinned_server_key
 from sealtorch.errors import ConfigError
@@ -51,7 +52,7 @@ _ALLOWED = {
 class CacheConfig:
     """The parsed configuration; ``raw`` is the exact file bytes (what is measured)."""
 
-    keyserver_url: str
+    keyserver_urls: tuple[str, ...]
     server_public_key: str
     ca_cert: str | None
     poll_interval: float = 30.0
@@ -70,6 +71,11 @@ class CacheConfig:
     tcp_listen: TcpAddress | None = None
     raw: bytes = field(default=b"", repr=False)
 
+    @property
+    def keyserver_url(self) -> str:
+        """The first key server URL (the only one of a single-server configuration)."""
+        return self.keyserver_urls[0]
+
 
 def _num(d: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
     v = d.get(name, default)
@@ -78,13 +84,37 @@ def _num(d: dict[str, Any], name: str, default: float, lo: float, hi: float) -> 
     return float(v)
 
 
+MAX_KEYSERVER_URLS = 32
+
+
+def _keyserver_urls(value: object) -> tuple[str, ...]:
+    """``keyserver_url``: one https:// URL or a non-empty list of them (the replicas)."""
+    urls = value if isinstance(value, list) else [value]
+    if not 1 <= len(urls) <= MAX_KEYSERVER_URLS:
+        raise ConfigError(f"keyserver_url must be one https:// URL or a list of 1 to "
+                          f"{MAX_KEYSERVER_URLS} of them (the key server replicas)")
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith("https://") or len(url) > 512:
+            raise ConfigError("keyserver_url must be an https:// URL or a list of https:// "
+                              "URLs (TLS 1.3 is required)")
+        try:
+            u = urlsplit(url)
+            ok = bool(u.hostname) and (u.port is None or u.port > 0)
+        except ValueError:  # a port that is not a number, or out of range
+            ok = False
+        if not ok or u.query or u.fragment or u.username or u.password:
+            raise ConfigError("keyserver_url must be https://HOST[:PORT] (no user, query or "
+                              "fragment); fix the URL in the configuration")
+    if len(set(urls)) != len(urls):
+        raise ConfigError("keyserver_url lists the same URL twice; list each replica once")
+    return tuple(urls)
+
+
 def parse_config(raw: bytes) -> CacheConfig:
     """Parse and validate the configuration bytes (strict: unknown fields are errors)."""
     kc = load_table(raw, table="keycache", allowed=_ALLOWED, max_bytes=MAX_CONFIG_BYTES,
                     what="config")
-    url = kc.get("keyserver_url")
-    if not isinstance(url, str) or not url.startswith("https://") or len(url) > 512:
-        raise ConfigError("keyserver_url must be an https:// URL (TLS 1.3 is required)")
+    urls = _keyserver_urls(kc.get("keyserver_url"))
     spk = pinned_server_key(kc)
     ca = kc.get("ca_cert")
     if ca is not None and (not isinstance(ca, str) or not ca):
@@ -135,7 +165,7 @@ def parse_config(raw: bytes) -> CacheConfig:
                 "VMs use the Unix socket)"
             )
     return CacheConfig(
-        keyserver_url=url,
+        keyserver_urls=urls,
         server_public_key=spk,
         ca_cert=ca,
         poll_interval=_num(kc, "poll_interval", 30.0, 0.05, 86400),

@@ -19,10 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol, TypeVar
-
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from typing import Any, NoReturn, TypeVar
 
 from sealtorch._secret import Secret
 from sealtorch.errors import (
@@ -34,83 +31,14 @@ from sealtorch.errors import (
     SealtorchError,
     ServiceUnavailableError,
 )
+from sealtorch.keycache.failover import backoff_delay
+from sealtorch.keycache.lease import EvidenceFn, Lease, Upstream, parse_claims, parse_policy
 from sealtorch.protocol import hpke
 from sealtorch.protocol.grant import Grant
 from sealtorch.protocol.local import CHALLENGE_LEN
 
 log = logging.getLogger("sealtorch.keycache")
 T = TypeVar("T")
-
-
-class Upstream(Protocol):
-    """What the lease manager needs from dkeyserver (a :class:`KeyServerClient`)."""
-
-    @property
-    def audience(self) -> bytes: ...
-
-    def challenge(self) -> bytes: ...
-
-    def release(
-        self,
-        evidence: Any,
-        public_key: bytes,
-        nonce: bytes,
-        models: list[str] | None = None,
-        *,
-        private_key: X25519PrivateKey | None = None,
-    ) -> Any: ...
-
-    def status(self, cache_id: str, models: list[str] | None = None) -> Any: ...
-
-    def collateral(self) -> tuple[str, ...]: ...
-
-
-#: makes the remote evidence for a nonce: ``(nonce, public_key, audience) -> Evidence``
-EvidenceFn = Callable[[bytes, bytes, bytes], Any]
-
-
-@dataclass
-class Lease:
-    """One model key version held in memory under a verified grant."""
-
-    grant: Grant
-    document: dict[str, Any]
-    key: Secret = field(repr=False)
-    expires: float
-    renew_at: float
-    max_releases: int | None
-    policy: Any = None  # the parsed ModelPolicy of the grant
-    grant_digest: bytes = b""
-    releases: int = 0
-
-    @property
-    def model_id(self) -> str:
-        return self.grant.model_id
-
-    @property
-    def key_version(self) -> int:
-        return self.grant.key_version
-
-
-def _claims(doc: dict[str, Any]) -> Any:
-    """The :class:`Claims` the key server signed about this cache (:class:`GrantError` if
-    they do not parse)."""
-    from sealtorch.attestation.claims import Claims
-
-    try:
-        return Claims.from_dict(doc)
-    except (SealtorchError, TypeError, ValueError) as e:
-        raise GrantError("the claims the key server signed do not parse") from e
-
-
-def parse_policy(doc: dict[str, Any]) -> Any:
-    """The :class:`ModelPolicy` signed into a grant (:class:`GrantError` if malformed)."""
-    from sealtorch.attestation.policy import ModelPolicy
-
-    try:
-        return ModelPolicy.from_dict(doc)
-    except (SealtorchError, TypeError, ValueError, KeyError) as e:
-        raise GrantError("the policy signed into a grant is malformed") from e
 
 
 class LeaseManager:
@@ -127,6 +55,7 @@ class LeaseManager:
         retry_min: float = 0.5,
         retry_max: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self._up = upstream
         self._make_evidence = make_evidence
@@ -136,6 +65,7 @@ class LeaseManager:
         self._retry_min = retry_min
         self._retry_max = retry_max
         self._clock = clock
+        self._rng = rng
         self._lock = threading.Lock()
         self._leases: dict[tuple[str, int], Lease] = {}
         self._denied: dict[str, str] = {}  # model id -> public denial code (incl. "revoked")
@@ -158,6 +88,8 @@ class LeaseManager:
         self.refreshes = 0
         self.polls = 0
         self.invalid_documents = 0
+        #: renewals and polls that moved to another key server replica after one failed
+        self.failovers = 0
         now = clock()
         self._next_refresh = now
         self._next_poll = now + poll_interval
@@ -300,6 +232,7 @@ class LeaseManager:
                     "cache_id": self.cache_id, "cache_state": self.cache_state,
                     "leases": live, "models_denied": len(self._denied),
                     "refreshes": self.refreshes, "polls": self.polls,
+                    "failovers": self.failovers,
                     "invalid_documents": self.invalid_documents}
 
     def policies(self) -> list[Any]:
@@ -337,6 +270,7 @@ class LeaseManager:
                 "last_error": self.last_error,
                 "refreshes": self.refreshes,
                 "polls": self.polls,
+                "failovers": self.failovers,
                 "invalid_documents": self.invalid_documents,
             }
 
@@ -354,8 +288,27 @@ class LeaseManager:
             for lease in list(self._leases.values()):
                 self._drop(lease, code)
 
+    def _failing_over(self, op: Callable[[], T]) -> T:
+        """Run ``op``; when the replica it reached does not answer and another one is in the
+        rotation (an upstream of several replicas), run it again there at once (the whole
+        operation: a renewal takes a new nonce from the next replica)."""
+        tries = max(1, int(getattr(self._up, "replicas", 1)))
+        for attempt in range(tries):
+            try:
+                return op()
+            except (ServiceUnavailableError, OSError):
+                can = getattr(self._up, "can_fail_over", None)
+                if attempt + 1 >= tries or can is None or not can():
+                    raise
+                self.failovers += 1
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def refresh(self) -> None:
-        """Attest to dkeyserver and (re)acquire leases; raises on failure, keeps old leases."""
+        """Attest to dkeyserver and (re)acquire leases (moving to another replica when one
+        does not answer); raises on failure, keeps old leases."""
+        self._failing_over(self._refresh_once)
+
+    def _refresh_once(self) -> None:
         t0 = self._clock()
         nonce = self._up.challenge()
         evidence = self._make_evidence(nonce, self.public_key, self._up.audience)
@@ -370,7 +323,7 @@ class LeaseManager:
             self.cache_id = result.cache_id
             self.cache_state = result.cache_state
             if getattr(result, "claims", None) is not None:
-                self.own_claims = _claims(result.claims)
+                self.own_claims = parse_claims(result.claims)
             granted: set[tuple[str, int]] = set()
             parsed = [(rk, parse_policy(rk.grant.policy)) for rk in result.grants]
             for rk, pol in parsed:
@@ -415,9 +368,10 @@ class LeaseManager:
         """Fetch and apply the signed status; returns True if a renewal is needed now."""
         if self.cache_id is None:
             return True
+        cache_id = self.cache_id
         with self._lock:
             models = sorted({m for m, _ in self._leases}) or None
-        status = self._up.status(self.cache_id, models)
+        status = self._failing_over(lambda: self._up.status(cache_id, models))
         with self._lock:
             self._note_server_time(int(status.issued_at))
             self.polls += 1
@@ -450,8 +404,7 @@ class LeaseManager:
     # --- background loop -----------------------------------------------------------------
     def _backoff(self, failures: int) -> float:
         """Exponential backoff with jitter: half fixed, half random."""
-        d = min(self._retry_max, self._retry_min * (2 ** min(failures - 1, 30)))
-        return d / 2 + random.uniform(0, d / 2)
+        return backoff_delay(failures, self._retry_min, self._retry_max, self._rng())
 
     def _expire(self, now: float) -> None:
         with self._lock:

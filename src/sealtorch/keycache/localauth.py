@@ -23,7 +23,7 @@ from sealtorch.protocol.grant import Grant
 
 def policy_from_grant(grant: Grant) -> Any:
     """The :class:`ModelPolicy` carried (signed) in a grant."""
-    from sealtorch.keycache.leases import parse_policy
+    from sealtorch.keycache.lease import parse_policy
 
     return parse_policy(grant.policy)
 

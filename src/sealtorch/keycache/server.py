@@ -42,7 +42,8 @@ from sealtorch.format.keys import check_file_key, derive_file_key
 from sealtorch.ids import MODEL_ID_RULE, is_model_id
 from sealtorch.keycache.address import TcpAddress
 from sealtorch.keycache.decisions import DecisionContext, DecisionLog, runtime_identity
-from sealtorch.keycache.leases import Lease, LeaseManager
+from sealtorch.keycache.lease import Lease
+from sealtorch.keycache.leases import LeaseManager
 from sealtorch.keycache.metrics import CacheMetrics
 from sealtorch.protocol import hpke
 from sealtorch.protocol.b64 import b64d, b64e

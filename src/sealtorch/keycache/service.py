@@ -123,13 +123,14 @@ def start_cache(
 ) -> Cache:
     """Start lease loop, local socket and (if configured) health listener; returns at once."""
     from sealtorch.attestation import binding
+    from sealtorch.keycache.replicas import ReplicaSet
     from sealtorch.protocol import hpke
-    from sealtorch.protocol.release_client import KeyServerClient
     from sealtorch.protocol.signing import key_id, load_public_key
 
-    if upstream is None:
-        upstream = KeyServerClient(config.keyserver_url, config.ca_cert,
-                                   config.server_public_key, timeout=config.request_timeout)
+    if upstream is None:  # every URL, and every address of a name, is one replica
+        upstream = ReplicaSet(config.keyserver_urls, config.ca_cert, config.server_public_key,
+                              timeout=config.request_timeout, retry_min=config.retry_min,
+                              retry_max=config.retry_max)
 
     def make_evidence(nonce: bytes, public_key: bytes, audience: bytes) -> Any:
         rd = binding.report_data("remote", nonce, hpke.KEM_ID, public_key, audience)

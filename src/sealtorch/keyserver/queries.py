@@ -18,31 +18,45 @@ from sealtorch.keyserver.db import Database
 from sealtorch.keyserver.keyring import Keyring
 from sealtorch.keyserver.schema import audit_log, cache_seen, caches
 
+_INSERT_AUDIT = ("INSERT INTO audit_log (seq, ts, tenant, actor, action, model_id, cache_id,"
+                 " decision, code, details, prev_hash, hash)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def audit_row(keyring: Keyring, head: Head, keyed_from: int, ts: int, **fields: Any
+              ) -> tuple[tuple[Any, ...], Head]:
+    """The next entry after ``head``, chained and MACed: its audit_log row and the new head."""
+    entry = chain.new_entry(head.seq + 1, head.hash, ts, **fields)
+    entry["hash"] = (chain.entry_mac(keyring.audit, entry) if entry["seq"] >= keyed_from
+                     else chain.legacy_hash(entry))
+    row = tuple(entry[k] for k in (*chain.ENTRY_FIELDS[:10], "prev_hash", "hash"))
+    return row, Head(int(entry["seq"]), str(entry["hash"]))
+
+
+def insert_audit_rows(db: Database, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert audit_log rows in ``conn``'s transaction, in one batch (a group commit's
+    entries: one round trip on PostgreSQL instead of one per entry)."""
+    if rows:
+        db.cursor(conn).executemany(db.sql(_INSERT_AUDIT), rows)
+
 
 def append_audit(db: Database, conn: Connection, keyring: Keyring, head: Head, keyed_from: int,
                  ts: int, **fields: Any) -> Head:
     """Append one entry after ``head`` in ``conn``'s transaction; returns the new head."""
-    entry = chain.new_entry(head.seq + 1, head.hash, ts, **fields)
-    entry["hash"] = (chain.entry_mac(keyring.audit, entry) if entry["seq"] >= keyed_from
-                     else chain.legacy_hash(entry))
-    db.cursor(conn).execute(db.sql(
-        "INSERT INTO audit_log (seq, ts, tenant, actor, action, model_id, cache_id, decision,"
-        " code, details, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-        tuple(entry[k] for k in (*chain.ENTRY_FIELDS[:10], "prev_hash", "hash")))
-    return Head(int(entry["seq"]), str(entry["hash"]))
+    row, new = audit_row(keyring, head, keyed_from, ts, **fields)
+    db.cursor(conn).execute(db.sql(_INSERT_AUDIT), row)
+    return new
 
 
 def enrol_cache(db: Database, conn: Connection, cache_id: str, tee: str, platform_id: str,
                 public_key: str, measurement: str, now: int) -> None:
-    """Record (or refresh) an attested cache, in at most two statements."""
-    cur = db.cursor(conn)
-    cur.execute(db.sql("UPDATE caches SET public_key = ?, measurement = ?, last_seen = ?"
-                       " WHERE cache_id = ?"), (public_key, measurement[:256], now, cache_id))
-    if cur.rowcount == 0:
-        cur.execute(db.sql(
-            "INSERT INTO caches (cache_id, tee, platform_id, public_key, measurement,"
-            " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-            (cache_id, tee, platform_id[:128], public_key, measurement[:256], now, now))
+    """Record (or refresh: key, measurement, last seen) an attested cache, in one statement."""
+    db.cursor(conn).execute(db.sql(
+        "INSERT INTO caches (cache_id, tee, platform_id, public_key, measurement, first_seen,"
+        " last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cache_id) DO UPDATE SET"
+        " public_key = excluded.public_key, measurement = excluded.measurement,"
+        " last_seen = excluded.last_seen"),
+        (cache_id, tee, platform_id[:128], public_key, measurement[:256], now, now))
 
 
 def note_cache_seen(db: Database, conn: Connection, tenant: str, cache_id: str, now: int

@@ -253,7 +253,7 @@ class KeyServer:
                                "code": DENIED, "details": {"reason": "no models granted",
                                                            "evidence": ev_digest}})
         for tenant in sorted(tenants_seen):
-            queries.note_cache_seen(store.db, conn, tenant, ident.cache_id, now)
+            store.note_cache_seen(conn, tenant, ident.cache_id, now)
         for r in audit_rows:
             head = store.append_audit(conn, actor=f"cache:{ident.cache_id}", action="release",
                                       cache_id=ident.cache_id, **r)

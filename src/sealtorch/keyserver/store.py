@@ -34,6 +34,8 @@ T = TypeVar("T")
 
 #: the high-water mark file is rewritten for new audit entries at most this often
 MARK_INTERVAL = 1.0
+#: (tenant, cache id) pairs whose cache_seen row this process remembers having written
+MAX_SEEN_PAIRS = 100_000
 
 __all__ = ["DatabaseUnavailableError", "Store", "db_errors"]
 
@@ -53,6 +55,7 @@ class Store:
         self._committer: GroupCommitter | None = None
         self._committer_lock = threading.Lock()
         self._marked = 0.0
+        self._seen: set[tuple[str, str]] = set()  # (tenant, cache id) pairs committed
 
     @property
     def is_sqlite(self) -> bool:
@@ -99,15 +102,28 @@ class Store:
         return batch.server, self.states.verified(conn, batch.server)
 
     def append_audit(self, conn: Connection, **fields: Any) -> Head:
-        """Append an audit entry in the current batch (head written back before COMMIT)."""
+        """Append an audit entry in the current batch: chained and MACed now, its row inserted
+        with the batch's other entries and the head written back, all before COMMIT."""
         row, _ = self.in_batch(conn)
         batch = batch_of(conn)
         assert batch is not None and batch.audit is not None
-        batch.audit = queries.append_audit(self.db, conn, self.keyring, batch.audit,
-                                           row.audit_keyed_from, self.now(), **fields)
+        entry, batch.audit = queries.audit_row(self.keyring, batch.audit, row.audit_keyed_from,
+                                               self.now(), **fields)
+        batch.audit_rows.append(entry)
         return batch.audit
 
+    def note_cache_seen(self, conn: Connection, tenant: str, cache_id: str, now: int) -> None:
+        """Remember that ``cache_id`` asked for a model of ``tenant`` (the tenant's cache
+        list); written once per pair by this process, not at every renewal."""
+        if (tenant, cache_id) in self._seen:
+            return
+        queries.note_cache_seen(self.db, conn, tenant, cache_id, now)
+        batch = batch_of(conn)
+        if batch is not None:  # known once the batch has committed
+            batch.seen.append((tenant, cache_id))
+
     def _before_commit(self, conn: Connection, batch: BatchState) -> None:
+        queries.insert_audit_rows(self.db, conn, batch.audit_rows)
         if batch.server is not None and batch.audit is not None \
                 and batch.audit != batch.server.audit:
             write_audit_head(self.db, conn, batch.audit)
@@ -115,6 +131,10 @@ class Store:
     def _committed(self, batch: BatchState) -> None:
         if batch.server is not None and batch.audit is not None:
             self.watermark.note(batch.server.db_id, batch.server.state_seq, batch.audit.seq)
+        if batch.seen:
+            if len(self._seen) > MAX_SEEN_PAIRS:  # bounded: forgetting costs one write
+                self._seen.clear()
+            self._seen.update(batch.seen)
 
     def _idle(self) -> None:
         now = time.monotonic()

@@ -34,13 +34,16 @@ _BATCH = "sealtorch_batch"
 
 class BatchState:
     """What one group-commit transaction caches: the server-state row (read once, under the
-    row lock) and the audit head it is extending (written back once, just before COMMIT)."""
+    row lock), the audit head it is extending and the audit rows it appended (both written
+    once, just before COMMIT), and the writes to remember once it has committed."""
 
-    __slots__ = ("audit", "server")
+    __slots__ = ("audit", "audit_rows", "seen", "server")
 
     def __init__(self) -> None:
         self.server: ServerStateRow | None = None
         self.audit: Head | None = None
+        self.audit_rows: list[tuple[Any, ...]] = []
+        self.seen: list[tuple[str, str]] = []
 
 
 def batch_of(conn: Connection) -> BatchState | None:

@@ -84,7 +84,12 @@ class KeyServerClient:
         *,
         timeout: float = 30.0,
         verifier: GrantVerifier | None = None,
+        status_keys: dict[str, Secret] | None = None,
+        server_name: str | None = None,
     ) -> None:
+        """``verifier`` and ``status_keys`` may be shared by the clients of several replicas
+        (one pinned key, one rollback watermark, one status key per cache id);
+        ``server_name`` is the TLS name and Host when ``url`` names one resolved address."""
         if not url.startswith("https://"):
             raise ProtocolError("key server URL must be https:// (TLS 1.3)")
         self.url = url.rstrip("/")
@@ -97,8 +102,12 @@ class KeyServerClient:
             if not Path(ca_cert).is_file():
                 raise ProtocolError("CA certificate file for the key server does not exist")
             verify = tls_client_context(ca_cert)
-        self._http = httpx.Client(base_url=self.url, verify=verify, timeout=timeout)
-        self._status_keys: dict[str, Secret] = {}
+        port = httpx.URL(self.url).port
+        host = f"{server_name}:{port}" if server_name and port else server_name
+        self._http = httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
+                                  headers={"Host": host} if host else None)
+        self._extensions = {"sni_hostname": server_name} if server_name else None
+        self._status_keys: dict[str, Secret] = {} if status_keys is None else status_keys
 
     @property
     def audience(self) -> bytes:
@@ -119,7 +128,7 @@ class KeyServerClient:
 
     def _post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         try:
-            r = self._http.post(path, json=body)
+            r = self._http.post(path, json=body, extensions=self._extensions)
         except httpx.HTTPError as e:
             raise ServiceUnavailableError(
                 f"key server at {self.url} unreachable ({type(e).__name__})"
