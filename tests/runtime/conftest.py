@@ -150,16 +150,18 @@ def reference(plain: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(before)
 
 
-def client_policy(dep: LocalDeployment, sealed: Sealed) -> ClientPolicy:
-    """A client policy admitting exactly this deployment's sim serve and sealed model."""
+def client_policy(dep: LocalDeployment, sealed: Sealed | None = None, *,
+                  model_id: str | None = None, factory: str = FACTORY) -> ClientPolicy:
+    """A client policy admitting exactly this deployment's sim serve and sealed model (or
+    ``model_id`` built by ``factory``)."""
     return ClientPolicy.from_dict({
         "format": "sealtorch-client-policy/v1",
         "runtimes": [{"tee": "sim", "measurement": sim.measure(
             "serve", (dep.workdir / "runtime.toml").read_bytes()).hex(),
                       "platform_key": sim.fingerprint(sim.load_platform_public_key(
                           dep.sim_dir / sim.PUBLIC_FILE))}],
-        "models": [{"model_id": sealed.key.model_id, "key_versions": [1],
-                    "factories": [FACTORY]}],
+        "models": [{"model_id": model_id or (sealed.key.model_id if sealed else ""),
+                    "key_versions": [1], "factories": [factory]}],
         "owners": [{"server_key": dep.server_public_key_b64}],
         "verifier": {"sim_platform_keys": [str(dep.sim_dir / sim.PUBLIC_FILE)]}})
 

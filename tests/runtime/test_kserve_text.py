@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from tests.runtime.conftest import (
     MAX_BATCH,
     SERVE_THREADS,
+    client_policy,
     free_port,
     reference,
     start_deployment,
@@ -171,6 +173,28 @@ def test_reference_is_sentence_transformers_embedding(plain: SentenceEmbedder) -
     assert torch.equal(together, alone)
 
 
+def test_checking_and_embedding_at_once(plain: SentenceEmbedder) -> None:
+    """Requests are checked (tokenized) on server threads while the batcher's thread embeds:
+    the shared tokenizer's padding settings must not leak from one call into the other."""
+    want = plain.encode(texts(TEXTS))["input_ids"]
+    assert want.shape == (len(TEXTS), MAX_TOKENS)
+    stop = threading.Event()
+
+    def check() -> None:
+        while not stop.is_set():
+            plain.check_inputs(texts(TEXTS))
+
+    with ThreadPoolExecutor(2) as pool:
+        checking = [pool.submit(check) for _ in range(2)]
+        try:
+            for _ in range(3000):
+                assert torch.equal(plain.encode(texts(TEXTS))["input_ids"], want)
+        finally:
+            stop.set()
+        for f in checking:
+            f.result()
+
+
 def test_text_in_embeddings_out_bit_identical(predictor: str, plain: SentenceEmbedder) -> None:
     queries = {
         "tritonclient http json": lambda t: triton_text(predictor, "minilm", t, binary=False),
@@ -183,6 +207,30 @@ def test_text_in_embeddings_out_bit_identical(predictor: str, plain: SentenceEmb
         got = query(items)
         assert got.shape == (len(items), 384) and got.dtype == torch.float32, what
         assert torch.equal(got, reference(plain, texts(items))), what
+    meta = httpx.get(predictor + "/v2/models/minilm", timeout=60).json()
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1, 1]}]
+    assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}]
+
+
+def test_end_to_end_text(predictor: str, text_deployment: LocalDeployment,
+                         minilm_key: ModelKey, sealed_minilm: Path,
+                         plain: SentenceEmbedder) -> None:
+    """sealtorch's attested client verifies the predictor serving the sealed directory (its
+    manifest's header) and sends the text end to end encrypted."""
+    from sealtorch.client import AttestedClient
+    from sealtorch.format.header import read_header
+    from sealtorch.hf.manifest import MANIFEST_NAME
+
+    policy = client_policy(text_deployment, model_id=minilm_key.model_id, factory=EMBED)
+    with AttestedClient(predictor, policy, unsafe_sim=True) as c:
+        r = c.infer({"inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES",
+                                 "data": TEXTS[:2]}]})
+        out = r.json()["outputs"][0]
+        got = torch.tensor(out["data"], dtype=torch.float32).reshape(out["shape"])
+        assert torch.equal(got, reference(plain, texts(TEXTS[:2])))
+        ident = r.receipt_claims.identity
+        assert ident.model_id == minilm_key.model_id and ident.factory == EMBED
+        assert ident.header_digest == read_header(sealed_minilm / MANIFEST_NAME).digest()
 
 
 def test_concurrent_requests_are_batched_bit_identically(predictor: str,

@@ -11,6 +11,7 @@ texts of its batch (the batcher's fixed-shape rule, extended to the sequence len
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,9 @@ class SentenceEmbedder(torch.nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        # a fast tokenizer keeps its padding/truncation settings in shared state: requests are
+        # checked on the server's threads while the batcher's thread embeds, so one at a time
+        self._tokenizing = threading.Lock()
 
     def _texts(self, texts: np.ndarray) -> list[str]:
         """The texts of a ``[batch, 1]`` BYTES array, checked (UTF-8, length)."""
@@ -58,19 +62,28 @@ class SentenceEmbedder(torch.nn.Module):
     def check_inputs(self, texts: np.ndarray) -> None:
         """Refuse a request before it is batched: a text that is not UTF-8, or longer than
         :data:`MAX_TEXT_BYTES` bytes or :attr:`max_tokens` tokens."""
-        for i, ids in enumerate(self.tokenizer(self._texts(texts))["input_ids"]):
+        items = self._texts(texts)
+        with self._tokenizing:
+            ids_list = self.tokenizer(items)["input_ids"]
+        for i, ids in enumerate(ids_list):
             if len(ids) > self.max_tokens:
                 raise InferenceInputError(f"text {i} is {len(ids)} tokens long; this model "
                                           f"takes at most {self.max_tokens}: split it")
 
-    def forward(self, texts: np.ndarray) -> torch.Tensor:
-        """Embed each text: tokenized alone, padded to ``max_tokens``, mean pooling over its
-        tokens, L2 normalization."""
-        batch = self.tokenizer(self._texts(texts), padding="max_length",
-                               max_length=self.max_tokens, truncation=False,
-                               return_tensors="pt")
+    def encode(self, texts: np.ndarray) -> Any:
+        """Token ids and attention mask ``[batch, max_tokens]``: each text tokenized alone
+        and padded to ``max_tokens``."""
+        items = self._texts(texts)
+        with self._tokenizing:
+            batch = self.tokenizer(items, padding="max_length", max_length=self.max_tokens,
+                                   truncation=False, return_tensors="pt")
         if batch["input_ids"].shape[1] != self.max_tokens:
             raise InferenceInputError(f"a text is longer than {self.max_tokens} tokens")
+        return batch
+
+    def forward(self, texts: np.ndarray) -> torch.Tensor:
+        """Embed each text (:meth:`encode`): mean pooling over its tokens, L2 normalization."""
+        batch = self.encode(texts)
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

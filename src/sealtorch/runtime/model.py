@@ -111,6 +111,7 @@ def build_sealed(
 
     func = _factory.resolve(factory, allowed_factories)
     directory = os.path.isdir(path)
+    _factory.check_kind(func, directory=directory)
     module = func(path, key_provider=key_provider, threads=threads) if directory else func()
     if not isinstance(module, torch.nn.Module):
         raise FactoryError("the factory did not return a torch.nn.Module")
