@@ -97,13 +97,13 @@ def text_deployment(tmp_path_factory: pytest.TempPathFactory, minilm_key: ModelK
         yield dep
 
 
-def _predictor(dep: LocalDeployment, sealed: Path, *, http: int, factory: str = EMBED
-               ) -> subprocess.Popen[str]:
+def _predictor(dep: LocalDeployment, sealed: Path, *, http: int, grpc: int = 0,
+               factory: str = EMBED) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-I", "-m", "sealtorch.kserve", "--model_name", "minilm",
          "--sealed", str(sealed), "--factory", factory, "--keycache", dep.socket,
          "--config", str(dep.workdir / "runtime.toml"), "--attester", "sim",
-         "--http_port", str(http), "--grpc_port", str(free_port()),
+         "--http_port", str(http), "--grpc_port", str(grpc or free_port()),
          "--input_name", "text", "--datatype", "BYTES", "--input_shape", "1",
          "--output_name", "embedding", "--max_batch", str(MAX_BATCH),
          "--threads", str(SERVE_THREADS), "--enable_latency_logging", "false",
@@ -113,15 +113,56 @@ def _predictor(dep: LocalDeployment, sealed: Path, *, http: int, factory: str = 
 
 
 @pytest.fixture(scope="module")
-def predictor(text_deployment: LocalDeployment, sealed_minilm: Path):
-    http = free_port()
-    p = _predictor(text_deployment, sealed_minilm, http=http)
+def predictor_ports(text_deployment: LocalDeployment, sealed_minilm: Path):
+    http, grpc = free_port(), free_port()
+    p = _predictor(text_deployment, sealed_minilm, http=http, grpc=grpc)
     url = f"http://127.0.0.1:{http}"
     try:
         wait_ready(p, url)
-        yield url
+        yield url, f"127.0.0.1:{grpc}"
     finally:
         print(stop_process(p)[-5000:])  # shown when a test fails
+
+
+@pytest.fixture(scope="module")
+def predictor(predictor_ports: tuple[str, str]) -> str:
+    return predictor_ports[0]
+
+
+_GRPC_TEXT_QUERY = """
+import io, json, sys
+import numpy as np
+import tritonclient.grpc as tg
+target, model = sys.argv[1:3]
+items = [bytes.fromhex(h) for h in json.loads(sys.stdin.read())]
+with tg.InferenceServerClient(target) as c:
+    inp = tg.InferInput("text", [len(items), 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[t] for t in items], dtype=object))
+    try:
+        res = c.infer(model, [inp], client_timeout=300)
+    except tg.InferenceServerException as e:
+        sys.stderr.write(f"{e.status()} {e.message()}")
+        sys.exit(3)
+buf = io.BytesIO()
+np.save(buf, res.as_numpy("embedding"))
+sys.stdout.buffer.write(buf.getvalue())
+"""
+
+
+def _grpc_text(target: str, model: str, items: list[bytes]) -> subprocess.CompletedProcess:
+    """One request through tritonclient.grpc, in a process of its own (its protobuf
+    definitions clash with kserve's)."""
+    return subprocess.run([sys.executable, "-c", _GRPC_TEXT_QUERY, target, model],
+                          input=json.dumps([b.hex() for b in items]).encode(),
+                          capture_output=True, timeout=300, check=False)
+
+
+def triton_grpc_text(target: str, model: str, items: list[str]) -> torch.Tensor:
+    import io
+
+    p = _grpc_text(target, model, [t.encode() for t in items])
+    assert p.returncode == 0, p.stderr.decode(errors="replace")[-3000:]
+    return torch.from_numpy(np.load(io.BytesIO(p.stdout)))
 
 
 def triton_text(url: str, model: str, items: list[str], *, binary: bool,
@@ -195,8 +236,11 @@ def test_checking_and_embedding_at_once(plain: SentenceEmbedder) -> None:
             f.result()
 
 
-def test_text_in_embeddings_out_bit_identical(predictor: str, plain: SentenceEmbedder) -> None:
+def test_text_in_embeddings_out_bit_identical(predictor_ports: tuple[str, str],
+                                              plain: SentenceEmbedder) -> None:
+    predictor, grpc = predictor_ports
     queries = {
+        "tritonclient grpc": lambda t: triton_grpc_text(grpc, "minilm", t),
         "tritonclient http json": lambda t: triton_text(predictor, "minilm", t, binary=False),
         "tritonclient http binary": lambda t: triton_text(predictor, "minilm", t, binary=True),
         "kserve rest json": lambda t: kserve_text(predictor, "minilm", t, binary=False),
@@ -254,7 +298,11 @@ def _binary_text(items: list[bytes]) -> tuple[bytes, dict[str, str]]:
                         "content-type": "application/octet-stream"}
 
 
-def test_bad_text_gets_4xx(predictor: str, plain: SentenceEmbedder) -> None:
+def test_bad_text_gets_4xx(predictor_ports: tuple[str, str], plain: SentenceEmbedder) -> None:
+    predictor, grpc = predictor_ports
+    p = _grpc_text(grpc, "minilm", [b"fine", b"caf\xe9"])
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 3 and "INVALID_ARGUMENT" in err and "not valid UTF-8" in err, err
     infer = predictor + "/v2/models/minilm/infer"
     with httpx.Client(timeout=120) as c:
         body, headers = _binary_text([b"fine", b"caf\xe9"])
