@@ -42,6 +42,7 @@ def prepare(path: str | os.PathLike[str], factory: str, config_path: str | os.Pa
     failing check. ``path`` is a sealed file or a sealed directory (``sealtorch seal
     MODEL_DIR``), whose manifest's header names the model."""
     from sealtorch.attestation import attesters
+    from sealtorch.errors import SealedDirError
     from sealtorch.format.header import read_header
     from sealtorch.hf.manifest import MANIFEST_NAME
     from sealtorch.runtime.config import load_runtime_config
@@ -49,6 +50,9 @@ def prepare(path: str | os.PathLike[str], factory: str, config_path: str | os.Pa
 
     validate_factory(factory)
     config = load_runtime_config(config_path)
+    if os.path.isdir(path) and not Path(path, MANIFEST_NAME).is_file():
+        raise SealedDirError(f"{path}: a directory without {MANIFEST_NAME}, so not a sealed "
+                             "model directory; seal one with `sealtorch seal MODEL_DIR -o DIR`")
     header = read_header(Path(path, MANIFEST_NAME) if os.path.isdir(path) else path)
     tee = attesters.select(attester, role="serve", config_bytes=config.raw)
     return SealedSource(Path(path), factory, header, config, tee)
