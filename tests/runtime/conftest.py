@@ -4,9 +4,11 @@ and key cache deployment (real processes, sim TEE) per module that asks for one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,18 +100,20 @@ def free_port() -> int:
     return port
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, sealed_resnet: Sealed):
-    wd = tmp_path_factory.mktemp("deploy")
+@contextlib.contextmanager
+def start_deployment(wd: Path, key: ModelKey, factories: list[str]
+                     ) -> Iterator[LocalDeployment]:
+    """A key server holding ``key`` with a policy allowing ``factories`` and this runtime
+    (``runtime.toml``; ``other-runtime.toml`` is another build), and a key cache."""
     dep = LocalDeployment(wd)
     try:
         dep.init_keyserver()
         dep.start_keyserver()
         platform = dep.init_sim_platform()
-        model_id = sealed_resnet.key.model_id
+        model_id = key.model_id
         dep.admin("POST", "/v1/admin/models", {
-            "model_id": model_id, "key_version": 1,
-            "key": base64.b64encode(bytes(sealed_resnet.key.key)).decode()})
+            "model_id": model_id, "key_version": key.key_version,
+            "key": base64.b64encode(bytes(key.key)).decode()})
         cache_meas = sim.measure("dkeycache", dep.write_cache_config())
         runtime_cfg = render_runtime_config(dep.server_public_key_b64)
         (wd / "runtime.toml").write_bytes(runtime_cfg)
@@ -119,11 +123,18 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, sealed_resnet: Sealed):
             "format": "sealtorch-policy/v1", "version": 1, "lease_seconds": 300,
             "caches": [{**ident, "measurement": cache_meas.hex()}],
             "runtimes": [{**ident, "measurement": sim.measure("serve", runtime_cfg).hex()}],
-            "factories": [FACTORY]}})
+            "factories": factories}})
         dep.start_cache()
         yield dep
     finally:
         dep.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, sealed_resnet: Sealed):
+    with start_deployment(tmp_path_factory.mktemp("deploy"), sealed_resnet.key,
+                          [FACTORY]) as dep:
+        yield dep
 
 
 SERVE_THREADS = 2  # CPU kernels' rounding depends on the thread count: pin it on both sides
@@ -139,16 +150,18 @@ def reference(plain: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(before)
 
 
-def client_policy(dep: LocalDeployment, sealed: Sealed) -> ClientPolicy:
-    """A client policy admitting exactly this deployment's sim serve and sealed model."""
+def client_policy(dep: LocalDeployment, sealed: Sealed | None = None, *,
+                  model_id: str | None = None, factory: str = FACTORY) -> ClientPolicy:
+    """A client policy admitting exactly this deployment's sim serve and sealed model (or
+    ``model_id`` built by ``factory``)."""
     return ClientPolicy.from_dict({
         "format": "sealtorch-client-policy/v1",
         "runtimes": [{"tee": "sim", "measurement": sim.measure(
             "serve", (dep.workdir / "runtime.toml").read_bytes()).hex(),
                       "platform_key": sim.fingerprint(sim.load_platform_public_key(
                           dep.sim_dir / sim.PUBLIC_FILE))}],
-        "models": [{"model_id": sealed.key.model_id, "key_versions": [1],
-                    "factories": [FACTORY]}],
+        "models": [{"model_id": model_id or (sealed.key.model_id if sealed else ""),
+                    "key_versions": [1], "factories": [factory]}],
         "owners": [{"server_key": dep.server_public_key_b64}],
         "verifier": {"sim_platform_keys": [str(dep.sim_dir / sim.PUBLIC_FILE)]}})
 

@@ -86,3 +86,37 @@ def test_wrong_key_is_refused(sealed_resnet: Sealed) -> None:
     with pytest.raises(WrongKeyError):
         build_sealed(sealed_resnet.path, FACTORY, key_provider=KeyFileProvider(other),
                      allowed_factories=[FACTORY])
+
+
+def test_a_sealed_directory_is_refused_a_factory_not_allowed_before_import(
+    tmp_path: Path, sealed_resnet: Sealed, marker_module: tuple[str, Path]
+) -> None:
+    mod, marker = marker_module
+    with pytest.raises(FactoryError, match="allow-list"):
+        build_sealed(tmp_path, "sealtorch.hf.embedding:sentence_embedding",
+                     key_provider=KeyFileProvider(sealed_resnet.key), allowed_factories=[FACTORY])
+    with pytest.raises(FactoryError, match="allow-list"):
+        build_sealed(tmp_path, f"{mod}:build", key_provider=KeyFileProvider(sealed_resnet.key),
+                     allowed_factories=["sealtorch.hf.embedding:sentence_embedding"])
+    assert not marker.exists()
+
+
+def test_factory_kind_must_match_the_sealed_input(tmp_path: Path, sealed_resnet: Sealed) -> None:
+    """A file factory given a directory, or a directory factory given a file, is refused
+    before it is called."""
+    from sealtorch.hf.embedding import sentence_embedding
+    from sealtorch.models.resnet import resnet50
+    from sealtorch.runtime.factory import check_kind
+
+    check_kind(sentence_embedding, directory=True)
+    check_kind(resnet50, directory=False)
+    with pytest.raises(FactoryError, match="is a directory"):
+        check_kind(resnet50, directory=True)
+    with pytest.raises(FactoryError, match="sealed model given is a file"):
+        check_kind(sentence_embedding, directory=False)
+    provider = KeyFileProvider(sealed_resnet.key)
+    with pytest.raises(FactoryError, match="is a directory"):
+        build_sealed(tmp_path, FACTORY, key_provider=provider, allowed_factories=[FACTORY])
+    embed = "sealtorch.hf.embedding:sentence_embedding"
+    with pytest.raises(FactoryError, match="sealed model given is a file"):
+        build_sealed(sealed_resnet.path, embed, key_provider=provider, allowed_factories=[embed])

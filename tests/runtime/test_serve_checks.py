@@ -102,3 +102,11 @@ def test_input_shape_is_refused_before_the_cache(setup: dict[str, Path]) -> None
     p = _serve(setup, "--input-shape", "3,0,224")
     assert p.returncode == 2 and ASKING not in p.stderr
     assert "sizes must be positive" in p.stderr
+
+
+def test_a_directory_that_is_not_sealed_is_refused_before_the_cache(
+        setup: dict[str, Path], tmp_path: Path) -> None:
+    p = _serve({**setup, "sealed": tmp_path}, "--factory",
+               "sealtorch.hf.embedding:sentence_embedding")
+    assert p.returncode == 2 and ASKING not in p.stderr
+    assert "not a sealed model directory" in p.stderr and "sealtorch seal" in p.stderr

@@ -21,7 +21,7 @@ def _shape(value: str) -> tuple[int, ...]:
 
 
 @click.command("serve")
-@click.argument("sealed", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("sealed", type=click.Path(exists=True, path_type=Path))
 @click.option("--factory", required=True,
               help="package.module:function building the module; must be on the policy's "
                    "'factories' allow-list")
@@ -45,8 +45,9 @@ def _shape(value: str) -> tuple[int, ...]:
 @click.option("--input-shape", default="3,224,224", show_default=True,
               help="per-sample input shape")
 @click.option("--datatype", default="FP32", show_default=True,
-              type=click.Choice(["FP32", "FP64", "INT64", "INT32"]),
-              help="datatype of the input tensor")
+              type=click.Choice(["FP32", "FP64", "INT64", "INT32", "BYTES"]),
+              help="datatype of the input tensor (BYTES: text, e.g. for "
+                   "sealtorch.hf.embedding:sentence_embedding with --input-shape 1)")
 @click.option("--rate", default=100.0, show_default=True, type=click.FloatRange(0),
               help="requests per second per client (0 = unlimited)")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024),
@@ -58,7 +59,8 @@ def serve(sealed: Path, factory: str, socket_path: str, config_path: Path, attes
           name: str | None, host: str, port: int, max_batch: int, input_shape: str,
           datatype: str, rate: float, threads: int | None, unsafe_allow_plaintext: bool
           ) -> None:
-    """Serve a sealed model over the Open Inference Protocol (KServe v2 REST).
+    """Serve a sealed model (a file, or a directory sealed with `sealtorch seal MODEL_DIR`)
+    over the Open Inference Protocol (KServe v2 REST).
 
     Clients attest the server (GET /v2/attestation?nonce=) and send end-to-end encrypted
     requests (docs/e2e.md). Everything that can fail without the model key (name, input shape,

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "comes from dkeycache after attestation.",
         epilog="Every other flag is KServe's model server's (--model_name, --http_port, "
                "--grpc_port, --enable_grpc, ...; `python -m sealtorch.kserve --kserve-help`).")
-    p.add_argument("--sealed", required=True, help="the sealed model file")
+    p.add_argument("--sealed", required=True,
+                   help="the sealed model file, or a directory sealed with `sealtorch seal "
+                        "MODEL_DIR` (its factory then takes the directory)")
     p.add_argument("--factory", required=True,
                    help="package.module:function building the module; must be on the signed "
                         "policy's 'factories' allow-list")

@@ -84,9 +84,11 @@ class OIPModel(Model):
         if length is None or m is None or m.group("name") != self.name:
             return None
         try:
-            decode_request(body, self.inputs, max_batch=self.max_batch,
-                           header_length=length.decode("latin-1"),
-                           output_names=self.output_names)
+            decoded = decode_request(body, self.inputs, max_batch=self.max_batch,
+                                     header_length=length.decode("latin-1"),
+                                     output_names=self.output_names)
+            if self.served is not None:  # e.g. text that is not UTF-8, which KServe answers 500
+                self.served.check_values(decoded.values)
         except InferenceInputError as e:
             return str(e)
         return None
@@ -129,6 +131,8 @@ class OIPModel(Model):
                     array = np.array([v.encode() if isinstance(v, str) else bytes(v)
                                       for v in array.reshape(-1)], dtype=object)
                 values.append(input_value(spec, array, n))
+            if self.served is not None:
+                self.served.check_values(values)
         except InferenceInputError as e:
             raise InvalidInput(str(e)) from None
         return values

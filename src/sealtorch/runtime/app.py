@@ -166,6 +166,7 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
                 body, model.inputs, max_batch=opts.max_batch,
                 header_length=request.headers.get(HEADER_LENGTH),
                 output_names=model.output_names))
+            await anyio.to_thread.run_sync(model.check_values, req.values)
         except _HTTPError as e:
             return error(e.status, e.message, endpoint, e.headers)
         except InferenceInputError as e:

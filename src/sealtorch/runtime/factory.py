@@ -8,6 +8,7 @@ not always measured; so the factory is compared with the allow-list carried in t
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -57,3 +58,19 @@ def resolve(spec: str, allowed: Sequence[str]) -> Any:
     if not callable(func):
         raise FactoryError("the factory's module has no callable of that name")
     return func
+
+
+def check_kind(func: Any, *, directory: bool) -> None:
+    """Refuse a factory of the other kind than the sealed input: a directory factory takes the
+    sealed directory and a ``key_provider`` keyword, a file factory takes no argument."""
+    try:
+        takes_dir = "key_provider" in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        takes_dir = False
+    if takes_dir and not directory:
+        raise FactoryError("the factory builds a model from a sealed directory (`sealtorch seal "
+                           "MODEL_DIR`), but the sealed model given is a file")
+    if directory and not takes_dir:
+        raise FactoryError("the sealed model given is a directory, but the factory builds a "
+                           "module for a sealed file; pass a directory factory such as "
+                           "sealtorch.hf.embedding:sentence_embedding")

@@ -39,15 +39,21 @@ def prepare(path: str | os.PathLike[str], factory: str, config_path: str | os.Pa
             attester: str) -> SealedSource:
     """Check the factory's syntax, read the measured config and the sealed header, and select
     the attester (``attester`` as ``--attester``); raises the specific error of the first
-    failing check."""
+    failing check. ``path`` is a sealed file or a sealed directory (``sealtorch seal
+    MODEL_DIR``), whose manifest's header names the model."""
     from sealtorch.attestation import attesters
+    from sealtorch.errors import SealedDirError
     from sealtorch.format.header import read_header
+    from sealtorch.hf.manifest import MANIFEST_NAME
     from sealtorch.runtime.config import load_runtime_config
     from sealtorch.runtime.factory import validate_factory
 
     validate_factory(factory)
     config = load_runtime_config(config_path)
-    header = read_header(path)
+    if os.path.isdir(path) and not Path(path, MANIFEST_NAME).is_file():
+        raise SealedDirError(f"{path}: a directory without {MANIFEST_NAME}, so not a sealed "
+                             "model directory; seal one with `sealtorch seal MODEL_DIR -o DIR`")
+    header = read_header(Path(path, MANIFEST_NAME) if os.path.isdir(path) else path)
     tee = attesters.select(attester, role="serve", config_bytes=config.raw)
     return SealedSource(Path(path), factory, header, config, tee)
 

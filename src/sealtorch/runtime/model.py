@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from sealtorch.format.keys import KeyProvider
+    from sealtorch.runtime.codec import Value
 
 #: longest model name in the API (it appears in URL paths)
 NAME_MAX = 64
@@ -75,6 +76,13 @@ class ServedModel:
             raise ServeError("output names must be unique")
         self.module.eval()
 
+    def check_values(self, values: Sequence[Value]) -> None:
+        """Let the module refuse a decoded request before it is batched: a module with a
+        ``check_inputs(*values)`` method raises :class:`InferenceInputError`."""
+        check = getattr(self.module, "check_inputs", None)
+        if callable(check):
+            check(*values)
+
     @property
     def max_sample_bytes(self) -> int:
         """An upper bound of one sample's size in a request (JSON: 32 bytes per number)."""
@@ -91,15 +99,22 @@ def build_sealed(
 ) -> torch.nn.Module:
     """Check ``factory`` against ``allowed_factories``, build the module, decrypt into it.
 
-    The allow-list check happens before the factory's module is imported.
+    The allow-list check happens before the factory's module is imported. A sealed file: the
+    factory takes no argument and the weights are decrypted into what it returns. A sealed
+    directory (``sealtorch seal MODEL_DIR``): the factory is called as
+    ``factory(path, key_provider=..., threads=...)`` and decrypts what it needs itself (e.g.
+    :func:`sealtorch.hf.embedding.sentence_embedding`).
     """
     import torch
 
     from sealtorch.format.reader import load_into
 
     func = _factory.resolve(factory, allowed_factories)
-    module = func()
+    directory = os.path.isdir(path)
+    _factory.check_kind(func, directory=directory)
+    module = func(path, key_provider=key_provider, threads=threads) if directory else func()
     if not isinstance(module, torch.nn.Module):
         raise FactoryError("the factory did not return a torch.nn.Module")
-    load_into(module, path, key_provider=key_provider, threads=threads)
+    if not directory:
+        load_into(module, path, key_provider=key_provider, threads=threads)
     return module.eval()
