@@ -84,29 +84,38 @@ def _round(senders: Sequence[Sender], requests: int) -> dict[str, float]:
             "cpu_ms_per_request": cpu * 1000 / len(lat)}
 
 
-def run_bench(*, requests: int, concurrency: int, max_batch: int, rounds: int,
-              image: int, threads: int | None, e2e: bool = False) -> dict[str, Any]:
-    """Run both servers (or, with ``e2e``, both kinds of request) and return the figures."""
-    import torch
-
+def resnet50_pair() -> tuple[Any, Any]:
+    """The plaintext ResNet-50 (seed 0) and the same weights through seal + ``build_sealed``:
+    what every serving benchmark compares."""
     from sealtorch.format.keyfile import generate_model_key
     from sealtorch.format.keys import KeyFileProvider
     from sealtorch.format.writer import seal
     from sealtorch.models.resnet import make_resnet50
-    from sealtorch.runtime.app import ServeOptions, build_app
-    from sealtorch.runtime.localserver import LocalServer
-    from sealtorch.runtime.model import ServedModel, build_sealed
+    from sealtorch.runtime.model import build_sealed
 
-    if threads:
-        torch.set_num_threads(threads)
     plain = make_resnet50(seed=0)
-    shape = (3, image, image)
     with tempfile.TemporaryDirectory(prefix="sealtorch-bench-serve-") as d:
         key = generate_model_key("bench-resnet50")
         path = Path(d) / "resnet50.sealed"
         seal(plain, path, key)
         sealed = build_sealed(path, FACTORY, key_provider=KeyFileProvider(key),
                               allowed_factories=[FACTORY])
+    return plain, sealed
+
+
+def run_bench(*, requests: int, concurrency: int, max_batch: int, rounds: int,
+              image: int, threads: int | None, e2e: bool = False) -> dict[str, Any]:
+    """Run both servers (or, with ``e2e``, both kinds of request) and return the figures."""
+    import torch
+
+    from sealtorch.runtime.app import ServeOptions, build_app
+    from sealtorch.runtime.localserver import LocalServer
+    from sealtorch.runtime.model import ServedModel
+
+    if threads:
+        torch.set_num_threads(threads)
+    plain, sealed = resnet50_pair()
+    shape = (3, image, image)
     x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(7))
     body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                    "data": x.reshape(-1).tolist()}]}).encode()

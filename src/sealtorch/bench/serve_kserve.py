@@ -33,25 +33,6 @@ _ENV = "SEALTORCH_BENCH_SERVER"
 _CPU = "server_cpu_ms_per_request"
 
 
-def _modules(image: int) -> tuple[Any, Any]:
-    """The plaintext ResNet-50 (seed 0) and the same weights through seal + load."""
-    from sealtorch.bench.serve import FACTORY
-    from sealtorch.format.keyfile import generate_model_key
-    from sealtorch.format.keys import KeyFileProvider
-    from sealtorch.format.writer import seal
-    from sealtorch.models.resnet import make_resnet50
-    from sealtorch.runtime.model import build_sealed
-
-    plain = make_resnet50(seed=0)
-    with tempfile.TemporaryDirectory(prefix="sealtorch-bench-kserve-") as d:
-        key = generate_model_key("bench-resnet50")
-        path = Path(d) / "resnet50.sealed"
-        seal(plain, path, key)
-        sealed = build_sealed(path, FACTORY, key_provider=KeyFileProvider(key),
-                              allowed_factories=[FACTORY])
-    return plain, sealed
-
-
 def server_main() -> None:
     """A benchmark server process (settings in ``$SEALTORCH_BENCH_SERVER``)."""
     import torch
@@ -59,7 +40,9 @@ def server_main() -> None:
     cfg = json.loads(os.environ[_ENV])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    plain, sealed = _modules(cfg["image"])
+    from sealtorch.bench.serve import resnet50_pair
+
+    plain, sealed = resnet50_pair()
     shape = (3, cfg["image"], cfg["image"])
     if cfg["engine"] == "serve":
         import uvicorn
