@@ -7,6 +7,7 @@ import base64
 import contextlib
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,6 +91,35 @@ def wait_ready(p: subprocess.Popen[str], url: str, timeout: float = 180) -> None
             pass
         assert time.monotonic() < deadline, "the server did not become ready"
         time.sleep(0.1)
+
+
+def start_kserve(dep: LocalDeployment, name: str, sealed: Path, factory: str, *,
+                 signature: tuple[str, ...], http: int = 0, grpc: int = 0,
+                 config: str = "runtime.toml", extra: tuple[str, ...] = ()
+                 ) -> subprocess.Popen[str]:
+    """Start ``python -m sealtorch.kserve`` on ``dep``'s key cache (sim attester); ``signature``
+    is the model's input/output flags."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-m", "sealtorch.kserve", "--model_name", name,
+         "--sealed", str(sealed), "--factory", factory, "--keycache", dep.socket,
+         "--config", str(dep.workdir / config), "--attester", "sim",
+         "--http_port", str(http or free_port()), "--grpc_port", str(grpc or free_port()),
+         *signature, "--max_batch", str(MAX_BATCH), "--threads", str(SERVE_THREADS),
+         "--enable_latency_logging", "false", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dep.env,
+        start_new_session=True)
+
+
+@contextlib.contextmanager
+def serving(p: subprocess.Popen[str], http: int, grpc: int) -> Iterator[tuple[str, str]]:
+    """Wait until the predictor ``p`` is ready, yield its HTTP URL and gRPC address, stop it
+    (its stderr is printed: shown when a test fails)."""
+    url = f"http://127.0.0.1:{http}"
+    try:
+        wait_ready(p, url)
+        yield url, f"127.0.0.1:{grpc}"
+    finally:
+        print(stop_process(p)[-5000:])
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import httpx
 import pytest
@@ -14,7 +13,6 @@ import torch
 from tests.runtime.conftest import (
     FACTORY,
     MAX_BATCH,
-    SERVE_THREADS,
     SMALL_SHAPE,
     Sealed,
     client_policy,
@@ -23,6 +21,8 @@ from tests.runtime.conftest import (
     output_tensor,
     reference,
     sample,
+    serving,
+    start_kserve,
     stop_process,
     wait_ready,
 )
@@ -37,15 +37,9 @@ MAX_BODY = 65536 + MAX_BATCH * 3 * 64 * 64 * 32
 def _predictor(dep: LocalDeployment, sealed: Sealed, *, http: int = 0, grpc: int = 0,
                factory: str = FACTORY, config: str = "runtime.toml",
                extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-I", "-m", "sealtorch.kserve", "--model_name", "resnet50",
-         "--sealed", str(sealed.path), "--factory", factory, "--keycache", dep.socket,
-         "--config", str(dep.workdir / config), "--attester", "sim",
-         "--http_port", str(http or free_port()), "--grpc_port", str(grpc or free_port()),
-         "--input_shape", ",".join(map(str, SMALL_SHAPE)), "--max_batch", str(MAX_BATCH),
-         "--threads", str(SERVE_THREADS), "--enable_latency_logging", "false", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dep.env,
-        start_new_session=True)
+    return start_kserve(dep, "resnet50", sealed.path, factory, http=http, grpc=grpc,
+                        config=config, extra=extra,
+                        signature=("--input_shape", ",".join(map(str, SMALL_SHAPE))))
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +47,8 @@ def predictor(deployment: LocalDeployment, sealed_resnet: Sealed):
     http, grpc = free_port(), free_port()
     p = _predictor(deployment, sealed_resnet, http=http, grpc=grpc,
                    extra=("--unsafe_allow_plaintext",))
-    url = f"http://127.0.0.1:{http}"
-    try:
-        wait_ready(p, url)
-        yield url, f"127.0.0.1:{grpc}"
-    finally:
-        print(stop_process(p)[-5000:])  # shown when a test fails
+    with serving(p, http, grpc) as addresses:
+        yield addresses
 
 
 def test_clients_nobody_here_wrote_get_the_plaintext_models_outputs(

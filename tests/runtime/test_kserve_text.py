@@ -23,7 +23,9 @@ from tests.runtime.conftest import (
     client_policy,
     free_port,
     reference,
+    serving,
     start_deployment,
+    start_kserve,
     stop_process,
     wait_ready,
 )
@@ -99,29 +101,18 @@ def text_deployment(tmp_path_factory: pytest.TempPathFactory, minilm_key: ModelK
 
 def _predictor(dep: LocalDeployment, sealed: Path, *, http: int, grpc: int = 0,
                factory: str = EMBED) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-I", "-m", "sealtorch.kserve", "--model_name", "minilm",
-         "--sealed", str(sealed), "--factory", factory, "--keycache", dep.socket,
-         "--config", str(dep.workdir / "runtime.toml"), "--attester", "sim",
-         "--http_port", str(http), "--grpc_port", str(grpc or free_port()),
-         "--input_name", "text", "--datatype", "BYTES", "--input_shape", "1",
-         "--output_name", "embedding", "--max_batch", str(MAX_BATCH),
-         "--threads", str(SERVE_THREADS), "--enable_latency_logging", "false",
-         "--unsafe_allow_plaintext"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dep.env,
-        start_new_session=True)
+    return start_kserve(dep, "minilm", sealed, factory, http=http, grpc=grpc,
+                        extra=("--unsafe_allow_plaintext",),
+                        signature=("--input_name", "text", "--datatype", "BYTES",
+                                   "--input_shape", "1", "--output_name", "embedding"))
 
 
 @pytest.fixture(scope="module")
 def predictor_ports(text_deployment: LocalDeployment, sealed_minilm: Path):
     http, grpc = free_port(), free_port()
     p = _predictor(text_deployment, sealed_minilm, http=http, grpc=grpc)
-    url = f"http://127.0.0.1:{http}"
-    try:
-        wait_ready(p, url)
-        yield url, f"127.0.0.1:{grpc}"
-    finally:
-        print(stop_process(p)[-5000:])  # shown when a test fails
+    with serving(p, http, grpc) as addresses:
+        yield addresses
 
 
 @pytest.fixture(scope="module")
