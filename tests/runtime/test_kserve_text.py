@@ -37,7 +37,7 @@ from sealtorch.runtime.world import LocalDeployment
 EMBED = "sealtorch.hf.embedding:sentence_embedding"
 TEXTS = ["Sealed weights stay encrypted outside the enclave.",
          "The quick brown fox jumps over the lazy dog!", "Ünïcödé, façade, naïve café", "",
-         "KServe predictors answer the Open Inference Protocol.", "a", "Zwei Wörter.",
+         "KServe predictors answer the Open Inference Protocol, " * 3, "a", "Zwei Wörter.",
          "Tokenized inside the TEE with the sealed tokenizer."]
 
 
@@ -203,6 +203,26 @@ def test_reference_is_sentence_transformers_embedding(plain: SentenceEmbedder) -
     together = reference(plain, texts(TEXTS[:MAX_BATCH]))
     alone = torch.cat([reference(plain, texts([t])) for t in TEXTS[:MAX_BATCH]])
     assert torch.equal(together, alone)
+
+
+def test_each_text_is_padded_to_its_own_bucket(plain: SentenceEmbedder) -> None:
+    """Texts of different lengths share a batch: each row runs padded to the smallest bucket
+    that holds it, and its embedding is the same as when it runs alone."""
+    mixed = ["short", "a medium sentence " * 6, "word " * 100, ""]
+    assert plain._lengths(mixed) == [16, 32, 128, 16]
+    together = reference(plain, texts(mixed))
+    alone = torch.cat([reference(plain, texts([t])) for t in mixed])
+    assert torch.equal(together, alone)
+    for i, t in enumerate(mixed):   # the bucket's padding is masked out: the embedding is the
+        batch = plain.tokenizer([t], return_tensors="pt")   # unpadded text's (to rounding)
+        with torch.no_grad():
+            want = torch.nn.functional.normalize(
+                plain.model(**batch).last_hidden_state.mean(1), dim=1)[0]
+        assert torch.allclose(together[i], want, atol=1e-5), i
+    with pytest.raises(ValueError, match="increasing lengths"):
+        SentenceEmbedder(plain.model, plain.tokenizer, buckets=(32, 16))
+    with pytest.raises(ValueError, match="increasing lengths"):
+        SentenceEmbedder(plain.model, plain.tokenizer, buckets=())
 
 
 def test_checking_and_embedding_at_once(plain: SentenceEmbedder) -> None:
