@@ -6,11 +6,20 @@ tensor data and refuse it for lacking the length header)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
-from sealtorch.runtime.attested import ASGIApp, Message, Receive, Scope, Send
+from sealtorch.runtime.asgi import (
+    ASGIApp,
+    BodyRefused,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    check_content_length,
+    read_body,
+    send_json,
+)
 
 #: ``precheck(path, headers, body)``: what is wrong with a request, or None
 Precheck = Callable[[str, dict[bytes, bytes], bytes], "str | None"]
@@ -26,53 +35,32 @@ class BodyLimit:
         self.max_bytes = max_bytes
         self.precheck = precheck
 
-    async def _refuse(self, send: Send, status: int = 413, message: str = "") -> None:
-        body = json.dumps({"error": message
-                           or f"request body larger than {self.max_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", ()))
-        cl = headers.get(b"content-length", b"")
-        if cl and (not cl.isdigit() or len(cl) > 15 or int(cl) > self.max_bytes):
-            await self._refuse(send)
+        try:
+            check_content_length(headers.get(b"content-length"), self.max_bytes)
+            data = await read_body(receive, self.max_bytes)
+        except BodyRefused as e:
+            if e.code != "disconnected":
+                await send_json(send, e.status, {"error": e.message})
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # the client went away
-            chunk = bytes(msg.get("body", b""))
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(send)
-                return
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
         if self.precheck is not None:
             import anyio
 
-            data = b"".join(chunks)
             problem = await anyio.to_thread.run_sync(self.precheck, scope["path"], headers, data)
             if problem is not None:
-                await self._refuse(send, 400, problem)
+                await send_json(send, 400, {"error": problem})
                 return
-            chunks = [data]
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                out: dict[str, Any] = {"type": "http.request", "body": b"".join(chunks),
+                out: dict[str, Any] = {"type": "http.request", "body": data,
                                        "more_body": False}
                 return out
             return await receive()

@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 import sealtorch
 from sealtorch.errors import InferenceInputError, OverloadedError, ServeError
+from sealtorch.runtime.asgi import BodyRefused, check_content_length, read_body
 from sealtorch.runtime.attested import JSON_ONLY
 from sealtorch.runtime.batcher import Batcher
 from sealtorch.runtime.codec import HEADER_LENGTH, decode_request, encode_response
@@ -127,25 +128,21 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
         return ok({"name": model.name, "ready": batcher.ready}, "model_ready",
                   200 if batcher.ready else 503)
 
-    async def read_body(request: Request) -> bytes:
-        cl = request.headers.get("content-length")
-        if cl is not None:
-            if not cl.isdigit() or len(cl) > 15:
-                raise _HTTPError(400, "invalid Content-Length header")
-            if int(cl) > max_body:
-                raise _HTTPError(413, f"request body larger than {max_body} bytes")
+    async def request_body(request: Request) -> bytes:
+        try:
+            check_content_length(request.headers.get("content-length"), max_body)
+        except BodyRefused as e:
+            raise _HTTPError(e.status, e.message) from None
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
         binary = HEADER_LENGTH in request.headers
         if ctype.lower() not in (("application/json", "application/octet-stream") if binary
                                  else ("application/json",)):
             raise _HTTPError(415, "the request body must be application/json (or binary "
                                   f"tensor data with the {HEADER_LENGTH} header)")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body:
-                raise _HTTPError(413, f"request body larger than {max_body} bytes")
-        return bytes(body)
+        try:
+            return await read_body(request.receive, max_body)
+        except BodyRefused as e:
+            raise _HTTPError(e.status, e.message) from None
 
     async def infer(request: Request) -> Response:
         import anyio
@@ -161,7 +158,7 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
             return error(503, "the model is not ready", endpoint)
         start = time.perf_counter()
         try:
-            body = await read_body(request)
+            body = await request_body(request)
             req = await anyio.to_thread.run_sync(lambda: decode_request(
                 body, model.inputs, max_batch=opts.max_batch,
                 header_length=request.headers.get(HEADER_LENGTH),

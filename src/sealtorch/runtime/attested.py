@@ -20,7 +20,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -41,15 +41,23 @@ from sealtorch.errors import (
     ServeError,
 )
 from sealtorch.protocol import hpke
+from sealtorch.runtime.asgi import (
+    ASGIApp,
+    BodyRefused,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    check_content_length,
+    header,
+    read_body,
+    send_body,
+    send_json,
+)
 from sealtorch.runtime.ratelimit import RateLimiter
 
 log = logging.getLogger("sealtorch.serve")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _NAME = r"(?P<name>[A-Za-z0-9_.-]{1,64})"
 ATTEST_RE = re.compile(rf"/v2(?:/models/{_NAME}(?:/versions/[^/]{{1,64}})?)?/attestation")
@@ -188,13 +196,13 @@ class E2EMiddleware:
             await self._attestation(scope, send, m.group("name"))
             return
         if method == "POST" and (m := INFER_RE.fullmatch(path)) is not None:
-            ctype = _header(scope, b"content-type").split(";")[0].strip().lower()
+            ctype = header(scope, b"content-type").split(";")[0].strip().lower()
             if ctype == ohttp.MEDIA_REQUEST:
                 await self._e2e(scope, receive, send, m.group("name"))
                 return
             if not self.allow_plaintext:
                 self._count("requests", "plaintext_refused")
-                await _send_json(send, 415, {
+                await send_json(send, 415, {
                     "error": "this server accepts only end-to-end encrypted inference requests "
                              f"(Content-Type: {ohttp.MEDIA_REQUEST}); use sealtorch.client or "
                              "`sealtorch client infer`", "code": "plaintext_refused"})
@@ -205,12 +213,12 @@ class E2EMiddleware:
         import anyio
 
         if scope["method"] != "GET":
-            await _send_json(send, 405, {"error": "method not allowed on this endpoint"})
+            await send_json(send, 405, {"error": "method not allowed on this endpoint"})
             return
         client = scope["client"][0] if scope.get("client") else "unknown"
         if not self._attest_limiter.allow(client):
             self._count("attestations", "rate_limited")
-            await _send_json(send, 429, {"error": "attestation rate limit exceeded; slow down"},
+            await send_json(send, 429, {"error": "attestation rate limit exceeded; slow down"},
                              {"retry-after": str(self._attest_limiter.retry_after())})
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
@@ -221,13 +229,13 @@ class E2EMiddleware:
             nonce = decode_nonce(query["nonce"][0])
         except (ProtocolError, ValueError) as e:
             self._count("attestations", "bad_request")
-            await _send_json(send, 400, {"error": str(e), "code": "bad_nonce"})
+            await send_json(send, 400, {"error": str(e), "code": "bad_nonce"})
             return
         try:
             self.gateway.identity(name)
         except KeyError:
             self._count("attestations", "unknown_model")
-            await _send_json(send, 404, {"error": "unknown model name (or several models are "
+            await send_json(send, 404, {"error": "unknown model name (or several models are "
                                                   "served: use /v2/models/NAME/attestation)"})
             return
         try:
@@ -235,28 +243,11 @@ class E2EMiddleware:
         except AttestationError as e:
             log.error("attestation failed: %s", e)
             self._count("attestations", "failed")
-            await _send_json(send, 503, {"error": "the TEE could not produce evidence; see the "
+            await send_json(send, 503, {"error": "the TEE could not produce evidence; see the "
                                                   "server log", "code": e.code})
             return
         self._count("attestations", "ok")
-        await _send(send, 200, doc.to_json(), "application/json")
-
-    async def _read(self, scope: Scope, receive: Receive) -> bytes:
-        cl = _header(scope, b"content-length")
-        if cl and (not cl.isdigit() or len(cl) > 15 or int(cl) > self.max_request_bytes):
-            raise _Refusal(413, f"request body larger than {self.max_request_bytes} bytes",
-                           "too_large")
-        body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise _Refusal(400, "the client went away", "disconnected")
-            body += msg.get("body", b"")
-            if len(body) > self.max_request_bytes:
-                raise _Refusal(413, f"request body larger than {self.max_request_bytes} bytes",
-                               "too_large")
-            if not msg.get("more_body", False):
-                return bytes(body)
+        await send_body(send, 200, doc.to_json(), "application/json")
 
     async def _e2e(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
         import anyio
@@ -265,24 +256,25 @@ class E2EMiddleware:
             await self.app(scope, receive, send)  # the app answers 404 for unknown models
             return
         try:
-            data = await self._read(scope, receive)
+            check_content_length(header(scope, b"content-length"), self.max_request_bytes)
+            data = await read_body(receive, self.max_request_bytes)
             opened = await anyio.to_thread.run_sync(lambda: self.gateway.open(
                 data, method=scope["method"], path=scope["path"], name=name))
-        except _Refusal as e:
+        except BodyRefused as e:
             self._count("requests", e.code)
-            await _send_json(send, e.status, {"error": e.message, "code": e.code})
+            await send_json(send, e.status, {"error": e.message, "code": e.code})
             return
         except (EncapsulationError, ReplayError) as e:
             log.info("end-to-end request refused: %s", e.code)
             self._count("requests", e.code)
-            await _send_json(send, 409 if isinstance(e, ReplayError) else 400,
+            await send_json(send, 409 if isinstance(e, ReplayError) else 400,
                              {"error": str(e), "code": e.code})
             return
         status, body = await self._call_app(scope, receive, opened.inner.body)
         response = await anyio.to_thread.run_sync(
             lambda: self.gateway.seal(opened, status=status, body=body))
         self._count("requests", "ok")
-        await _send(send, 200, response, ohttp.MEDIA_RESPONSE)
+        await send_body(send, 200, response, ohttp.MEDIA_RESPONSE)
 
     async def _call_app(self, scope: Scope, receive: Receive, body: bytes) -> tuple[int, bytes]:
         """Run the app on the plaintext request; return its status and body."""
@@ -323,33 +315,3 @@ class E2EMiddleware:
             log.error("inference app failed under an end-to-end request: %s", type(e).__name__)
             return 500, b'{"error":"inference failed; see the server log"}'
         return status, b"".join(chunks)
-
-
-class _Refusal(Exception):
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for k, v in scope.get("headers", ()):
-        if k == name:
-            return bytes(v).decode("latin-1")
-    return ""
-
-
-async def _send(send: Send, status: int, body: bytes, media_type: str,
-                headers: dict[str, str] | None = None) -> None:
-    raw = [(b"content-type", media_type.encode("ascii")),
-           (b"content-length", str(len(body)).encode("ascii")),
-           (b"cache-control", b"no-store")]
-    raw += [(k.encode("ascii"), v.encode("ascii")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_json(send: Send, status: int, obj: dict[str, Any],
-                     headers: dict[str, str] | None = None) -> None:
-    import json
-
-    await _send(send, status, json.dumps(obj).encode(), "application/json", headers)
