@@ -11,11 +11,20 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sealtorch.attestation.initdata import (
+    ANNOTATION,
+    encode_annotation,
+    read_initdata,
+    render_initdata,
+)
+from sealtorch.attestation.selfcheck import decide_binding
+from sealtorch.cli.initdata_cmds import check_bound_config
 from sealtorch.format.signing import raw_public
 from sealtorch.keycache.config import parse_config
 from sealtorch.runtime.config import parse_runtime_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kserve"
+INITDATA_FILE = "/run/sealtorch-initdata/cc_init_data"
 TEE = {"kata-qemu-tdx": "tdx", "kata-qemu-snp": "snp"}
 
 
@@ -69,6 +78,15 @@ def test_manifest(manifest: str) -> None:
     assert args.model_name == "resnet50" and args.http_port == 8080
     assert args.enable_grpc is False and not args.unsafe_allow_plaintext
     assert flags["config"] == "/etc/sealtorch/sealtorch.toml"
+    # CoCo initdata: the pod carries the annotation, both containers read it back (downward
+    # API, read-only) at the path the measured config names
+    assert pred["annotations"][ANNOTATION].startswith("REPLACE-")
+    items = volumes["initdata"]["downwardAPI"]["items"]
+    assert items == [{"path": Path(INITDATA_FILE).name, "fieldRef": {
+        "fieldPath": f"metadata.annotations['{ANNOTATION}']"}}]
+    for c in containers.values():
+        m = {v["name"]: v for v in c["volumeMounts"]}["initdata"]
+        assert m["mountPath"] == str(Path(INITDATA_FILE).parent) and m["readOnly"] is True
 
 
 def test_measured_config_and_containerfile_agree() -> None:
@@ -78,6 +96,13 @@ def test_measured_config_and_containerfile_agree() -> None:
     cache = parse_config(raw)
     runtime = parse_runtime_config(raw)
     assert cache.server_public_key == runtime.server_public_key
+    assert cache.initdata == runtime.initdata == INITDATA_FILE
+    # the document `sealtorch initdata` writes from it binds both roles on both platforms
+    check_bound_config(raw)
+    doc = read_initdata(encode_annotation(render_initdata({"sealtorch.toml": raw.decode()}))
+                        .encode())
+    for tee in ("tdx", "snp"):
+        assert decide_binding(tee, doc.register(tee), raw, doc).via == "initdata"
     assert cache.socket == "/run/sealtorch/dkeycache.sock"
     assert cache.local_auth == "peercred" and cache.allowed_uids == (1000,)
     text = (DEPLOY / "Containerfile").read_text()

@@ -52,3 +52,17 @@ def pinned_server_key(body: dict[str, Any]) -> str:
             "server_public_key must be a raw Ed25519 key in base64 or a PEM public key"
         ) from e
     return spk
+
+
+def initdata_path(body: dict[str, Any]) -> str | None:
+    """The optional ``initdata`` field of a role's table: the absolute path where the pod's
+    CoCo initdata document (or its annotation value) is mounted. When set, the role starts
+    only if the VM's launch register binds that document and this config is its
+    ``sealtorch.toml`` entry (:mod:`sealtorch.attestation.selfcheck`)."""
+    path = body.get("initdata")
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path.startswith("/") or len(path) > 4096:
+        raise ConfigError("initdata must be the absolute path of the pod's initdata document "
+                          "(e.g. a downward-API file of its cc_init_data annotation)")
+    return path

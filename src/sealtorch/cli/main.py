@@ -27,9 +27,17 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from sealtorch.cli import attest_cmds, bench_cmds, client_cmds, format_cmds, serve_cmds
+    from sealtorch.cli import (
+        attest_cmds,
+        bench_cmds,
+        client_cmds,
+        format_cmds,
+        initdata_cmds,
+        serve_cmds,
+    )
 
-    for module in (format_cmds, attest_cmds, bench_cmds, serve_cmds, client_cmds):
+    for module in (format_cmds, attest_cmds, initdata_cmds, bench_cmds, serve_cmds,
+                   client_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 

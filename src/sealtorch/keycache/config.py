@@ -22,6 +22,7 @@ Example::
     pccs_url = ""               # SGX local evidence: PCCS to fetch collateral from
     tcp_listen = ""             # optional loopback TCP listener, e.g. "127.0.0.1:7001" (SGX:
                                 # Gramine's Unix sockets do not cross enclaves); evidence only
+    initdata = "/run/sealtorch-initdata/cc_init_data"  # optional: CoCo pod (docs/kserve.md)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sealtorch._toml import load_table, pinned_server_key
+from sealtorch._toml import initdata_path, load_table, pinned_server_key
 from sealtorch.errors import ConfigError
 from sealtorch.ids import is_model_id
 from sealtorch.keycache.address import TcpAddress, parse_tcp
@@ -43,7 +44,7 @@ _ALLOWED = {
     "keyserver_url", "server_public_key", "ca_cert", "poll_interval", "models", "socket",
     "socket_group", "local_auth", "allowed_uids", "health_port", "sim_platform_keys",
     "renew_fraction", "retry_min", "retry_max", "request_timeout", "pccs_url",
-    "tcp_listen",
+    "tcp_listen", "initdata",
     "collateral",  # refused below with an explanation (it was a host directory)
 }
 
@@ -69,6 +70,7 @@ class CacheConfig:
     request_timeout: float = 10.0
     pccs_url: str | None = None
     tcp_listen: TcpAddress | None = None
+    initdata: str | None = None  # CoCo: bound through this initdata document
     raw: bytes = field(default=b"", repr=False)
 
     @property
@@ -182,6 +184,7 @@ def parse_config(raw: bytes) -> CacheConfig:
         request_timeout=_num(kc, "request_timeout", 10.0, 0.1, 300),
         pccs_url=pccs,
         tcp_listen=tcp,
+        initdata=initdata_path(kc),
         raw=bytes(raw),
     )
 

@@ -23,10 +23,11 @@ log = logging.getLogger("sealtorch.keycache")
 
 def make_attester(name: str, config: CacheConfig) -> Any:
     """The cache's attester (:func:`sealtorch.attestation.attesters.select`, role ``dkeycache``,
-    measuring the config file bytes for sim)."""
+    measuring the config file bytes for sim; bound through ``initdata`` when set)."""
     from sealtorch.attestation import attesters
 
-    return attesters.select(name, role="dkeycache", config_bytes=config.raw)
+    return attesters.select(name, role="dkeycache", config_bytes=config.raw,
+                            initdata=config.initdata)
 
 
 def make_local_auth(tee: str, config: CacheConfig, leases: LeaseManager) -> Any:

@@ -8,6 +8,7 @@ Example::
 
     [runtime]
     server_public_key = "<base64 raw Ed25519 key, or PEM>"
+    initdata = "/run/sealtorch-initdata/cc_init_data"  # optional: CoCo pod, docs/kserve.md
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sealtorch._toml import load_table, pinned_server_key
+from sealtorch._toml import initdata_path, load_table, pinned_server_key
 from sealtorch.errors import ConfigError
 
 MAX_CONFIG_BYTES = 16 * 1024
-_ALLOWED = {"server_public_key"}
+_ALLOWED = {"server_public_key", "initdata"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RuntimeConfig:
     """Parsed runtime configuration; ``raw`` is the exact file bytes (what is measured)."""
 
     server_public_key: str
+    initdata: str | None = None  # CoCo: bound through this initdata document
     raw: bytes = field(default=b"", repr=False)
 
 
@@ -35,7 +37,8 @@ def parse_runtime_config(raw: bytes) -> RuntimeConfig:
     """Parse and validate runtime configuration bytes (unknown fields are errors)."""
     rt = load_table(raw, table="runtime", allowed=_ALLOWED, max_bytes=MAX_CONFIG_BYTES,
                     what="runtime config")
-    return RuntimeConfig(server_public_key=pinned_server_key(rt), raw=bytes(raw))
+    return RuntimeConfig(server_public_key=pinned_server_key(rt), initdata=initdata_path(rt),
+                         raw=bytes(raw))
 
 
 def load_runtime_config(path: str | os.PathLike[str]) -> RuntimeConfig:

@@ -54,7 +54,8 @@ def prepare(path: str | os.PathLike[str], factory: str, config_path: str | os.Pa
         raise SealedDirError(f"{path}: a directory without {MANIFEST_NAME}, so not a sealed "
                              "model directory; seal one with `sealtorch seal MODEL_DIR -o DIR`")
     header = read_header(Path(path, MANIFEST_NAME) if os.path.isdir(path) else path)
-    tee = attesters.select(attester, role="serve", config_bytes=config.raw)
+    tee = attesters.select(attester, role="serve", config_bytes=config.raw,
+                           initdata=config.initdata)
     return SealedSource(Path(path), factory, header, config, tee)
 
 

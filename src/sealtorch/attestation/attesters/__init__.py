@@ -40,7 +40,7 @@ def detect(
     )
 
 
-def select(kind: str, *, role: str, config_bytes: bytes = b"",
+def select(kind: str, *, role: str, config_bytes: bytes = b"", initdata: str | None = None,
            gramine_dir: Path | str = gramine.DEFAULT_DIR,
            tsm_dir: Path | str = tsm.DEFAULT_DIR) -> Attester:
     """The attester a role asked for by name (``--attester``); the one place that maps names.
@@ -49,9 +49,15 @@ def select(kind: str, *, role: str, config_bytes: bytes = b"",
     must be named explicitly and measures ``role`` with its measured config bytes. In a TDX/SNP
     VM the VM's own evidence must bind ``config_bytes`` when it binds a configuration at all
     (MRCONFIGID / HOST_DATA, :mod:`sealtorch.attestation.selfcheck`): a mismatch refuses.
+    ``initdata`` (the config's ``initdata`` path) requires the binding through that CoCo
+    initdata document, so only a TDX/SNP VM can satisfy it.
     """
     if kind not in KINDS:
         raise ConfigError(f"--attester must be one of {', '.join(KINDS)}")
+    if initdata is not None and kind in ("sim", "sgx"):
+        raise ConfigError(f"the config names an initdata document, which only a TDX or SNP "
+                          f"VM (a CoCo pod) can bind; --attester {kind} cannot: remove "
+                          "`initdata` from the config, or run in the pod VM")
     if kind == "sim":
         from sealtorch.attestation import sim
         from sealtorch.attestation.attesters.sim import SimAttester
@@ -69,8 +75,14 @@ def select(kind: str, *, role: str, config_bytes: bytes = b"",
         raise AttesterUnavailableError(
             f"the {kind} attester is not available here; run inside a {kind} TEE, or pass "
             "--attester auto to use the one present (or --attester sim for development)")
+    if initdata is not None and att.tee not in ("tdx", "snp"):
+        raise ConfigError(f"the config names an initdata document, which only a TDX or SNP "
+                          f"VM can bind; this is a {att.tee} TEE: remove `initdata` from "
+                          "the config")
     if att.tee in ("tdx", "snp"):
+        from sealtorch.attestation.initdata import load_initdata
         from sealtorch.attestation.selfcheck import check_own_config
 
-        check_own_config(att, config_bytes, role=role)
+        doc = load_initdata(initdata) if initdata is not None else None
+        check_own_config(att, config_bytes, role=role, initdata=doc)
     return att
