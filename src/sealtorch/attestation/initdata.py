@@ -22,7 +22,6 @@ import base64
 import binascii
 import gzip
 import hashlib
-import json
 import re
 import tomllib
 import zlib
@@ -179,26 +178,21 @@ def load_initdata(path: str | Path) -> InitData:
     return read_initdata(blob)
 
 
-def _toml_string(text: str) -> str:
-    """``text`` as a TOML string: a multi-line literal string when it can be one (files read
-    as written), else a basic string with escapes (JSON's escapes are valid TOML)."""
-    literal_ok = ("'''" not in text and not text.endswith("'")
-                  and not any((c < " " and c not in "\t\n") or c == "\x7f" for c in text))
-    if literal_ok:
-        return "'''\n" + text + "'''"
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
 def render_initdata(entries: Mapping[str, str], algorithm: str = "sha384") -> bytes:
     """Write an initdata document holding ``entries`` (file name -> content), in name order,
     and check that it reads back to exactly these entries."""
-    body = [f'version = "{VERSION}"', f'algorithm = "{algorithm}"', "", "[data]"]
-    for name in sorted(entries):
+    import tomli_w
+
+    for name in entries:
         if not _ENTRY_NAME.fullmatch(name):
             raise ConfigError(f"initdata entry names must be plain file names (letters, "
                               f"digits, '.', '_', '-'), not {name[:40]!r}")
-        body.append(f'"{name}" = {_toml_string(entries[name])}')
-    raw = ("\n".join(body) + "\n").encode("utf-8")
+    doc_body = {"version": VERSION, "algorithm": algorithm,
+                "data": {name: entries[name] for name in sorted(entries)}}
+    # multi-line strings keep files readable, but TOML readers turn a CRLF in them into LF:
+    # a document with a carriage return anywhere is written with escapes only
+    readable = not any("\r" in text for text in entries.values())
+    raw = tomli_w.dumps(doc_body, multiline_strings=readable).encode("utf-8")
     doc = parse_initdata(raw)
     if dict(doc.data) != dict(entries):
         raise ConfigError("internal: the written initdata does not read back to its entries")
