@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -149,15 +150,10 @@ TDX_MRCONFIGID = slice(232, 280)  # 48-byte quote header, then the TD report's M
 SNP_HOST_DATA = slice(0xC0, 0xE0)
 
 
-@pytest.mark.parametrize("tee", ["tdx", "snp"])
-def test_a_vm_checks_its_own_configuration_binding(tmp_path: Path, dcap_dir: Path,
-                                                  snp_dir: Path, tee: str) -> None:
-    """MRCONFIGID (TDX) / HOST_DATA (SNP) must be the digest of the measured config the role
-    was given; zero means the platform binds none (allowed, logged)."""
-    from sealtorch.attestation.selfcheck import check_own_config, config_digest
-    from sealtorch.errors import ConfigError
-
-    config = b"[keycache]\nkeyserver_url = 'https://owner.example:8443'\n"
+def vm_factory(tmp_path: Path, dcap_dir: Path, snp_dir: Path,
+               tee: str) -> Callable[[bytes], FakeTsm]:
+    """A maker of fake TDX/SNP VMs (configfs-tsm trees) whose MRCONFIGID / HOST_DATA holds the
+    value it is given; evidence from the real vectors with that field replaced."""
     if tee == "tdx":
         template, field, rd_at, provider = ((dcap_dir / "tdx_quote").read_bytes(),
                                             TDX_MRCONFIGID, slice(568, 632), "tdx_guest")
@@ -168,10 +164,24 @@ def test_a_vm_checks_its_own_configuration_binding(tmp_path: Path, dcap_dir: Pat
     def vm(value: bytes) -> FakeTsm:
         t = bytearray(template)
         t[field] = value
-        d = tmp_path / value[:4].hex()
+        d = tmp_path / f"tsm-{value[:4].hex()}-{len(list(tmp_path.iterdir()))}"
         d.mkdir()
         return FakeTsm(d, provider, bytes(t), rd_at=rd_at)
 
+    return vm
+
+
+@pytest.mark.parametrize("tee", ["tdx", "snp"])
+def test_a_vm_checks_its_own_configuration_binding(tmp_path: Path, dcap_dir: Path,
+                                                  snp_dir: Path, tee: str) -> None:
+    """MRCONFIGID (TDX) / HOST_DATA (SNP) must be the digest of the measured config the role
+    was given; zero means the platform binds none (allowed, logged)."""
+    from sealtorch.attestation.selfcheck import check_own_config, config_digest
+    from sealtorch.errors import ConfigError
+
+    config = b"[keycache]\nkeyserver_url = 'https://owner.example:8443'\n"
+    vm = vm_factory(tmp_path, dcap_dir, snp_dir, tee)
+    field = TDX_MRCONFIGID if tee == "tdx" else SNP_HOST_DATA
     width = field.stop - field.start
     assert not check_own_config(vm(bytes(width)), config, role="dkeycache").bound
     assert check_own_config(vm(config_digest(tee, config)), config, role="dkeycache").bound

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from sealtorch.attestation.initdata import (
 from sealtorch.attestation.selfcheck import check_own_config, decide_binding
 from sealtorch.errors import ConfigError
 
-from .test_attesters import SNP_HOST_DATA, TDX_MRCONFIGID, FakeTsm
+from .test_attesters import vm_factory
 
 CONFIG = (b"[keycache]\nkeyserver_url = 'https://owner.example:8443'\n"
           b"initdata = \"/run/sealtorch-initdata/cc_init_data\"\n")
@@ -193,29 +192,12 @@ def test_without_initdata_the_register_of_an_initdata_pod_refuses() -> None:
 
 
 # --- through configfs-tsm trees -------------------------------------------------------------
-def _vm_factory(tmp_path: Path, dcap_dir: Path, snp_dir: Path,
-                tee: str) -> Callable[[bytes], FakeTsm]:
-    if tee == "tdx":
-        template, field, rd_at, provider = ((dcap_dir / "tdx_quote").read_bytes(),
-                                            TDX_MRCONFIGID, slice(568, 632), "tdx_guest")
-    else:
-        template, field, rd_at, provider = ((snp_dir / "milan-vcek/report.bin").read_bytes(),
-                                            SNP_HOST_DATA, slice(0x50, 0x90), "sev_guest")
-
-    def vm(value: bytes) -> FakeTsm:
-        t = bytearray(template)
-        t[field] = value
-        d = tmp_path / f"tsm-{value[:4].hex()}-{len(list(tmp_path.iterdir()))}"
-        d.mkdir()
-        return FakeTsm(d, provider, bytes(t), rd_at=rd_at)
-
-    return vm
 
 
 @pytest.mark.parametrize("tee", ["tdx", "snp"])
 def test_a_pod_vm_checks_its_initdata_binding(tmp_path: Path, dcap_dir: Path, snp_dir: Path,
                                               tee: str) -> None:
-    vm = _vm_factory(tmp_path, dcap_dir, snp_dir, tee)
+    vm = vm_factory(tmp_path, dcap_dir, snp_dir, tee)
     b = check_own_config(vm(DOC.register(tee)), CONFIG, role="dkeycache", initdata=DOC)
     assert b.bound and b.via == "initdata"
     with pytest.raises(ConfigError, match="launched with another initdata"):
@@ -228,7 +210,7 @@ def test_select_reads_the_document_the_config_names(tmp_path: Path, dcap_dir: Pa
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """``attesters.select`` as both roles call it: the config's `initdata` path holds the
     downward-API file of the annotation; the VM's register decides."""
-    vm = _vm_factory(tmp_path, dcap_dir, snp_dir, tee)
+    vm = vm_factory(tmp_path, dcap_dir, snp_dir, tee)
     register = {"value": DOC.register(tee)}
     monkeypatch.setattr(attesters, "TsmAttester", lambda d, tee: vm(register["value"]))
     path = tmp_path / "cc_init_data"
