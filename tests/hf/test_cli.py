@@ -47,3 +47,22 @@ def test_directory_options_refused(tmp_path, llama_dir, hf_key):
     r = run("seal", str(weights), "-o", str(tmp_path / "f"), "--key-file", str(hf_key),
             "--public-config")
     assert r.returncode != 0 and "model directory only" in r.stderr
+
+
+def test_sealing_a_directory_reports_progress_over_all_shards(tmp_path, llama_dir, hf_key):
+    """`sealtorch seal MODEL_DIR` shows one byte bar for the whole model: the callback counts
+    every shard's weight bytes once, never goes back, and ends at the total it announced."""
+    from safetensors import safe_open
+
+    from sealtorch.hf import seal_pretrained
+
+    calls: list[tuple[int, int]] = []
+    seal_pretrained(llama_dir, tmp_path / "sealed", hf_key,
+                    progress=lambda done, total: calls.append((done, total)))
+    weights = 0
+    for shard in llama_dir.glob("model-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            weights += sum(f.get_tensor(k).nbytes for k in f.keys())
+    dones = [d for d, _ in calls]
+    assert {t for _, t in calls} == {weights} and dones == sorted(dones)
+    assert dones[-1] == weights

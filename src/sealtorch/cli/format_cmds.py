@@ -157,15 +157,16 @@ def _seal_dir(
     public_config: bool, public: tuple[str, ...], file_only: bool,
 ) -> None:
     """`sealtorch seal MODEL_DIR -o SEALED_DIR`: see docs/huggingface.md."""
-    from sealtorch.cli.progress import activity
+    from sealtorch.cli.progress import bytes_bar
     from sealtorch.hf.seal import seal_pretrained
 
     if file_only:
         raise InputError("--public-index, --metadata and --force apply to a single file only; "
                          "a model directory is sealed into a new directory")
-    with activity(f"sealing {Path(src).name}"):
+    with bytes_bar(f"reading {Path(src).name}", f"sealing {Path(src).name}") as progress:
         manifest = seal_pretrained(src, out, key_file, public_config=public_config,
-                                   public=public, chunk_size=chunk_size, sign_key=sign_key)
+                                   public=public, chunk_size=chunk_size, sign_key=sign_key,
+                                   progress=progress)
     open_files = [f.name for f in manifest.files if not f.sealed]
     click.echo(
         f"sealed {src} -> {out}: {len(manifest.shards)} weight shard(s), "

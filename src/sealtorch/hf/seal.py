@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -90,6 +90,7 @@ def seal_pretrained(
     public: Iterable[str] = (),
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     sign_key: Ed25519PrivateKey | str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> mf.Manifest:
     """Seal the Hugging Face model directory ``src`` into the new directory ``out``.
 
@@ -97,6 +98,7 @@ def seal_pretrained(
     salt and file key); ``config.json`` stays readable with ``public_config``, and other files
     named in ``public`` (paths relative to ``src``) are copied as they are, bound to the
     sealing by their SHA-256. Returns the manifest written to ``out/sealtorch-manifest.sealed``.
+    ``progress(done, total)`` is called as the shards' weight bytes are sealed.
     """
     source = Path(src)
     if not source.is_dir():
@@ -128,13 +130,17 @@ def seal_pretrained(
     mk = key if isinstance(key, ModelKey) else read_key_file(key)
     try:
         shard_items = []
+        total = sum(_data_bytes(source / name) for name in shards)
+        before = 0
         for name in shards:
             from safetensors import safe_open
 
             with safe_open(str(source / name), framework="pt") as f:
                 count = len(list(f.keys()))
             header = seal(source / name, target / (name + mf.SEALED_SUFFIX), mk,
-                          chunk_size=chunk_size, sign_key=signer)
+                          chunk_size=chunk_size, sign_key=signer,
+                          progress=_offset(progress, before, total))
+            before += header.total_length
             shard_items.append(mf.Item(name, True, header.digest().hex(), count))
         file_items = []
         for name in names:
@@ -162,6 +168,26 @@ def seal_pretrained(
         if not isinstance(key, ModelKey):
             mk.wipe()
     return manifest
+
+
+def _offset(progress: Callable[[int, int], None] | None, before: int, total: int
+            ) -> Callable[[int, int], None] | None:
+    """One shard's ``progress(done, shard_total)`` as progress over all shards' bytes."""
+    if progress is None:
+        return None
+    report = progress
+
+    def shard_progress(done: int, _shard_total: int) -> None:
+        report(before + done, total)
+
+    return shard_progress
+
+
+def _data_bytes(shard: Path) -> int:
+    """The size of a safetensors file's tensor data (the file less its JSON header)."""
+    with shard.open("rb") as f:
+        head = f.read(8)
+    return max(0, shard.stat().st_size - 8 - int.from_bytes(head.ljust(8, b"\0"), "little"))
 
 
 def _signer(sign_key: Ed25519PrivateKey | str | os.PathLike[str]) -> Ed25519PrivateKey:
