@@ -52,6 +52,15 @@ def test_bench_load_peers_sharded_json():
     assert set(variants) == {"plain_safetensors", "sealed_load_into", "sealed_load",
                              "cryptotensors", "tensorizer", "kserve_jwe"}
     assert variants["plain_safetensors"]["ratio_to_plain"] == 1.0
+    raw, into = r["raw_aes"], variants["sealed_load_into"]
+    assert 0 < raw["min_ms"] <= raw["median_ms"] <= raw["max_ms"]
+    assert raw["fixed_overhead_ms"] == pytest.approx(into["median_ms"] - raw["median_ms"],
+                                                     abs=0.02)
+    assert isinstance(raw["paired_fixed_overhead_ms"], float)
+    assert raw["sealed_over_raw_aes"] == pytest.approx(raw["median_ms"] / into["median_ms"],
+                                                       rel=0.01)
+    assert raw["load_over_load_into"] == pytest.approx(
+        variants["sealed_load"]["median_ms"] / into["median_ms"], rel=0.01)
     for v in variants.values():
         assert v["bit_identical"] is True
         assert 0 < v["min_ms"] <= v["median_ms"] <= v["max_ms"]

@@ -4,6 +4,7 @@ behind the default thread count."""
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 
@@ -13,7 +14,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealtorch.errors import IntegrityError
-from sealtorch.format import memory, reader, writer
+from sealtorch.format import chunks, memory, reader, writer
 from sealtorch.format.header import read_header
 
 from .conftest import same_bytes
@@ -196,14 +197,51 @@ def _vm_flags(ptr: int) -> set[str]:
     raise AssertionError(f"no mapping holds {ptr:#x}")
 
 
-@pytest.mark.parametrize("kernel", ["populate_write", "before_5_14"])
+@pytest.mark.parametrize("kernel", ["huge_pages", "no_huge_page_hint"])
 def test_whole_load_arena_is_undumpable_and_in_huge_pages(sealed, mk, monkeypatch, kernel):
-    if kernel == "before_5_14":  # MADV_POPULATE_WRITE refused: the MAP_POPULATE fallback
-        monkeypatch.setattr(memory, "_MADV_POPULATE_WRITE", -1)
+    if kernel == "no_huge_page_hint":  # a platform whose mmap module lacks the hint
+        monkeypatch.delattr(mmap, "MADV_HUGEPAGE")
     sd, p = sealed
     out = reader.load(p, key=mk)
     for k, v in sd.items():
         assert same_bytes(out[k].contiguous(), v.contiguous()), k
     flags = _vm_flags(out["big0"].data_ptr())
     assert "dd" in flags  # plaintext weights stay out of core dumps either way
-    assert ("hg" in flags) == (kernel == "populate_write"), flags
+    assert ("hg" in flags) == (kernel == "huge_pages"), flags
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scratch_smaller_than_chunk_splits_gaps_runs_and_verified_chunks(
+    sealed, mk, monkeypatch, threads
+):
+    """With a scratch buffer smaller than a chunk (the default is 256 KiB against 4 MiB chunks;
+    here 16 KiB against 128 KiB), gaps larger than it, runs that would overflow it and chunks
+    that are only verified pass through it in pieces: every byte still lands where it belongs,
+    and a modified byte in a gap still fails its chunk."""
+    monkeypatch.setattr(chunks, "_SCRATCH", 16 << 10)
+    monkeypatch.setattr(chunks, "_DIRECT_MIN", 16 << 10)
+    sd, p = sealed
+    out = reader.load(p, key=mk, threads=threads)
+    for k, v in sd.items():
+        assert same_bytes(out[k].contiguous(), v.contiguous()), k
+    m = module_for(mixed_state())
+    reader.load_into(m, p, key=mk, threads=threads)
+    got = m.state_dict()
+    for k, v in sd.items():
+        assert same_bytes(got[k].contiguous(), v.contiguous()), k
+    some = ["small0_0", "small3_4", "mid5"]  # the big tensors around them are gaps now
+    part = reader.load(p, key=mk, tensors=some, threads=threads)
+    for k in some:
+        assert same_bytes(part[k], sd[k].contiguous()), k
+    with reader.open_sealed(p, key=mk) as sf:
+        sf.verify_all(threads=threads)
+        h, e = sf.header, sf.index.entries["small0_0"]
+    where = e.offset - 1000  # inside big0, in the chunk that small0_0 starts in
+    assert where // h.chunk_size == e.offset // h.chunk_size
+    data = bytearray(p.read_bytes())
+    data[h.chunk_offset(where // h.chunk_size) + where % h.chunk_size] ^= 1
+    p.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        reader.load(p, key=mk, tensors=["small0_0"], threads=threads)
+    with reader.open_sealed(p, key=mk) as sf, pytest.raises(IntegrityError):
+        sf.verify_all(threads=threads)

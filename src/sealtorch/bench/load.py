@@ -241,6 +241,11 @@ def command(model: str, size_mb: int, shards: int, peers: bool, threads: int | N
                        f"peak RSS {v['peak_rss_bytes'] / 1e6:8.1f} MB "
                        f"(x{v['peak_rss_over_plain']})"
                        + ("" if v["bit_identical"] else "  WEIGHTS DIFFER"))
+        raw = res["raw_aes"]
+        click.echo(f"  raw AES-GCM        {raw['median_ms']:10.1f} ms  load_into overhead "
+                   f"{raw['fixed_overhead_ms']} ms (paired {raw['paired_fixed_overhead_ms']}), "
+                   f"sealed_over_raw_aes {raw['sealed_over_raw_aes']}, load/load_into "
+                   f"{raw['load_over_load_into']}")
         for name, why in res["peers_unavailable"].items():
             click.echo(f"  {name}: not run ({why})")
         return

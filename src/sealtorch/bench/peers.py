@@ -8,7 +8,10 @@ constructor leaves them): ``plain_safetensors`` (``safetensors.torch.load_file``
 (encrypted safetensors, ``cryptotensors.torch.load_file``), ``tensorizer`` (tensorizer with
 encryption, ``TensorDeserializer.load_into_module``; one file even for the sharded case) and
 ``kserve_jwe`` (the KServe-style whole-file JWE: ``jwcrypto`` decrypts the whole compact JWE of
-each safetensors file in memory, then ``safetensors.torch.load``). The sharded case is a Hugging
+each safetensors file in memory, then ``safetensors.torch.load``). ``raw_aes`` is the
+baseline, not a variant: AES-256-GCM ``decrypt_into`` of the same chunks into preallocated
+buffers on the same threads, from which the fixed per-load overhead of ``load_into`` is
+measured. The sharded case is a Hugging
 Face style directory (``model-0000k-of-0000n.safetensors`` + index) sealed with
 ``sealtorch seal DIR``, loaded shard by shard through ``sealtorch.hf.SealedDir``.
 
@@ -38,6 +41,8 @@ from typing import Any
 import torch
 
 SEALED = ["plain_safetensors", "sealed_load_into", "sealed_load"]
+#: the baseline of the fixed per-load overhead (not a way to load: no ``variants`` entry)
+RAW_AES = "raw_aes_decrypt_into"
 PEERS = ["cryptotensors", "tensorizer", "kserve_jwe"]
 _MIXED = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -228,6 +233,8 @@ def _loader(d: Path, spec: dict[str, Any], variant: str, module: torch.nn.Module
                     sf.close()
 
         return sealed
+    if variant == RAW_AES:
+        return _raw_aes(d, spec, threads)
     if variant == "cryptotensors":
         import cryptotensors
         from cryptotensors.torch import load_file as ct_load
@@ -269,6 +276,55 @@ def _loader(d: Path, spec: dict[str, Any], variant: str, module: torch.nn.Module
     raise ValueError(f"unknown variant {variant!r}")
 
 
+def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None) -> Callable[[], None]:
+    """Raw AES-256-GCM ``decrypt_into`` of every chunk of the sealed file(s), already opened
+    and mapped, into preallocated and touched buffers, on the threads ``sealed_load_into``
+    uses (the calling thread plus pool threads taking chunks from one iterator): the floor
+    that the fixed per-load overhead is measured from."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from sealtorch.format import memory, reader
+    from sealtorch.format.header import TAG_BYTES
+    from sealtorch.format.keyfile import read_key_file
+    from sealtorch.format.stream import chunk_aad, chunk_nonce
+    from sealtorch.hf import SealedDir
+
+    key = read_key_file(d / "model.key")
+    files = SealedDir(d / "sealed", key=key).shards if spec["sharded"] else \
+        [reader.open_sealed(d / "model.sealed", key=key)]
+    jobs = []  # (aead, header, digest, file view, destination)
+    for sf in files:
+        h = sf.header
+        dest = torch.ones(h.total_length, dtype=torch.uint8).numpy().data
+        jobs.append((AESGCM(sf.keys.chunk_key.view()), h, h.digest(), sf.view, dest))
+    nthreads = threads or memory.default_threads()
+    pool = ThreadPoolExecutor(nthreads - 1) if nthreads > 1 else None
+
+    def one_file(aead: AESGCM, h: Any, digest: bytes, view: memoryview,
+                 dest: memoryview) -> None:
+        work = iter(range(h.chunk_count))
+        cs, last = h.chunk_size, h.chunk_count - 1
+
+        def drain() -> None:
+            for i in work:  # threads share one iterator, like the loader
+                n, off = h.chunk_plain_length(i), h.chunk_offset(i)
+                aead.decrypt_into(chunk_nonce(i), view[off : off + n + TAG_BYTES],
+                                  chunk_aad(digest, i, i == last), dest[i * cs : i * cs + n])
+
+        futures = [pool.submit(drain) for _ in range(nthreads - 1)] if pool else []
+        drain()
+        for f in futures:
+            f.result()
+
+    def raw() -> None:
+        for job in jobs:  # one file after the other, as the loader does
+            one_file(*job)
+
+    return raw
+
+
 def _peak_rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -289,7 +345,7 @@ def worker(d: Path, variant: str, threads: int | None, check: bool) -> dict[str,
     load()
     ms = (time.perf_counter() - t) * 1e3
     out: dict[str, Any] = {"ms": ms, "peak_rss": _peak_rss()}
-    if check:
+    if check and variant != RAW_AES:  # the baseline writes into its own buffers
         out["bit_identical"] = _digest(module.state_dict()) == spec["digest"]
     return out
 
@@ -297,11 +353,12 @@ def worker(d: Path, variant: str, threads: int | None, check: bool) -> dict[str,
 def run_peers(model: str, size_mb: int, repeat: int, threads: int | None, peers: bool,
               shards: int) -> dict[str, Any]:
     """Prepare the files, run every variant ``repeat`` times in fresh processes, interleaved;
-    returns per-variant median ms, ratio to plain safetensors and peak RSS."""
+    returns per-variant median ms, ratio to plain safetensors and peak RSS, and the raw AES-GCM
+    baseline with the ratios measured from it (see :func:`_baseline`)."""
     load_start = os.getloadavg()[0]
     status = peer_status() if peers else {}
     runnable = [p for p, why in status.items() if why is None]
-    variants = SEALED + runnable
+    variants = [*SEALED, RAW_AES, *runnable]
     samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="sealtorch-bench-") as tmp:
         d = Path(tmp)
@@ -317,6 +374,7 @@ def run_peers(model: str, size_mb: int, repeat: int, threads: int | None, peers:
     plain = statistics.median(s["ms"] for s in samples["plain_safetensors"])
     plain_rss = max(s["peak_rss"] for s in samples["plain_safetensors"])
     result: dict[str, Any] = {}
+    raw = samples.pop(RAW_AES)
     for v, runs in samples.items():
         med = statistics.median(s["ms"] for s in runs)
         rss = max(s["peak_rss"] for s in runs)
@@ -328,8 +386,28 @@ def run_peers(model: str, size_mb: int, repeat: int, threads: int | None, peers:
     return {"model": "sharded" if shards > 1 else model, "bytes": spec["bytes"],
             "shards": len(spec["files"]), "repeat": repeat, "threads": threads,
             "cpus": len(os.sched_getaffinity(0)), "variants": result,
+            "raw_aes": _baseline(raw, samples["sealed_load_into"], samples["sealed_load"]),
             "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
             "peers_unavailable": {p: why for p, why in status.items() if why is not None}}
+
+
+def _baseline(raw: list[dict[str, Any]], into: list[dict[str, Any]],
+              load: list[dict[str, Any]]) -> dict[str, Any]:
+    """The raw AES-GCM baseline (medians) and what is measured from it in the same run:
+    ``fixed_overhead_ms`` (``load_into`` minus raw AES, from the medians, and
+    ``paired_fixed_overhead_ms`` the median of the per-round differences),
+    ``sealed_over_raw_aes`` (raw AES time over ``load_into`` time: the share of AES
+    throughput the loader reaches) and ``load_over_load_into`` (``sealtorch.load`` +
+    ``load_state_dict`` over ``load_into``)."""
+    raw_ms, into_ms, load_ms = ([s["ms"] for s in runs] for runs in (raw, into, load))
+    raw_med, into_med = statistics.median(raw_ms), statistics.median(into_ms)
+    return {"median_ms": round(raw_med, 2), "min_ms": round(min(raw_ms), 2),
+            "max_ms": round(max(raw_ms), 2),
+            "fixed_overhead_ms": round(into_med - raw_med, 2),
+            "paired_fixed_overhead_ms": round(statistics.median(
+                a - b for a, b in zip(into_ms, raw_ms, strict=True)), 2),
+            "sealed_over_raw_aes": round(raw_med / into_med, 3),
+            "load_over_load_into": round(statistics.median(load_ms) / into_med, 3)}
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ from sealtorch.format.stream import chunk_aad, chunk_nonce
 #: pieces of a chunk at least this large are decrypted straight into their tensor; smaller
 #: ones are batched through a scratch buffer (one GIL release per run instead of per piece)
 _DIRECT_MIN = 64 << 10
+#: per-thread scratch buffer size (at least ``_DIRECT_MIN``): a run of small pieces, a gap or
+#: a verified-only chunk goes through it in pieces of at most this size. A chunk-sized (4 MiB)
+#: buffer cost every load of a fresh process 4 MiB of new, zeroed pages per thread.
+_SCRATCH = 256 << 10
 
 
 @dataclass
@@ -111,12 +115,19 @@ def decrypt(
             a = start - regs[0].start
             aead.decrypt_into(nonce, ct, aad, regs[0].arr[a : a + n])
             return
-        if not regs:  # verification only
+        size = len(scratch)
+        dec = Cipher(algorithms.AES(key), modes.GCM(nonce, bytes(ct[n:]))).decryptor()
+        dec.authenticate_additional_data(aad)
+        if not regs:  # verification only: the chunk passes through the scratch buffer
             try:
-                aead.decrypt_into(nonce, ct, aad, scratch[:n])
-                broken = checks.violation(start, scratch[:n]) if checks else None
+                for a in range(0, n, size):
+                    b = min(n, a + size)
+                    dec.update_into(ct[a:b], scratch[: b - a])
+                    if checks and broken is None:
+                        broken = checks.violation(start + a, scratch[: b - a])
+                dec.finalize()
             finally:
-                wipe(scratch[:n])
+                wipe(scratch[: min(n, size)])
             if broken is not None:
                 raise broken.fail(rules.describe_violation(broken))
             return
@@ -124,41 +135,46 @@ def decrypt(
         # pieces are decrypted straight into their tensor; runs of small pieces (and gaps)
         # go through the scratch buffer in one call and are copied out, because every
         # update_into call releases and retakes the GIL, which costs more than a small copy.
-        dec = Cipher(algorithms.AES(key), modes.GCM(nonce, bytes(ct[n:]))).decryptor()
-        dec.authenticate_additional_data(aad)
         pieces: list[tuple[int, int, _Region | None]] = []
         pos = start
         for reg in regs:
             a, b = max(reg.start, start), min(reg.end, start + n)
-            if a > pos:  # bytes no destination wants (padding, other tensors)
-                pieces.append((pos, a, None))
+            for g in range(pos, a, size):  # bytes no destination wants (padding, other tensors)
+                pieces.append((g, min(a, g + size), None))
             pieces.append((a, b, reg))
             pos = b
-        if pos < start + n:
-            pieces.append((pos, start + n, None))
+        for g in range(pos, start + n, size):
+            pieces.append((g, min(start + n, g + size), None))
         run: list[tuple[int, int, _Region | None]] = []
         used = 0  # scratch[:used] held plaintext and is wiped below
+
+        def flush() -> None:
+            """Decrypt the run of small pieces through the scratch buffer, copy them out."""
+            nonlocal used, broken
+            lo, hi = run[0][0], run[-1][1]
+            used = max(used, hi - lo)
+            dec.update_into(ct[lo - start : hi - start], scratch[: hi - lo])
+            if checks and broken is None:
+                broken = checks.violation(lo, scratch[: hi - lo])
+            for ra, rb, rr in run:
+                if rr is not None:
+                    rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - lo : rb - lo]
+            run.clear()
+
         try:
-            for k, (a, b, dst) in enumerate(pieces):
+            for a, b, dst in pieces:
                 if dst is not None and b - a >= _DIRECT_MIN:
+                    if run:
+                        flush()
                     dec.update_into(
                         ct[a - start : b - start], dst.arr[a - dst.start : b - dst.start]
                     )
                     continue
+                if run and b - run[0][0] > size:
+                    flush()  # every piece here is at most ``size``: it fits in the next run
                 run.append((a, b, dst))
-                if k + 1 < len(pieces):
-                    na, nb, nr = pieces[k + 1]
-                    if nr is None or nb - na < _DIRECT_MIN:
-                        continue  # the next piece joins this run
-                lo = run[0][0]
-                used = max(used, b - lo)
-                dec.update_into(ct[lo - start : b - start], scratch[: b - lo])
-                if checks and broken is None:
-                    broken = checks.violation(lo, scratch[: b - lo])
-                for ra, rb, rr in run:
-                    if rr is not None:
-                        rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - lo : rb - lo]
-                run.clear()
+            if run:
+                flush()
             dec.finalize()
         finally:
             if used:
@@ -168,7 +184,7 @@ def decrypt(
 
     def worker() -> None:
         aead = AESGCM(key)
-        scratch = memoryview(bytearray(min(cs, max(h.total_length, 1))))
+        scratch = memoryview(bytearray(min(_SCRATCH, cs, max(h.total_length, 1))))
         try:
             while True:
                 i = ready.get()

@@ -259,13 +259,16 @@ class SealedFile:
     ) -> dict[str, torch.Tensor]:
         """Decrypt all tensors (or ``names``) into new CPU tensors; tied names share a tensor.
 
-        A full load decrypts into one buffer that the tensors are views of (no copies); a subset
-        gets one buffer per tensor and only the chunks it needs are decrypted.
+        A full load decrypts into one buffer that the tensors are views of (no copies), and drops
+        each chunk's ciphertext pages once decrypted (:attr:`release_pages`), so resident memory
+        grows by the plaintext only; a subset gets one buffer per tensor and only the chunks it
+        needs are decrypted.
         """
         wanted = self._entries(names)
         stored: dict[str, torch.Tensor] = {}
         regions: list[_Region] = []
         if names is None:
+            self.release_pages = True
             arena = _plaintext_buffer(self.header.total_length)
             regions.append(_Region(0, self.header.total_length, arena.numpy().data, check=True))
             for _, e in wanted:
@@ -431,9 +434,7 @@ def load(
     owner signature by that Ed25519 key. ``unsafe_device`` moves the plaintext weights to
     another device (e.g. a GPU outside the TEE's protection) — only if you accept that.
     """
-    with SealedFile(
-        path, key=key, key_provider=key_provider, signer=signer, populate=tensors is None
-    ) as sf:
+    with SealedFile(path, key=key, key_provider=key_provider, signer=signer, populate=False) as sf:
         out = sf.load(tensors, threads=threads)
     if unsafe_device is not None:
         moved: dict[int, torch.Tensor] = {}
