@@ -20,7 +20,7 @@ def test_bench_load_json_small_synthetic():
     ).stdout
     r = json.loads(out)
     phases = {"plain_safetensors", "plain_torch_load", "sealed_load_into", "sealed_load",
-              "raw_aes_decrypt_into", "raw_aes_decrypt_into_thp"}
+              "raw_aes_decrypt_into", "raw_aes_decrypt_into_thp", "raw_aes_decrypt_into_fresh"}
     assert set(r["times_s"]) == phases == set(r["times_min_s"]) == set(r["times_max_s"])
     for k in phases:
         assert 0 < r["times_min_s"][k] <= r["times_s"][k] <= r["times_max_s"][k]
@@ -31,6 +31,13 @@ def test_bench_load_json_small_synthetic():
     assert r["sealed_over_plain"] == pytest.approx(ratio_plain, rel=1e-3)
     assert r["sealed_over_raw_aes"] == pytest.approx(ratio_aes, rel=1e-3)
     assert set(r["paired_ratios"]) == {"sealed_over_plain", "sealed_over_raw_aes"}
+    # sealtorch.load against load_into and against its floor, raw AES into new memory
+    assert r["load_over_load_into"] == pytest.approx(
+        t["sealed_load"] / t["sealed_load_into"], rel=1e-3)
+    assert r["load_over_raw_aes_fresh"] == pytest.approx(
+        t["sealed_load"] / t["raw_aes_decrypt_into_fresh"], rel=1e-3)
+    assert r["fresh_over_preallocated"] == pytest.approx(
+        t["raw_aes_decrypt_into_fresh"] / t["raw_aes_decrypt_into"], rel=1e-3)
     assert r["cpus"] == 1  # the CPUs this process may run on, not the machine's count
     assert isinstance(r["loadavg_start"], float) and isinstance(r["loadavg_end"], float)
     assert r["aead_releases_gil"] is True

@@ -9,7 +9,11 @@ threads taking chunks from one iterator, as the loader does). The raw AES baseli
 memory from torch's allocator, like the module's parameters (4 KiB pages); the same into a numpy
 buffer, which gets transparent huge pages, is reported as ``raw_aes_decrypt_into_thp`` and
 ``sealed_over_raw_aes_thp`` (huge pages alone make AES-GCM about 8% faster here, a property of
-the destination memory, not of the loader).
+the destination memory, not of the loader). ``sealtorch.load`` decrypts into *new* memory, which
+the kernel must fault in and zero first: ``raw_aes_decrypt_into_fresh`` is raw AES into a new
+buffer from the loader's own allocator (``memory._plaintext_buffer``) each time, the floor for
+``load``; ``load_over_raw_aes_fresh`` says how close ``load`` comes to it and
+``fresh_over_preallocated`` what new memory costs raw AES on this machine.
 
 The machine may be shared, so every method runs ``--repeat`` times, interleaved round by round
 (the order rotates each round, so no method always follows the same one), and the report gives
@@ -119,7 +123,11 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
         cs = h.chunk_size
         pool = ThreadPoolExecutor(nthreads - 1) if nthreads > 1 else None
 
-        def raw_aes_into(dest: memoryview) -> Callable[[], None]:
+        def raw_aes_into(dest: memoryview | None) -> Callable[[], object]:
+            """Raw AES of every chunk into ``dest``, or (None) into a new plaintext buffer
+            from the loader's allocator, returned so that it is freed outside the clock."""
+            target: Any = dest
+
             def one(i: int) -> None:
                 n = h.chunk_plain_length(i)
                 off = h.chunk_offset(i)
@@ -127,10 +135,15 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
                     chunk_nonce(i),
                     view[off : off + n + TAG_BYTES],
                     chunk_aad(digest, i, i == h.chunk_count - 1),
-                    dest[i * cs : i * cs + n],
+                    target[i * cs : i * cs + n],
                 )
 
-            def raw_aes() -> None:
+            def raw_aes() -> object:
+                nonlocal target
+                fresh = None
+                if dest is None:
+                    fresh = memory._plaintext_buffer(h.total_length)
+                    target = fresh.numpy().data
                 work = iter(range(h.chunk_count))
 
                 def drain() -> None:
@@ -141,6 +154,7 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
                 drain()
                 for f in futures:
                     f.result()
+                return fresh
 
             return raw_aes
 
@@ -151,6 +165,7 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
             "sealed_load": sealed_load,
             "raw_aes_decrypt_into": raw_aes_into(dests["torch"]),
             "raw_aes_decrypt_into_thp": raw_aes_into(dests["thp"]),
+            "raw_aes_decrypt_into_fresh": raw_aes_into(None),
         }
         for fn in phases.values():  # warm-up: first-touch allocations, thread start-up
             fn()
@@ -193,6 +208,13 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
         "sealed_over_raw_aes": round(times["raw_aes_decrypt_into"] / times["sealed_load_into"], 4),
         "sealed_over_raw_aes_thp": round(
             times["raw_aes_decrypt_into_thp"] / times["sealed_load_into"], 4
+        ),
+        "load_over_load_into": round(times["sealed_load"] / times["sealed_load_into"], 4),
+        "load_over_raw_aes_fresh": round(
+            times["sealed_load"] / times["raw_aes_decrypt_into_fresh"], 4
+        ),
+        "fresh_over_preallocated": round(
+            times["raw_aes_decrypt_into_fresh"] / times["raw_aes_decrypt_into"], 4
         ),
         "paired_ratios": {
             "sealed_over_plain": round(paired_plain, 4),
@@ -268,6 +290,9 @@ def command(model: str, size_mb: int, shards: int, peers: bool, threads: int | N
     click.echo(f"  sealed_over_plain    {result['sealed_over_plain']:.3f}   (target <= 1.10)")
     click.echo(f"  sealed_over_raw_aes  {result['sealed_over_raw_aes']:.3f}   (target >= 0.85)")
     click.echo(f"  ... over raw AES into huge pages {result['sealed_over_raw_aes_thp']:.3f}")
+    click.echo(f"  load/load_into      {result['load_over_load_into']:.3f}   (target <= 1.5); "
+               f"load over raw AES into new memory {result['load_over_raw_aes_fresh']:.3f}, "
+               f"new memory costs raw AES {result['fresh_over_preallocated']:.2f}x")
     pr = result["paired_ratios"]
     click.echo(
         f"  per-round medians: sealed_over_plain {pr['sealed_over_plain']:.3f}, "
