@@ -98,7 +98,7 @@ def _uv_config(app: Any, cfg: ServerConfig) -> uvicorn.Config:
     c = uvicorn.Config(app, ssl_certfile=str(cfg.path(cfg.tls_cert)),
                        ssl_keyfile=str(cfg.path(cfg.tls_key)), log_config=None,
                        access_log=False, timeout_graceful_shutdown=5, lifespan="off",
-                       server_header=False,
+                       server_header=False, timeout_keep_alive=cfg.keepalive_seconds,
                        # clients are identified by their socket address: a forwarded header
                        # from a loopback peer must not pick its own rate-limit bucket
                        proxy_headers=False)
