@@ -1,4 +1,5 @@
-"""Connection reuse with dkeyserver: the idle keep-alive setting (parsed, bounded, applied)."""
+"""Connection reuse with dkeyserver: the idle keep-alive setting (parsed, bounded, applied) and
+TLS session resumption in the clients (resumed on reconnect, still pinned to the CA)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from tests.servers import RunningKeyServer, start_keyserver
 
 from sealtorch.errors import ConfigError
 from sealtorch.keyserver.config import KEEPALIVE_MAX, load_config
-from sealtorch.protocol.release_client import tls_client_context
+from sealtorch.protocol.release_client import KeyServerClient
+from sealtorch.protocol.tls import ResumingContext, tls_client_context
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
@@ -92,3 +94,68 @@ def test_the_server_closes_an_idle_connection_after_its_keepalive(
         _get_healthz(s)
         s.settimeout(60)
         assert s.recv(1) == b""  # closed by the server (1 s), not by this client
+
+
+def test_tls_client_context_is_as_strict_as_the_default_context(ks: RunningKeyServer) -> None:
+    ours = tls_client_context(ks.ca_cert_path)
+    ref = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ks.ca_cert_path))
+    assert isinstance(ours, ResumingContext)
+    assert ours.verify_mode == ref.verify_mode == ssl.CERT_REQUIRED
+    assert ours.check_hostname and ref.check_hostname
+    assert ours.options == ref.options and ours.verify_flags == ref.verify_flags
+    assert ours.get_ca_certs() == ref.get_ca_certs()
+    assert ours.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_a_reconnect_resumes_and_stays_pinned(ks: RunningKeyServer, tmp_path: Path) -> None:
+    ctx = tls_client_context(ks.ca_cert_path)
+    with _open(ks.url, ctx) as s:
+        assert not s.session_reused
+        cert = s.getpeercert(binary_form=True)
+        _get_healthz(s)  # the TLS 1.3 ticket arrives after the handshake
+        ctx.remember(s)
+    with _open(ks.url, ctx) as s:
+        assert s.session_reused  # no certificate exchange this time
+        assert s.getpeercert(binary_form=True) == cert
+        _get_healthz(s)
+    # an impostor on the same name (its own CA): the ticket is not its to open, so it must
+    # show a certificate, which the pinned CA refuses
+    other = start_keyserver(tmp_path, sim=True)
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _open(other.url, ctx)
+    finally:
+        other.stop()
+    # a session is never offered by a context other than the one that verified it
+    foreign = tls_client_context(ks.ca_cert_path)
+    with _open(ks.url, foreign) as s:
+        assert not s.session_reused
+
+
+def test_the_release_client_reconnects_after_an_idle_close_and_resumes(
+        short_ks: RunningKeyServer) -> None:
+    c = KeyServerClient(short_ks.url, short_ks.ca_cert_path, short_ks.signing_public_key)
+    try:
+        assert len(c.challenge()) == 32
+        time.sleep(2.5)  # the server (keep-alive 1 s) closes the idle connection
+        assert len(c.challenge()) == 32
+        assert c.tls_connections == 2 and c.tls_resumed == 1
+    finally:
+        c.close()
+
+
+def test_the_bench_light_client_resumes_its_session(ks: RunningKeyServer) -> None:
+    from sealtorch.bench.keyserver import _arun, _Http
+
+    host, port = _hostport(ks.url)
+
+    async def twice() -> _Http:
+        h = _Http(host, port, tls_client_context(ks.ca_cert_path))
+        for _ in range(2):
+            st, _ = await h.request(b"GET", b"/healthz")
+            assert st == 200
+            await h.close()
+        return h
+
+    h = _arun(twice())
+    assert (h.opened, h.resumed) == (2, 1)
