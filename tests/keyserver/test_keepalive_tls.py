@@ -1,5 +1,6 @@
 """Connection reuse with dkeyserver: the idle keep-alive setting (parsed, bounded, applied) and
-TLS session resumption in the clients (resumed on reconnect, still pinned to the CA)."""
+TLS session resumption in the clients (resumed on reconnect, still pinned to the CA), one write
+per answer, and log lines without a caller lookup."""
 
 from __future__ import annotations
 
@@ -159,3 +160,67 @@ def test_the_bench_light_client_resumes_its_session(ks: RunningKeyServer) -> Non
 
     h = _arun(twice())
     assert (h.opened, h.resumed) == (2, 1)
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def test_an_answer_leaves_in_one_write_and_close_sends_what_is_pending() -> None:
+    import asyncio
+
+    from sealtorch.keyserver.server import _CoalescingTransport
+
+    async def run() -> _FakeTransport:
+        t = _FakeTransport()
+        c = _CoalescingTransport(t, asyncio.get_running_loop())
+        c.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        c.write(b"{}")
+        assert t.writes == []  # not yet: joined at the end of this loop turn
+        await asyncio.sleep(0)
+        assert t.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+        assert c.get_extra_info("peername") == "info:peername"  # the rest passes through
+        c.write(b"last")
+        c.close()  # what is pending goes out before the close
+        assert t.writes[-1] == b"last" and t.closed
+        await asyncio.sleep(0)  # the scheduled flush finds nothing left to send
+        return t
+
+    assert len(asyncio.run(run()).writes) == 2
+
+
+def test_log_lines_are_json_without_a_caller_lookup(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from sealtorch.keyserver import ops
+
+    for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    ops.setup_logging()
+    seen: list[logging.LogRecord] = []
+    monkeypatch.setattr(root.handlers[0], "filter", lambda r: seen.append(r) or True)
+    logging.getLogger("sealtorch.keyserver").info("release decision",
+                                                  extra={"fields": {"grants": 1}})
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["msg"] == "release decision" and line["grants"] == 1
+    assert seen[0].lineno == 0 and seen[0].thread is None  # no stack walk, no thread lookup
