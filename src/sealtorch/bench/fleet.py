@@ -398,6 +398,8 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         "server_idle_cpu_per_s": idle_rate,
         "server_busy_cpu_s": max(0.0, server_cpu - idle_rate * elapsed),
         "server_cpu_ms_per_release": server_cpu / n * 1000,
+        # a release is two requests (challenge, release), a poll one
+        "server_cpu_ms_per_request": server_cpu / max(1, 2 * len(rel) + len(polls)) * 1000,
         "client_cpu_ms_per_release": sum(t.cpu for t in tallies) / n * 1000,
     }
 
