@@ -25,6 +25,8 @@ def test_bench_fleet_two_replicas_json(pg_server: pgserver.PgServer) -> None:
     assert fig["releases_failed_over"] + fig["endpoint_failures"] >= 1  # the kill was seen
     assert 0 < fig["restarted_at_s"] - fig["killed_at_s"]
     assert fig["server_cpu_s"] > 0 and fig["server_cpu_over_crypto"] > 0
+    assert 0 < fig["server_cpu_ms_per_request"] < fig["server_cpu_ms_per_release"]
+    assert 0 < fig["tls_handshakes_per_request"] and fig["tls_resumed_per_request"] >= 0
     assert r["crypto_per_release_us"] > r["verify_evidence_us"] > 0
 
 

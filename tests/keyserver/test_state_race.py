@@ -40,16 +40,16 @@ def test_a_batch_committing_between_read_and_check_is_not_a_rollback(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     store.state()
     before = store.audit_head().seq
-    real = state_mod.read_server_state
+    real = state_mod.read_server_state_now
     raced: list[int] = []
 
-    def racing(db: Any, conn: Any, lock: bool = False) -> Any:
-        row = real(db, conn, lock=lock)
-        if not lock and not raced:
+    def racing(db: Any) -> Any:  # the unlocked read of a reader outside any transaction
+        row = real(db)
+        if not raced:
             raced.append(_release_batch(store))  # commits, then notes the newer mark
         return row
 
-    monkeypatch.setattr(state_mod, "read_server_state", racing)
+    monkeypatch.setattr(state_mod, "read_server_state_now", racing)
     st = store.state()  # the row read is one audit entry behind what the process has noted
     assert raced == [before + 1] and store.watermark.seen().audit_seq == before + 1
     assert st.seq == store.state().seq

@@ -74,6 +74,7 @@ class Tally:
     failed_over: int = 0
     endpoint_failures: int = 0
     handshakes: int = 0  # TLS connections opened (a new one per request once keep-alive ends)
+    resumed: int = 0  # of which resumed a TLS session (no certificate exchange)
     lapses: int = 0
     cpu: float = 0.0
 
@@ -131,13 +132,11 @@ async def _caches(urls: list[str], ca: Path, audience: bytes, platform_key: Path
             c.cursor = (at + 1) % len(c.health)
         i = at
         conn = c.conns.get(i)
-        if conn is not None and conn.reader is not None and conn.reader.at_eof():
-            await conn.close()  # the replica closed this idle keep-alive connection: reopen
-            conn = None
         if conn is None:
             conn = c.conns[i] = _Http(*hosts[i], ctx)
-        if conn.writer is None:
-            t.handshakes += 1
+        elif conn.reader is not None and conn.reader.at_eof():
+            await conn.close()  # the replica closed this idle keep-alive connection: reopen
+            # (resuming its TLS session)
         try:
             st, data = await conn.request(b"POST", path, body)
         except (OSError, asyncio.IncompleteReadError, ValueError) as e:
@@ -152,6 +151,8 @@ async def _caches(urls: list[str], ca: Path, audience: bytes, platform_key: Path
                                                  jitter=rng.random())
             t.endpoint_failures += 1
             await conn.close()
+            t.handshakes += conn.opened
+            t.resumed += conn.resumed
             c.conns.pop(i, None)
             raise _Unavailable
         c.health[i] = failover.after_success(c.health[i])
@@ -233,6 +234,8 @@ async def _caches(urls: list[str], ca: Path, audience: bytes, platform_key: Path
                 next_poll = t0 + sched.poll_every
         for conn in c.conns.values():
             await conn.close()
+            t.handshakes += conn.opened
+            t.resumed += conn.resumed
 
     caches = [_LightCache(len(urls), rng) for _ in range(count)]
     await asyncio.gather(*(run(c) for c in caches))
@@ -386,6 +389,8 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         "endpoint_failures": sum(t.endpoint_failures for t in tallies),
         "tls_handshakes_per_request": sum(t.handshakes for t in tallies)
         / max(1, 2 * len(rel) + len(polls)),
+        "tls_resumed_per_request": sum(t.resumed for t in tallies)
+        / max(1, 2 * len(rel) + len(polls)),
         "leases_lapsed": sum(t.lapses for t in tallies),
         "nonces_accepted_twice": len(nonces) - len(set(nonces)),
         "killed_at_s": killed_at, "restarted_at_s": restarted_at,
@@ -393,6 +398,8 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         "server_idle_cpu_per_s": idle_rate,
         "server_busy_cpu_s": max(0.0, server_cpu - idle_rate * elapsed),
         "server_cpu_ms_per_release": server_cpu / n * 1000,
+        # a release is two requests (challenge, release), a poll one
+        "server_cpu_ms_per_request": server_cpu / max(1, 2 * len(rel) + len(polls)) * 1000,
         "client_cpu_ms_per_release": sum(t.cpu for t in tallies) / n * 1000,
     }
 
@@ -497,7 +504,7 @@ def report_fleet(res: dict[str, Any]) -> str:
              "releases/s and polls/s: over the whole round (steady: before the kill)",
              "replicas  releases/s  polls/s  release p50/p99 ms  poll p50/p99 ms  errors  "
              "unanswered  failed over  lapsed  nonces twice  server CPU ms/release (x crypto)  "
-             "client CPU ms/release  TLS handshakes/request"]
+             "client CPU ms/release  TLS handshakes/request (resumed)"]
     for r in res["rounds"]:
         lines.append(
             f"{r['replicas']:>8}  {r['releases_per_s']:>4.0f} ({r['steady_releases_per_s']:.0f})  "
@@ -508,7 +515,7 @@ def report_fleet(res: dict[str, Any]) -> str:
             f"{r['nonces_accepted_twice']:>12}  {r['server_cpu_ms_per_release']:>8.2f} "
             f"({r['server_cpu_over_crypto']:.1f}x; {r['busy_cpu_over_crypto']:.1f}x net of "
             f"idle)  {r['client_cpu_ms_per_release']:>8.2f}  "
-            f"{r['tls_handshakes_per_request']:.2f}")
+            f"{r['tls_handshakes_per_request']:.2f} ({r['tls_resumed_per_request']:.2f})")
         if r["error_kinds"]:
             lines.append(f"          errors: {r['error_kinds']}")
     lines.append(f"crypto per release {res['crypto_per_release_us']:.0f} us (evidence "

@@ -54,10 +54,14 @@ def _count(route: str, out: Outcome, started: float) -> None:
             ops.DENIALS.labels(d).inc()
 
 
+#: built once: ``json.dumps`` with options builds a new encoder for every answer
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None,
+                            separators=(",", ":"))
+
+
 def _json_bytes(obj: Any) -> bytes:
     """The exact encoding Starlette's JSONResponse uses (compact, UTF-8, no NaN)."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None,
-                      separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 Answer = tuple[int, Any, bool]  # status, JSON body, close the connection

@@ -13,6 +13,8 @@ from sealtorch._net import is_loopback_host
 from sealtorch.errors import ConfigError
 
 CONFIG_NAME = "config.toml"
+#: upper bound of ``keepalive_seconds``: an idle connection costs memory until it times out
+KEEPALIVE_MAX = 600
 ENV_PREFIX = "SEALTORCH_KS_"
 
 
@@ -46,6 +48,10 @@ class ServerConfig:
     #: the verified state is checked against every row at least this often (rows edited in
     #: place are caught then); any change of the state sequence reloads it at once
     state_recheck_seconds: float = 60.0
+    #: an idle keep-alive connection is closed after this long; longer than a cache's 30 s
+    #: status poll, so that polls reuse their connection instead of a new TLS handshake each
+    #: (every idle connection holds a socket and its TLS buffers: bounded by KEEPALIVE_MAX)
+    keepalive_seconds: int = 75
     extra: dict[str, Any] = field(default_factory=dict)
 
     def path(self, rel: str) -> Path:
@@ -72,6 +78,9 @@ class ServerConfig:
             raise ConfigError("workers must be between 1 and 64")
         if not 0 <= self.state_recheck_seconds <= 3600:
             raise ConfigError("state_recheck_seconds must be between 0 and 3600")
+        if not 1 <= self.keepalive_seconds <= KEEPALIVE_MAX:
+            raise ConfigError(f"keepalive_seconds must be between 1 and {KEEPALIVE_MAX} "
+                              "(idle connections hold memory until they time out)")
 
     def to_toml(self) -> str:
         lines = []

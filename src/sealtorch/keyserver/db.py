@@ -109,6 +109,7 @@ class Database:
         # SQLite has one writer: queue this process's write transactions on a lock instead of
         # letting threads spin in SQLite's busy handler (which sleeps up to 100 ms per retry)
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        self._readers: list[Any] = []  # list.append/pop are atomic: no lock needed
         self._lock_fd: int | None = None
         db_path = self.engine.url.database if self.is_sqlite else None
         if db_path and db_path != ":memory:":
@@ -135,7 +136,46 @@ class Database:
         def _on_begin(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    #: idle autocommit connections kept for :meth:`read_one` (more are opened when needed)
+    READERS_KEPT = 8
+
+    def read_one(self, sql: str) -> tuple[Any, ...] | None:
+        """The first row of one read-only statement, executed now. On PostgreSQL it runs on an
+        autocommit connection of this process's own (one round trip; a pooled read costs four:
+        the pre-ping, BEGIN, the statement and the ROLLBACK at check-in); a dead connection
+        (database restarted) is dropped and the statement retried once on a new one."""
+        if self.is_sqlite:
+            with self.read() as conn:
+                cur = self.cursor(conn)
+                cur.execute(sql)
+                return tuple(r) if (r := cur.fetchone()) is not None else None
+        with self.errors():
+            for attempt in (0, 1):
+                try:
+                    raw = self._readers.pop()
+                except IndexError:
+                    cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+                    raw = self.engine.dialect.dbapi.connect(*cargs, **cparams)  # type: ignore[union-attr]
+                    raw.autocommit = True
+                try:
+                    with raw.cursor() as cur:
+                        cur.execute(sql)
+                        row = cur.fetchone()
+                except Exception as e:
+                    raw.close()
+                    if attempt or not is_connection_error(e):
+                        raise
+                    continue
+                if len(self._readers) < self.READERS_KEPT:
+                    self._readers.append(raw)
+                else:
+                    raw.close()
+                return tuple(row) if row is not None else None
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def close(self) -> None:
+        while self._readers:
+            self._readers.pop().close()
         self.engine.dispose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -52,9 +52,42 @@ def _bind(host: str, port: int) -> socket.socket:
 HEADER_DEADLINE_S = 10.0
 
 
+class _CoalescingTransport:
+    """A transport proxy that joins the writes of one event-loop turn into one write: uvicorn
+    writes a response's headers and its body separately, which over TLS is two records and
+    two sends per answer. Order is kept, and ``close`` sends what is pending first."""
+
+    __slots__ = ("_loop", "_pending", "_t")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._t = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._t.is_closing():
+                self._t.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._t.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
 def _with_header_deadline(base: type[Any]) -> type[Any]:
     """Subclass uvicorn's httptools protocol so that a client that never finishes its request
-    headers (a slow-loris) is disconnected instead of holding a connection forever."""
+    headers (a slow-loris) is disconnected instead of holding a connection forever, and so
+    that each answer leaves in one write (:class:`_CoalescingTransport`)."""
 
     class _HeaderDeadlineProtocol(base):
         _header_timer: asyncio.TimerHandle | None = None
@@ -76,7 +109,7 @@ def _with_header_deadline(base: type[Any]) -> type[Any]:
                 transport.close()
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+            super().connection_made(_CoalescingTransport(transport, self.loop))
             self._arm()
 
         def on_message_begin(self) -> None:
@@ -98,7 +131,7 @@ def _uv_config(app: Any, cfg: ServerConfig) -> uvicorn.Config:
     c = uvicorn.Config(app, ssl_certfile=str(cfg.path(cfg.tls_cert)),
                        ssl_keyfile=str(cfg.path(cfg.tls_key)), log_config=None,
                        access_log=False, timeout_graceful_shutdown=5, lifespan="off",
-                       server_header=False,
+                       server_header=False, timeout_keep_alive=cfg.keepalive_seconds,
                        # clients are identified by their socket address: a forwarded header
                        # from a loopback peer must not pick its own rate-limit bucket
                        proxy_headers=False)

@@ -82,6 +82,21 @@ def read_server_state(db: Database, conn: Connection, *, lock: bool = False) -> 
         raise StateTamperedError(
             "the server_state row is missing: the database was emptied or replaced; "
             + RECOVER_HINT)
+    return _row(r)
+
+
+def read_server_state_now(db: Database) -> ServerStateRow:
+    """The server-state row as committed now, outside any transaction: one statement, run
+    after the caller asked, so as fresh as any read (see :meth:`Database.read_one`)."""
+    r = db.read_one(f"SELECT {_COLS} FROM server_state WHERE id = 1")  # noqa: S608 - constant
+    if r is None:
+        raise StateTamperedError(
+            "the server_state row is missing: the database was emptied or replaced; "
+            + RECOVER_HINT)
+    return _row(r)
+
+
+def _row(r: Any) -> ServerStateRow:
     return ServerStateRow(str(r[0]), int(r[1]), str(r[2]), int(r[3]), int(r[4]), str(r[5]),
                           int(r[6]), bytes(r[7]), bytes(r[8]), bytes(r[9]))
 
@@ -300,8 +315,7 @@ class StateCache:
         """The verified snapshot for a reader outside any transaction (one read of the
         server-state row when nothing changed; a locked reload when something did)."""
         seen = self.watermark.seen()  # before the read: see Watermark.check
-        with self.db.read() as conn:
-            row = read_server_state(self.db, conn)
+        row = read_server_state_now(self.db)
         st = self._fresh(row)
         if st is not None:
             self.watermark.check(row.db_id, row.state_seq, row.audit_seq, seen=seen)

@@ -34,15 +34,9 @@ from sealtorch.protocol.messages import (
     StatusRequest,
     status_key_info,
 )
+from sealtorch.protocol.tls import ResumingContext, tls_client_context
 
 _MAX_RESPONSE = 4 * 1024 * 1024
-
-
-def tls_client_context(ca_cert: str | os.PathLike[str]) -> ssl.SSLContext:
-    """A TLS 1.3-only client context trusting exactly ``ca_cert``."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_cert))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    return ctx
 
 
 @dataclass
@@ -94,7 +88,7 @@ class KeyServerClient:
             raise ProtocolError("key server URL must be https:// (TLS 1.3)")
         self.url = url.rstrip("/")
         self.verifier = verifier or GrantVerifier(pinned_signing_key)
-        verify: ssl.SSLContext | bool
+        verify: ssl.SSLContext
         if ca_cert is None:
             verify = ssl.create_default_context()
             verify.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -102,6 +96,11 @@ class KeyServerClient:
             if not Path(ca_cert).is_file():
                 raise ProtocolError("CA certificate file for the key server does not exist")
             verify = tls_client_context(ca_cert)
+        self._tls = verify
+        self._last_tls: Any = None
+        #: TLS connections this client opened, and how many of them resumed a session
+        self.tls_connections = 0
+        self.tls_resumed = 0
         port = httpx.URL(self.url).port
         host = f"{server_name}:{port}" if server_name and port else server_name
         self._http = httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
@@ -133,6 +132,14 @@ class KeyServerClient:
             raise ServiceUnavailableError(
                 f"key server at {self.url} unreachable ({type(e).__name__})"
             ) from e
+        stream = r.extensions.get("network_stream")
+        tls = stream.get_extra_info("ssl_object") if stream is not None else None
+        if tls is not None and tls is not self._last_tls:  # a new connection's first answer
+            self._last_tls = tls
+            self.tls_connections += 1
+            self.tls_resumed += bool(tls.session_reused)
+            if isinstance(self._tls, ResumingContext):  # resume it on the next connection
+                self._tls.remember(tls)
         if r.status_code >= 500 or r.status_code == 429:
             raise ServiceUnavailableError(
                 f"key server answered HTTP {r.status_code} on {path}; retry later"
