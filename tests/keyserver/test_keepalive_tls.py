@@ -108,6 +108,19 @@ def test_tls_client_context_is_as_strict_as_the_default_context(ks: RunningKeySe
     assert ours.minimum_version == ssl.TLSVersion.TLSv1_3
 
 
+def test_tls_secrets_are_never_logged(ks: RunningKeyServer, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """SSLKEYLOGFILE (which ssl.create_default_context honours) is ignored: a connection made
+    with the environment set writes no key log."""
+    log = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(log))
+    for ctx in (tls_client_context(ks.ca_cert_path), tls_client_context(None)):
+        assert ctx.keylog_filename is None
+    with _open(ks.url, tls_client_context(ks.ca_cert_path)) as s:
+        _get_healthz(s)
+    assert not log.exists()
+
+
 def test_a_reconnect_resumes_and_stays_pinned(ks: RunningKeyServer, tmp_path: Path) -> None:
     ctx = tls_client_context(ks.ca_cert_path)
     with _open(ks.url, ctx) as s:

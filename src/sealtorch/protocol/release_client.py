@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,22 +87,16 @@ class KeyServerClient:
             raise ProtocolError("key server URL must be https:// (TLS 1.3)")
         self.url = url.rstrip("/")
         self.verifier = verifier or GrantVerifier(pinned_signing_key)
-        verify: ssl.SSLContext
-        if ca_cert is None:
-            verify = ssl.create_default_context()
-            verify.minimum_version = ssl.TLSVersion.TLSv1_3
-        else:
-            if not Path(ca_cert).is_file():
-                raise ProtocolError("CA certificate file for the key server does not exist")
-            verify = tls_client_context(ca_cert)
-        self._tls = verify
+        if ca_cert is not None and not Path(ca_cert).is_file():
+            raise ProtocolError("CA certificate file for the key server does not exist")
+        self._tls = tls_client_context(ca_cert)
         self._last_tls: Any = None
         #: TLS connections this client opened, and how many of them resumed a session
         self.tls_connections = 0
         self.tls_resumed = 0
         port = httpx.URL(self.url).port
         host = f"{server_name}:{port}" if server_name and port else server_name
-        self._http = httpx.Client(base_url=self.url, verify=verify, timeout=timeout,
+        self._http = httpx.Client(base_url=self.url, verify=self._tls, timeout=timeout,
                                   headers={"Host": host} if host else None)
         self._extensions = {"sni_hostname": server_name} if server_name else None
         self._status_keys: dict[str, Secret] = {} if status_keys is None else status_keys

@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import os
 import ssl
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,16 +75,18 @@ def offering(session: ssl.SSLSession | None) -> Iterator[None]:
         _OFFER.reset(token)
 
 
-def tls_client_context(ca_cert: str | os.PathLike[str]) -> ResumingContext:
-    """A TLS 1.3-only client context trusting exactly ``ca_cert`` and checking the server
-    name: what ``ssl.create_default_context(cafile=ca_cert)`` gives, as a
-    :class:`ResumingContext`."""
+def tls_client_context(ca_cert: str | os.PathLike[str] | None) -> ResumingContext:
+    """A TLS 1.3-only client context that checks the server name and trusts exactly
+    ``ca_cert`` (or, with None, the system's trust store): what
+    ``ssl.create_default_context(cafile=ca_cert)`` gives, as a :class:`ResumingContext`, except
+    that ``SSLKEYLOGFILE`` is ignored: a key cache must not write its TLS secrets to a file
+    because its environment says so."""
     ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
-    ctx.load_verify_locations(cafile=str(ca_cert))
+    if ca_cert is None:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        ctx.load_verify_locations(cafile=str(ca_cert))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    keylog = os.environ.get("SSLKEYLOGFILE")  # as create_default_context does
-    if keylog and not sys.flags.ignore_environment:
-        ctx.keylog_filename = keylog
     return ctx
 
 
