@@ -77,26 +77,21 @@ def read_server_state(db: Database, conn: Connection, *, lock: bool = False) -> 
     cur = db.cursor(conn)
     cur.execute(f"SELECT {_COLS} FROM server_state WHERE id = 1"  # noqa: S608 - constant
                 + (" FOR UPDATE" if lock and not db.is_sqlite else ""))
-    r = cur.fetchone()
-    if r is None:
-        raise StateTamperedError(
-            "the server_state row is missing: the database was emptied or replaced; "
-            + RECOVER_HINT)
-    return _row(r)
+    return _row(cur.fetchone())
 
 
 def read_server_state_now(db: Database) -> ServerStateRow:
     """The server-state row as committed now, outside any transaction: one statement, run
     after the caller asked, so as fresh as any read (see :meth:`Database.read_one`)."""
-    r = db.read_one(f"SELECT {_COLS} FROM server_state WHERE id = 1")  # noqa: S608 - constant
+    return _row(db.read_one(f"SELECT {_COLS} FROM server_state WHERE id = 1"))  # noqa: S608
+
+
+def _row(r: Any) -> ServerStateRow:
+    """A fetched server-state row; none at all means the database was emptied or replaced."""
     if r is None:
         raise StateTamperedError(
             "the server_state row is missing: the database was emptied or replaced; "
             + RECOVER_HINT)
-    return _row(r)
-
-
-def _row(r: Any) -> ServerStateRow:
     return ServerStateRow(str(r[0]), int(r[1]), str(r[2]), int(r[3]), int(r[4]), str(r[5]),
                           int(r[6]), bytes(r[7]), bytes(r[8]), bytes(r[9]))
 
