@@ -245,3 +245,26 @@ def test_scratch_smaller_than_chunk_splits_gaps_runs_and_verified_chunks(
         reader.load(p, key=mk, tensors=["small0_0"], threads=threads)
     with reader.open_sealed(p, key=mk) as sf, pytest.raises(IntegrityError):
         sf.verify_all(threads=threads)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_verify_reports_progress_over_every_chunk(sealed, mk, threads):
+    """`sealtorch verify` draws a byte bar: the callback, called from the decryption threads,
+    counts each chunk once, never goes back and ends at the stream's length; a tampered file
+    stops it short with its error."""
+    from sealtorch.format.owner import verify
+
+    _, p = sealed
+    total = read_header(p).total_length
+    calls: list[tuple[int, int]] = []
+    verify(p, key=mk, threads=threads, progress=lambda d, t: calls.append((d, t)))
+    assert len(calls) == read_header(p).chunk_count > 1
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls[-1] == (total, total) and {t for _, t in calls} == {total}
+    raw = bytearray(p.read_bytes())
+    raw[-20] ^= 1  # inside the last chunk's ciphertext or tag
+    p.write_bytes(bytes(raw))
+    calls.clear()
+    with pytest.raises(IntegrityError):
+        verify(p, key=mk, threads=threads, progress=lambda d, t: calls.append((d, t)))
+    assert not calls or calls[-1][0] < total

@@ -50,8 +50,9 @@ def test_directory_options_refused(tmp_path, llama_dir, hf_key):
 
 
 def test_sealing_a_directory_reports_progress_over_all_shards(tmp_path, llama_dir, hf_key):
-    """`sealtorch seal MODEL_DIR` shows one byte bar for the whole model: the callback counts
-    every shard's weight bytes once, never goes back, and ends at the total it announced."""
+    """`sealtorch seal MODEL_DIR` (and `verify`) show one byte bar for the whole model: the
+    callback counts every shard's weight bytes once, never goes back, and ends at the total it
+    announced."""
     from safetensors import safe_open
 
     from sealtorch.hf import seal_pretrained
@@ -66,3 +67,10 @@ def test_sealing_a_directory_reports_progress_over_all_shards(tmp_path, llama_di
     dones = [d for d, _ in calls]
     assert {t for _, t in calls} == {weights} and dones == sorted(dones)
     assert dones[-1] == weights
+    # `sealtorch verify SEALED_DIR` counts the same bytes as they authenticate
+    from sealtorch.hf import SealedDir
+
+    calls.clear()
+    with SealedDir(tmp_path / "sealed", key=hf_key) as sd:
+        sd.verify_all(threads=2, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (weights, weights) and {t for _, t in calls} == {weights}

@@ -218,16 +218,17 @@ def inspect_cmd(path: str, key_file: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def verify_cmd(path: str, key_file: str, signer: str | None, as_json: bool) -> None:
     """Authenticate every byte of a sealed file (or sealed model directory); writes nothing."""
-    from sealtorch.cli.progress import activity
+    from sealtorch.cli.progress import bytes_bar
     from sealtorch.format.owner import verify
 
+    name = Path(path).name
     if Path(path).is_dir():
         from sealtorch.hf.sealed_dir import SealedDir
 
-        with activity(f"verifying {Path(path).name}"), SealedDir(
+        with bytes_bar(f"opening {name}", f"verifying {name}") as progress, SealedDir(
             path, key=key_file, signer=signer
         ) as sd:
-            counts = sd.verify_all()
+            counts = sd.verify_all(progress=progress)
         if as_json:
             _echo_json({**counts, "ok": True})
         else:
@@ -235,8 +236,8 @@ def verify_cmd(path: str, key_file: str, signer: str | None, as_json: bool) -> N
                        f"{counts['tensors']} tensors, {counts['files']} other file(s))")
         return
 
-    with activity(f"verifying {Path(path).name}"):
-        summary = verify(path, key=key_file, signer=signer)
+    with bytes_bar(f"opening {name}", f"verifying {name}") as progress:
+        summary = verify(path, key=key_file, signer=signer, progress=progress)
     if as_json:
         _echo_json(summary)
         return

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mmap
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from queue import SimpleQueue
@@ -64,6 +64,7 @@ def decrypt(
     threads: int | None = None,
     chunks: Iterable[int] | None = None,
     release_map: mmap.mmap | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Decrypt the chunks that ``regions`` need (and ``chunks``) into the regions.
 
@@ -79,6 +80,8 @@ def decrypt(
     decrypted, and regions marked ``check`` once all are. ``h`` and ``view`` are the file's
     header and bytes, ``checks`` its index's rules on decrypted bytes; with ``release_map`` (the
     file's mapping), each chunk's ciphertext pages are dropped from the process once decrypted.
+    ``progress(n)`` is called (from any decryption thread) with each chunk's plaintext length
+    once it authenticated.
     """
     cs = h.chunk_size
     count = h.chunk_count
@@ -194,6 +197,8 @@ def decrypt(
                     chunk(aead, scratch, i)
                     if mm is not None:
                         release(i)
+                    if progress is not None:
+                        progress(h.chunk_plain_length(i))
                 except InvalidTag:
                     raise rules.CHUNK_TAG.fail(
                         f"chunk {i} of {count} failed authentication: the file was "

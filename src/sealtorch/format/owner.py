@@ -4,6 +4,8 @@ public (and, with the key, the index)."""
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,21 @@ from sealtorch.format.index import parse_index
 from sealtorch.format.reader import KeyArg, SealedFile, SignerArg, check_file_length
 
 
+def byte_progress(progress: Callable[[int, int], None], total: int) -> Callable[[int], None]:
+    """A thread-safe ``add(n)`` that reports ``progress(done, total)`` as the decryption
+    threads finish chunks."""
+    lock = threading.Lock()
+    done = 0
+
+    def add(n: int) -> None:
+        nonlocal done
+        with lock:
+            done += n
+            progress(done, total)
+
+    return add
+
+
 def verify(
     path: str | os.PathLike[str],
     *,
@@ -21,10 +38,13 @@ def verify(
     key_provider: fkeys.KeyProvider | None = None,
     signer: SignerArg = None,
     threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Authenticate every byte of a sealed file, keeping no plaintext; returns a summary."""
+    """Authenticate every byte of a sealed file, keeping no plaintext; returns a summary.
+    ``progress(done, total)`` is called as chunks authenticate."""
     with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
-        sf.verify_all(threads=threads)
+        sf.verify_all(threads=threads, progress=None if progress is None else
+                      byte_progress(progress, sf.header.total_length))
         return {
             **sf.header.describe(),
             "tensors": len(sf.index.entries),

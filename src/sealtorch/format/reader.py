@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import mmap
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -227,17 +227,22 @@ class SealedFile:
         *,
         threads: int | None = None,
         chunks: Iterable[int] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         """Decrypt the chunks that ``regions`` need (and ``chunks``) into the regions; see
         :func:`sealtorch.format.chunks.decrypt`."""
         fchunks.decrypt(
             self.header, self.view, self.keys.chunk_key, self.index.checks, regions,
             threads=threads, chunks=chunks, release_map=self._mm if self.release_pages else None,
+            progress=progress,
         )
 
-    def verify_all(self, *, threads: int | None = None) -> None:
-        """Authenticate every chunk without keeping any plaintext."""
-        self.decrypt([], threads=threads, chunks=range(self.header.chunk_count))
+    def verify_all(self, *, threads: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> None:
+        """Authenticate every chunk without keeping any plaintext; ``progress(n)`` is called
+        with each chunk's plaintext length once it authenticated."""
+        self.decrypt([], threads=threads, chunks=range(self.header.chunk_count),
+                     progress=progress)
 
     # -- loading ------------------------------------------------------------------------------
     def _entries(self, names: Sequence[str] | None) -> list[tuple[str, Entry]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -130,10 +131,16 @@ class SealedDir:
             data = (self.path / item.name).read_bytes()
             mf.check_digest(item, hashlib.sha256(data).hexdigest())
 
-    def verify_all(self, *, threads: int | None = None) -> dict[str, int]:
-        """Authenticate every byte of every file of the sealing, keeping no plaintext."""
+    def verify_all(self, *, threads: int | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+        """Authenticate every byte of every file of the sealing, keeping no plaintext;
+        ``progress(done, total)`` counts the shards' weight bytes as they authenticate."""
+        from sealtorch.format.owner import byte_progress
+
+        add = None if progress is None else byte_progress(
+            progress, sum(sf.header.total_length for sf in self.shards))
         for sf in self.shards:
-            sf.verify_all(threads=threads)
+            sf.verify_all(threads=threads, progress=add)
         for item in self.manifest.files:
             if item.sealed:
                 with self._open(item) as sf:
