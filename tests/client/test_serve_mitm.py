@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from tests.runtime.conftest import wait_ready
 
 from sealtorch.attestation import sim
 from sealtorch.client import AttestedClient, ClientPolicy
@@ -77,20 +77,6 @@ class World:
             return AttestedClient(url, policy or self.policy(), unsafe_sim=True, **kw)
 
 
-def _wait_ready(p: subprocess.Popen[str], url: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        if p.poll() is not None:
-            raise AssertionError(f"sealtorch serve exited: {p.communicate()[1][-3000:]}")
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "sealtorch serve did not become ready"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     wd = tmp_path_factory.mktemp("e2e")
@@ -132,7 +118,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 start_new_session=True))
             urls[name] = f"http://127.0.0.1:{port}"
         for p, url in zip(procs, urls.values(), strict=True):
-            _wait_ready(p, url)
+            wait_ready(p, url, timeout=120)
         yield World(dep, urls, runtime_cfg, platform)
     finally:
         for p in procs:
