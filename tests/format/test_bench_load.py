@@ -20,7 +20,8 @@ def test_bench_load_json_small_synthetic():
     ).stdout
     r = json.loads(out)
     phases = {"plain_safetensors", "plain_torch_load", "sealed_load_into", "sealed_load",
-              "raw_aes_decrypt_into", "raw_aes_decrypt_into_thp", "raw_aes_decrypt_into_fresh"}
+              "raw_aes_decrypt_into", "raw_aes_decrypt_into_thp", "raw_aes_decrypt_into_fresh",
+              "raw_aes_decrypt_file"}
     assert set(r["times_s"]) == phases == set(r["times_min_s"]) == set(r["times_max_s"])
     for k in phases:
         assert 0 < r["times_min_s"][k] <= r["times_s"][k] <= r["times_max_s"][k]
@@ -31,6 +32,13 @@ def test_bench_load_json_small_synthetic():
     assert r["sealed_over_plain"] == pytest.approx(ratio_plain, rel=1e-3)
     assert r["sealed_over_raw_aes"] == pytest.approx(ratio_aes, rel=1e-3)
     assert set(r["paired_ratios"]) == {"sealed_over_plain", "sealed_over_raw_aes"}
+    # the fixed per-load overhead, over raw AES from a kept mapping and with the file mapped
+    assert r["fixed_overhead_ms"] == pytest.approx(
+        (t["sealed_load_into"] - t["raw_aes_decrypt_into"]) * 1e3, abs=2e-3)
+    assert r["fixed_overhead_file_ms"] == pytest.approx(
+        (t["sealed_load_into"] - t["raw_aes_decrypt_file"]) * 1e3, abs=2e-3)
+    assert r["sealed_over_raw_aes_file"] == pytest.approx(
+        t["raw_aes_decrypt_file"] / t["sealed_load_into"], rel=1e-3)
     # sealtorch.load against load_into and against its floor, raw AES into new memory
     assert r["load_over_load_into"] == pytest.approx(
         t["sealed_load"] / t["sealed_load_into"], rel=1e-3)
@@ -59,15 +67,16 @@ def test_bench_load_peers_sharded_json():
     assert set(variants) == {"plain_safetensors", "sealed_load_into", "sealed_load",
                              "cryptotensors", "tensorizer", "kserve_jwe"}
     assert variants["plain_safetensors"]["ratio_to_plain"] == 1.0
-    raw, into = r["raw_aes"], variants["sealed_load_into"]
-    assert 0 < raw["min_ms"] <= raw["median_ms"] <= raw["max_ms"]
-    assert raw["fixed_overhead_ms"] == pytest.approx(into["median_ms"] - raw["median_ms"],
-                                                     abs=0.02)
-    assert isinstance(raw["paired_fixed_overhead_ms"], float)
-    assert raw["sealed_over_raw_aes"] == pytest.approx(raw["median_ms"] / into["median_ms"],
-                                                       rel=0.01)
-    assert raw["load_over_load_into"] == pytest.approx(
-        variants["sealed_load"]["median_ms"] / into["median_ms"], rel=0.01)
+    into = variants["sealed_load_into"]
+    for raw in (r["raw_aes"], r["raw_aes_file"]):  # file mapped before the clock / in the load
+        assert 0 < raw["min_ms"] <= raw["median_ms"] <= raw["max_ms"]
+        assert raw["fixed_overhead_ms"] == pytest.approx(into["median_ms"] - raw["median_ms"],
+                                                         abs=0.02)
+        assert isinstance(raw["paired_fixed_overhead_ms"], float)
+        assert raw["sealed_over_raw_aes"] == pytest.approx(
+            raw["median_ms"] / into["median_ms"], rel=0.01)
+        assert raw["load_over_load_into"] == pytest.approx(
+            variants["sealed_load"]["median_ms"] / into["median_ms"], rel=0.01)
     for v in variants.values():
         assert v["bit_identical"] is True
         assert 0 < v["min_ms"] <= v["median_ms"] <= v["max_ms"]

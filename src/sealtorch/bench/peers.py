@@ -11,9 +11,11 @@ encryption, ``TensorDeserializer.load_into_module``; one file even for the shard
 each safetensors file in memory, then ``safetensors.torch.load``). ``raw_aes`` is the
 baseline, not a variant: AES-256-GCM ``decrypt_into`` of the same chunks into preallocated
 buffers on the same threads, from which the fixed per-load overhead of ``load_into`` is
-measured. The sharded case is a Hugging
-Face style directory (``model-0000k-of-0000n.safetensors`` + index) sealed with
-``sealtorch seal DIR``, loaded shard by shard through ``sealtorch.hf.SealedDir``.
+measured. It reads files mapped and faulted in before the clock starts; ``raw_aes_file`` is
+the same AES work over files opened, mapped and unmapped inside the timed load, as every
+loader (plain safetensors too) must read its file: the like-for-like floor of a load. The
+sharded case is a Hugging Face style directory (``model-0000k-of-0000n.safetensors`` +
+index) sealed with ``sealtorch seal DIR``, loaded shard by shard through ``sealtorch.hf.SealedDir``.
 
 Each run is a new process (CryptoTensors' thread pool and torch's OpenMP slow each other in one
 process, and every variant gets a clean peak RSS); rounds are interleaved (the order rotates).
@@ -43,6 +45,8 @@ import torch
 SEALED = ["plain_safetensors", "sealed_load_into", "sealed_load"]
 #: the baseline of the fixed per-load overhead (not a way to load: no ``variants`` entry)
 RAW_AES = "raw_aes_decrypt_into"
+#: the same over files mapped inside the timed load
+RAW_AES_FILE = "raw_aes_decrypt_file"
 PEERS = ["cryptotensors", "tensorizer", "kserve_jwe"]
 _MIXED = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -233,8 +237,8 @@ def _loader(d: Path, spec: dict[str, Any], variant: str, module: torch.nn.Module
                     sf.close()
 
         return sealed
-    if variant == RAW_AES:
-        return _raw_aes(d, spec, threads)
+    if variant in (RAW_AES, RAW_AES_FILE):
+        return _raw_aes(d, spec, threads, map_in_load=variant == RAW_AES_FILE)
     if variant == "cryptotensors":
         import cryptotensors
         from cryptotensors.torch import load_file as ct_load
@@ -276,11 +280,14 @@ def _loader(d: Path, spec: dict[str, Any], variant: str, module: torch.nn.Module
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None) -> Callable[[], None]:
-    """Raw AES-256-GCM ``decrypt_into`` of every chunk of the sealed file(s), already opened
-    and mapped, into preallocated and touched buffers, on the threads ``sealed_load_into``
-    uses (the calling thread plus pool threads taking chunks from one iterator): the floor
-    that the fixed per-load overhead is measured from."""
+def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None,
+             map_in_load: bool) -> Callable[[], None]:
+    """Raw AES-256-GCM ``decrypt_into`` of every chunk of the sealed file(s) into preallocated
+    and touched buffers, on the threads ``sealed_load_into`` uses (the calling thread plus pool
+    threads taking chunks from one iterator): the floor that the fixed per-load overhead is
+    measured from. The files are opened and mapped beforehand, or with ``map_in_load`` in
+    each load (``open``, ``mmap`` as the loader maps, ``munmap``)."""
+    import mmap
     from concurrent.futures import ThreadPoolExecutor
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -294,11 +301,11 @@ def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None) -> Callable[[],
     key = read_key_file(d / "model.key")
     files = SealedDir(d / "sealed", key=key).shards if spec["sharded"] else \
         [reader.open_sealed(d / "model.sealed", key=key)]
-    jobs = []  # (aead, header, digest, file view, destination)
+    jobs = []  # (aead, header, digest, path, file view, destination)
     for sf in files:
         h = sf.header
         dest = torch.ones(h.total_length, dtype=torch.uint8).numpy().data
-        jobs.append((AESGCM(sf.keys.chunk_key.view()), h, h.digest(), sf.view, dest))
+        jobs.append((AESGCM(sf.keys.chunk_key.view()), h, h.digest(), sf.path, sf.view, dest))
     nthreads = threads or memory.default_threads()
     pool = ThreadPoolExecutor(nthreads - 1) if nthreads > 1 else None
 
@@ -319,8 +326,19 @@ def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None) -> Callable[[],
             f.result()
 
     def raw() -> None:
-        for job in jobs:  # one file after the other, as the loader does
-            one_file(*job)
+        for aead, h, digest, path, view, dest in jobs:  # one file after the other, as loaded
+            if not map_in_load:
+                one_file(aead, h, digest, view, dest)
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                mm = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED,
+                               prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+            with memoryview(mm) as mapped:
+                one_file(aead, h, digest, mapped, dest)
+            mm.close()
 
     return raw
 
@@ -345,7 +363,7 @@ def worker(d: Path, variant: str, threads: int | None, check: bool) -> dict[str,
     load()
     ms = (time.perf_counter() - t) * 1e3
     out: dict[str, Any] = {"ms": ms, "peak_rss": _peak_rss()}
-    if check and variant != RAW_AES:  # the baseline writes into its own buffers
+    if check and variant not in (RAW_AES, RAW_AES_FILE):  # baselines: their own buffers
         out["bit_identical"] = _digest(module.state_dict()) == spec["digest"]
     return out
 
@@ -353,12 +371,13 @@ def worker(d: Path, variant: str, threads: int | None, check: bool) -> dict[str,
 def run_peers(model: str, size_mb: int, repeat: int, threads: int | None, peers: bool,
               shards: int) -> dict[str, Any]:
     """Prepare the files, run every variant ``repeat`` times in fresh processes, interleaved;
-    returns per-variant median ms, ratio to plain safetensors and peak RSS, and the raw AES-GCM
-    baseline with the ratios measured from it (see :func:`_baseline`)."""
+    returns per-variant median ms, ratio to plain safetensors and peak RSS, and the two raw
+    AES-GCM baselines (files mapped beforehand, files mapped in the load) with the ratios
+    measured from each (see :func:`_baseline`)."""
     load_start = os.getloadavg()[0]
     status = peer_status() if peers else {}
     runnable = [p for p, why in status.items() if why is None]
-    variants = [*SEALED, RAW_AES, *runnable]
+    variants = [*SEALED, RAW_AES, RAW_AES_FILE, *runnable]
     samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="sealtorch-bench-") as tmp:
         d = Path(tmp)
@@ -374,7 +393,7 @@ def run_peers(model: str, size_mb: int, repeat: int, threads: int | None, peers:
     plain = statistics.median(s["ms"] for s in samples["plain_safetensors"])
     plain_rss = max(s["peak_rss"] for s in samples["plain_safetensors"])
     result: dict[str, Any] = {}
-    raw = samples.pop(RAW_AES)
+    raw, raw_file = samples.pop(RAW_AES), samples.pop(RAW_AES_FILE)
     for v, runs in samples.items():
         med = statistics.median(s["ms"] for s in runs)
         rss = max(s["peak_rss"] for s in runs)
@@ -387,6 +406,8 @@ def run_peers(model: str, size_mb: int, repeat: int, threads: int | None, peers:
             "shards": len(spec["files"]), "repeat": repeat, "threads": threads,
             "cpus": len(os.sched_getaffinity(0)), "variants": result,
             "raw_aes": _baseline(raw, samples["sealed_load_into"], samples["sealed_load"]),
+            "raw_aes_file": _baseline(raw_file, samples["sealed_load_into"],
+                                      samples["sealed_load"]),
             "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
             "peers_unavailable": {p: why for p, why in status.items() if why is not None}}
 

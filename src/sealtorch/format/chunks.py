@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import mmap
 import threading
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
@@ -68,19 +67,19 @@ def decrypt(
 ) -> None:
     """Decrypt the chunks that ``regions`` need (and ``chunks``) into the regions.
 
-    ``regions`` must come in increasing ``start`` order, and may be a generator: the calling
-    thread plans while ``threads - 1`` threads of a process-wide pool already decrypt every
-    chunk whose destinations are all known (a chunk is complete once a region starts past
-    its end), then joins them. Chunks are taken in file order from one queue (no per-chunk
-    futures, no thread start-up per load). On any failure (a chunk tag, a rule on decrypted
-    bytes, or an exception from the ``regions`` generator) every region seen so far is
-    zeroed and the error is raised. Regions' ``copies`` are filled only after every chunk
-    authenticated and every decrypted byte passed the index's :class:`StreamChecks`: bytes
-    that stay in the scratch buffer (padding, tensors no region wants) as each chunk is
-    decrypted, and regions marked ``check`` once all are. ``h`` and ``view`` are the file's
-    header and bytes, ``checks`` its index's rules on decrypted bytes; with ``release_map`` (the
-    file's mapping), each chunk's ciphertext pages are dropped from the process once decrypted.
-    ``progress(n)`` is called (from any decryption thread) with each chunk's plaintext length
+    ``regions`` must come in increasing ``start`` order, and may be a generator. The calling
+    thread plans every destination first, then it and ``threads - 1`` threads of a
+    process-wide pool take chunks from one queue (no per-chunk futures, no thread start-up per
+    load): the chunks with the most destinations first, then file order. On any failure (a
+    chunk tag, a rule on decrypted bytes, or an exception from the ``regions`` generator)
+    every region seen so far is zeroed and the error is raised. Regions' ``copies`` are
+    filled only after every chunk authenticated and every decrypted byte passed the index's
+    :class:`StreamChecks`: bytes that stay in the scratch buffer (padding, tensors no region
+    wants) as each chunk is decrypted, and regions marked ``check`` once all are. ``h`` and
+    ``view`` are the file's header and bytes, ``checks`` its index's rules on decrypted bytes;
+    with ``release_map`` (the file's mapping), each chunk's ciphertext pages are dropped from
+    the process once decrypted. ``progress(n)`` is called (from any decryption thread) with
+    each chunk's plaintext length
     once it authenticated.
     """
     cs = h.chunk_size
@@ -134,50 +133,43 @@ def decrypt(
             if broken is not None:
                 raise broken.fail(rules.describe_violation(broken))
             return
-        # The chunk spans several destinations (or gaps): one streaming GCM pass. Large
-        # pieces are decrypted straight into their tensor; runs of small pieces (and gaps)
-        # go through the scratch buffer in one call and are copied out, because every
-        # update_into call releases and retakes the GIL, which costs more than a small copy.
-        pieces: list[tuple[int, int, _Region | None]] = []
-        pos = start
-        for reg in regs:
-            a, b = max(reg.start, start), min(reg.end, start + n)
-            for g in range(pos, a, size):  # bytes no destination wants (padding, other tensors)
-                pieces.append((g, min(a, g + size), None))
-            pieces.append((a, b, reg))
-            pos = b
-        for g in range(pos, start + n, size):
-            pieces.append((g, min(start + n, g + size), None))
-        run: list[tuple[int, int, _Region | None]] = []
+        # The chunk spans several destinations (or gaps): one streaming GCM pass in stream
+        # order. Large pieces are decrypted straight into their tensor; the bytes between
+        # them (runs of small pieces, padding, tensors no region wants) go through the
+        # scratch buffer, one call per buffer-full, and the small pieces are copied out,
+        # because every update_into call releases and retakes the GIL, which costs more than
+        # a small copy.
+        pos = start  # stream bytes before ``pos`` are decrypted
+        run: list[tuple[int, int, _Region]] = []  # small pieces within [pos, pos + size)
         used = 0  # scratch[:used] held plaintext and is wiped below
 
-        def flush() -> None:
-            """Decrypt the run of small pieces through the scratch buffer, copy them out."""
-            nonlocal used, broken
-            lo, hi = run[0][0], run[-1][1]
-            used = max(used, hi - lo)
-            dec.update_into(ct[lo - start : hi - start], scratch[: hi - lo])
-            if checks and broken is None:
-                broken = checks.violation(lo, scratch[: hi - lo])
-            for ra, rb, rr in run:
-                if rr is not None:
-                    rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - lo : rb - lo]
-            run.clear()
+        def through(upto: int) -> None:
+            """Decrypt [pos, upto) through the scratch buffer; copy out the run's pieces."""
+            nonlocal pos, used, broken
+            while pos < upto:
+                hi = min(upto, pos + size)
+                dec.update_into(ct[pos - start : hi - start], scratch[: hi - pos])
+                used = max(used, hi - pos)
+                if checks and broken is None:
+                    broken = checks.violation(pos, scratch[: hi - pos])
+                for ra, rb, rr in run:  # all inside the first buffer-full
+                    rr.arr[ra - rr.start : rb - rr.start] = scratch[ra - pos : rb - pos]
+                run.clear()
+                pos = hi
 
         try:
-            for a, b, dst in pieces:
-                if dst is not None and b - a >= _DIRECT_MIN:
-                    if run:
-                        flush()
-                    dec.update_into(
-                        ct[a - start : b - start], dst.arr[a - dst.start : b - dst.start]
-                    )
+            for reg in regs:
+                a, b = max(reg.start, start), min(reg.start + reg.nbytes, start + n)
+                if b - a >= _DIRECT_MIN:
+                    through(a)
+                    dec.update_into(ct[a - start : b - start],
+                                    reg.arr[a - reg.start : b - reg.start])
+                    pos = b
                     continue
-                if run and b - run[0][0] > size:
-                    flush()  # every piece here is at most ``size``: it fits in the next run
-                run.append((a, b, dst))
-            if run:
-                flush()
+                if b - pos > size:
+                    through(a)  # the run is full: the buffer would not hold this piece too
+                run.append((a, b, reg))
+            through(start + n)
             dec.finalize()
         finally:
             if used:
@@ -211,34 +203,23 @@ def decrypt(
     nthreads = max(1, min(threads or default_threads(), count))
     futures: list[Future[None]] = []
     try:
-        if nthreads > 1:
-            pool = _pool(nthreads - 1)
-            futures = [pool.submit(worker) for _ in range(nthreads - 1)]
-        published = 0  # chunks below this are queued (or need no work)
-
-        def publish(upto: int) -> None:
-            nonlocal published
-            for i in range(published, upto):
-                if i in per_chunk or i in extra:
-                    ready.put(i)
-            if futures and upto > published:
-                time.sleep(0)  # hand the GIL to a woken worker now, not after 5 ms
-            published = max(published, upto)
-
         last_start = 0
-        for r in regions:
+        for r in regions:  # plan every destination first: planning is pure Python (GIL)
             if r.start < last_start:  # pragma: no cover - a planning bug, not bad input
                 raise FormatError("internal error: destinations out of order")
             last_start = r.start
             seen.append(r)
-            if r.nbytes == 0 or failed.is_set():
-                continue
-            first = r.start // cs
-            if first > published:
-                publish(first)  # no later region can touch the chunks before this one
-            for i in range(first, (r.end - 1) // cs + 1):
-                per_chunk.setdefault(i, []).append(r)
-        publish(count)
+            if r.nbytes:
+                for i in range(r.start // cs, (r.start + r.nbytes - 1) // cs + 1):
+                    per_chunk.setdefault(i, []).append(r)
+        # Chunks with the most destinations first: a chunk of many small tensors is mostly
+        # Python (GIL) work, which then overlaps the other threads' AES instead of running
+        # alone at the end; the rest follow in file order.
+        for i in sorted(per_chunk.keys() | extra, key=lambda i: (-len(per_chunk.get(i, ())), i)):
+            ready.put(i)
+        if nthreads > 1:
+            pool = _pool(nthreads - 1)
+            futures = [pool.submit(worker) for _ in range(nthreads - 1)]
     except BaseException as e:  # planning failed, or the pool could not start a thread
         failed.set()
         errors.append(e)

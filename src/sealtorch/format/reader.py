@@ -303,8 +303,8 @@ class SealedFile:
         """Decrypt into ``module``'s own parameter and buffer storage; returns the names loaded.
 
         Every check (names, dtypes, shapes, device, ties) runs before any byte is written, so a
-        mismatched module is left untouched; then destinations are handed to the decryption
-        threads in file order while the rest are still being prepared.
+        mismatched module is left untouched; then every destination is planned and the
+        decryption threads fill them.
         """
         return self.load_into_tensors(module.state_dict(keep_vars=True), strict=strict,
                                       threads=threads)
