@@ -159,3 +159,35 @@ def test_api_errors_are_sealtorch_errors(work: Path) -> None:
         with pytest.raises(KeyFileError, match="key= takes a ModelKey") as ei:
             sealtorch.load(path, key=bad)  # type: ignore[arg-type]
         assert isinstance(ei.value, SealtorchError)
+
+
+def _file_size_limit(limit: int) -> None:
+    """In the child: files may grow to ``limit`` bytes; a write beyond fails with EFBIG (and is
+    first cut short, as on a disk that fills up) instead of killing the process."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("command", ["seal", "unseal"])
+def test_an_output_that_cannot_be_written_whole_leaves_nothing(work: Path, command: str) -> None:
+    """A write cut short (a disk filling up, here a file size limit) is one clear error, and
+    neither the output nor a partial temporary file is left: before, a short write to the
+    sealed file went unnoticed and a truncated file was published with exit status 0."""
+    torch.save({"w": torch.zeros(1 << 19)}, work / "big.pt")  # 2 MiB
+    seal = ["seal", "big.pt", "-o", "big.sealed", "--key-file", "m.key"]
+    if command == "unseal":
+        assert run(*seal, cwd=work).returncode == 0
+    args = seal if command == "seal" else ["unseal", "big.sealed", "--key-file", "m.key", "-o",
+                                           "plain.safetensors"]
+    before = sorted(p.name for p in work.iterdir())
+    p = subprocess.run([sys.executable, "-I", "-m", "sealtorch", *args], capture_output=True,
+                       text=True, cwd=work, timeout=120,
+                       preexec_fn=lambda: _file_size_limit(1 << 20))
+    line = one_line_error(p, "output_invalid")
+    assert "File too large" in line and "nothing was written" in line, line
+    assert sorted(p.name for p in work.iterdir()) == before  # no output, no temporary file
+    # with room, the same command works
+    assert run(*args, cwd=work).returncode == 0

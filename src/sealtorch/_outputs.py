@@ -40,3 +40,30 @@ def output_dir(path: str | os.PathLike[str], *, mode: int = 0o777) -> Path:
         raise OutputError(f"cannot create the directory {p} ({e.strerror}); choose a writable "
                           "path") from None
     return p
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write every byte of ``data`` to ``fd``. A raw write may write only part (a file system
+    filling up, a file size limit): the rest is written again, and a disk that is really full
+    then raises ``OSError`` instead of leaving a silently truncated file."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - regular files never accept 0 bytes without an error
+            raise OSError(28, "no space left on device")
+        view = view[n:]
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 and ``data`` in it (refuses to overwrite)."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def write_failed(path: str | os.PathLike[str], err: OSError) -> OutputError:
+    """The error for an output that could not be written (its partial file already removed)."""
+    return OutputError(f"cannot write {path} ({err.strerror or err}); nothing was written: make "
+                       "room on its file system (or check that it is writable) and run again")

@@ -58,7 +58,7 @@ def init_platform_key(directory: Path | str | None = None, *, overwrite: bool = 
 
     Refuses to replace an existing key unless ``overwrite`` is set.
     """
-    from sealtorch._outputs import output_dir
+    from sealtorch._outputs import output_dir, write_all
 
     d = output_dir(Path(directory) if directory is not None else default_dir(), mode=0o700)
     key_path = d / KEY_FILE
@@ -76,7 +76,7 @@ def init_platform_key(directory: Path | str | None = None, *, overwrite: bool = 
     tmp = key_path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, pem)
+        write_all(fd, pem)
     finally:
         os.close(fd)
     os.chmod(tmp, 0o600)

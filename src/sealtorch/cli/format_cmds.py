@@ -258,12 +258,14 @@ def verify_cmd(path: str, key_file: str, signer: str | None, as_json: bool) -> N
 def unseal_cmd(path: str, key_file: str, output: str, signer: str | None, force: bool) -> None:
     """Decrypt to a plaintext .safetensors file (mode 0600) — on the owner's machine only."""
     from sealtorch._outputs import output_file
-    from sealtorch.cli.progress import activity
+    from sealtorch.cli.progress import bytes_bar
     from sealtorch.format.owner import unseal
 
     output_file(output, overwrite=force)
-    with activity(f"decrypting {Path(path).name}"):
-        n = unseal(path, output, key=key_file, signer=signer, overwrite=force)
+    name = Path(path).name
+    with bytes_bar(f"opening {name}", f"decrypting {name}") as progress:
+        n = unseal(path, output, key=key_file, signer=signer, overwrite=force,
+                   progress=progress)
     click.echo(f"wrote {n} plaintext tensors to {output} (keep it on trusted storage)")
 
 

@@ -17,6 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from sealtorch._outputs import write_all
 from sealtorch._secret import Secret
 from sealtorch.errors import KeyFileError
 from sealtorch.ids import MODEL_ID_RULE, is_model_id
@@ -117,10 +118,7 @@ def write_key_file(path: str | os.PathLike[str], mk: ModelKey, *, overwrite: boo
         raise KeyFileError(f"{p}: cannot create key file ({e.strerror})") from None
     try:
         os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -3,17 +3,21 @@ public (and, with the key, the index)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sealtorch._outputs import write_failed
 from sealtorch.errors import InputError
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
 from sealtorch.format.index import parse_index
 from sealtorch.format.reader import KeyArg, SealedFile, SignerArg, check_file_length
+from sealtorch.format.writer import _publish
 
 
 def byte_progress(progress: Callable[[int, int], None], total: int) -> Callable[[int], None]:
@@ -62,31 +66,51 @@ def unseal(
     key_provider: fkeys.KeyProvider | None = None,
     signer: SignerArg = None,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write the plaintext weights to a .safetensors file (mode 0600; for the owner's machine).
 
-    Tied tensors are written as separate copies (safetensors cannot share storage). Returns the
-    number of tensors written.
+    Tied tensors are written as separate copies (safetensors cannot share storage). The file
+    appears under its name only once complete: a failed write (a full disk) leaves nothing.
+    ``progress(done, total)`` is called as chunks authenticate. Returns the number of tensors
+    written.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     target = Path(out)
+    if not overwrite and os.path.lexists(target):
+        raise InputError(f"{target}: already exists; pass --force to overwrite")
     with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
         names = list(sf.index.entries)
-        tensors = sf.load(names)  # every stored tensor: a full read, as verify
+        # every stored tensor: a full read, as verify
+        tensors = sf.load(names, progress=None if progress is None else
+                          byte_progress(progress, sf.header.total_length))
         for alias, stored in sf.index.aliases.items():
             tensors[alias] = tensors[stored].clone()
         metadata = dict(sf.index.metadata)
-    flags = os.O_WRONLY | os.O_CREAT | (0 if overwrite else os.O_EXCL)
     try:
-        fd = os.open(target, flags, 0o600)
-    except FileExistsError:
-        raise InputError(f"{target}: already exists; pass --force to overwrite") from None
-    except OSError as e:
-        raise InputError(f"{target}: cannot create output ({e.strerror})") from None
-    os.fchmod(fd, 0o600)
-    os.close(fd)
-    save_file(tensors, str(target), metadata=metadata or None)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=target.parent if str(target.parent) else ".")
+    except OSError as err:
+        raise write_failed(target, err) from None
+    os.close(fd)  # created with mode 0600, which save_file keeps
+    try:
+        save_file(tensors, tmp, metadata=metadata or None)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _publish(tmp, target, overwrite)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise write_failed(target, err) from None
+        if isinstance(err, SafetensorError):  # safetensors' own wrapper of the I/O error
+            raise write_failed(target, OSError(str(err))) from None
+        raise
     return len(tensors)
 
 

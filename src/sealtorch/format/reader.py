@@ -260,14 +260,19 @@ class SealedFile:
         return [(n, idx.resolve(n)) for n in dict.fromkeys(names)]
 
     def load(
-        self, names: Sequence[str] | None = None, *, threads: int | None = None
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        threads: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Decrypt all tensors (or ``names``) into new CPU tensors; tied names share a tensor.
 
         A full load decrypts into one buffer that the tensors are views of (no copies), and drops
         each chunk's ciphertext pages once decrypted (:attr:`release_pages`), so resident memory
         grows by the plaintext only; a subset gets one buffer per tensor and only the chunks it
-        needs are decrypted.
+        needs are decrypted. ``progress(n)`` is called with each chunk's plaintext length once it
+        authenticated.
         """
         wanted = self._entries(names)
         stored: dict[str, torch.Tensor] = {}
@@ -294,7 +299,7 @@ class SealedFile:
         # in (the empty chunk of an empty stream), like verify
         full = names is None or len(stored) == len(self.index.entries)
         every = range(self.header.chunk_count) if full else None
-        self.decrypt(regions, threads=threads, chunks=every)
+        self.decrypt(regions, threads=threads, chunks=every, progress=progress)
         return {n: stored[e.name] for n, e in wanted}
 
     def load_into(

@@ -19,7 +19,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealtorch._outputs import output_file
+from sealtorch._outputs import output_file, write_all, write_failed
 from sealtorch._secret import wipe
 from sealtorch.errors import IndexError_, InputError, OutputError
 from sealtorch.format import header as hdr
@@ -186,8 +186,8 @@ def _write(
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
             os.fchmod(f.fileno(), 0o644)
-            f.write(header.raw)
-            f.write(index_section)
+            write_all(f.fileno(), header.raw)
+            write_all(f.fileno(), index_section)
             views = [(e, _as_bytes_view(tensors[e.name])) for e in entries if e.nbytes]
             pos = 0  # next entry that may overlap the current chunk
             for i in range(header.chunk_count):
@@ -209,21 +209,23 @@ def _write(
                     chunk_nonce(i), memoryview(plain)[:n], chunk_aad(digest, i, last), out
                 )
                 tags.update(out[n:])
-                f.write(out)
+                write_all(f.fileno(), out)
                 if progress is not None:
                     progress(start + n, header.total_length)
             if signer is not None:
                 message = signed_message(
                     digest, hashlib.sha256(index_section).digest(), tags.digest()
                 )
-                f.write(raw_public(signer.public_key()) + signer.sign(message))
+                write_all(f.fileno(), raw_public(signer.public_key()) + signer.sign(message))
             os.fsync(f.fileno())
         _publish(tmp, path, overwrite)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError):
+            raise write_failed(path, err) from None
         raise
     finally:
         wipe(plain)

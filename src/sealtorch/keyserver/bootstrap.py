@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sealtorch._outputs import write_private
 from sealtorch.errors import ConfigError, KeyFileError
 from sealtorch.keyserver.admin import add_tenant
 from sealtorch.keyserver.config import CONFIG_NAME, ServerConfig, load_config
@@ -29,13 +30,6 @@ from sealtorch.keyserver.tlsutil import make_loopback_tls
 
 TOKEN_FILE = "admin.token"  # noqa: S105 - a file name
 SIGNING_PUB = "signing.pub"
-
-
-def write_secret_file(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 (refuses to overwrite)."""
-    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def open_kek(cfg: ServerConfig, *, create: bool = False) -> KekProvider:
@@ -120,7 +114,7 @@ def _init_in(d: Path, final: Path, *, tenant: str, token_ttl: int, **settings: o
     if not cfg.path(cfg.tls_cert).exists():
         make_loopback_tls(cfg.path(cfg.tls_cert).parent, [cfg.release_host, cfg.admin_host])
     sk = Ed25519PrivateKey.generate()
-    write_secret_file(cfg.path(cfg.signing_key), sk.private_bytes(
+    write_private(cfg.path(cfg.signing_key), sk.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     (d / SIGNING_PUB).write_bytes(sk.public_key().public_bytes(
@@ -133,7 +127,7 @@ def _init_in(d: Path, final: Path, *, tenant: str, token_ttl: int, **settings: o
             ch.audit(actor="init", action="init", decision="admin", code="ok", tenant=tenant,
                      details={"tenant": tenant, "data_dir": str(final)})
             _, token = add_tenant(ch, tenant, token_ttl, actor="init")
-        write_secret_file(d / TOKEN_FILE, (token + "\n").encode("ascii"))
+        write_private(d / TOKEN_FILE, (token + "\n").encode("ascii"))
     finally:
         store.close()
         kek.close()

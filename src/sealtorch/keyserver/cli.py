@@ -109,13 +109,13 @@ def serve(data_dir: str, db: str | None, release_port: int | None, admin_port: i
               help="days until the token expires")
 def tenant_add(data_dir: str, tenant: str, token_out: str, ttl_days: int) -> None:
     """(local, owner machine) Add a tenant and write its first admin token to a 0600 file."""
+    from sealtorch._outputs import write_private
     from sealtorch.keyserver.admin import add_tenant
-    from sealtorch.keyserver.bootstrap import write_secret_file
 
     with _local_store(data_dir) as store:
         with store.states.change(store.now()) as ch:
             _, token = add_tenant(ch, tenant, ttl_days * 86400, actor="local")
-        write_secret_file(Path(token_out), (token + "\n").encode("ascii"))
+        write_private(Path(token_out), (token + "\n").encode("ascii"))
     _echo({"tenant": tenant, "token_file": token_out})
 
 

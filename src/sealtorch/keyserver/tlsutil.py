@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -13,11 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+from sealtorch._outputs import write_private
 
 
 def make_loopback_tls(directory: Path, hosts: list[str] | None = None, days: int = 825) -> None:
@@ -56,7 +51,7 @@ def make_loopback_tls(directory: Path, hosts: list[str] | None = None, days: int
             .sign(ca_key, hashes.SHA256()))
     (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (directory / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(directory / "server.key", key.private_bytes(
+    write_private(directory / "server.key", key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     del ca_key

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sealtorch._outputs import write_all
 from sealtorch.errors import StateRollbackError, StoreError
 from sealtorch.protocol.canonical import canonical_json
 
@@ -97,7 +98,7 @@ class Watermark:
         data = json.dumps({**mark.body(), "mac": self._tag(mark)}, sort_keys=True).encode()
         fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
