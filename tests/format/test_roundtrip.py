@@ -26,6 +26,8 @@ def test_round_trip_every_case(tmp_path, mk, state, chunk_size, public_index):
     assert list(out) == list(state)
     for name, t in state.items():
         assert same_bytes(out[name], t), name
+        # each is a contiguous view of its own bytes, as torch.empty(shape) would be laid out
+        assert out[name].stride() == torch.empty(t.shape).stride(), name
     assert out["tied.weight"] is out["weight"]  # restored tied
     assert out["noncontig.t"].is_contiguous()
 
