@@ -117,6 +117,7 @@ def release_app(ks: KeyServer) -> Any:
         ``thread`` (blocking database work), ``inline`` (cheap, CPU only) or ``async``."""
         async def handler(scope: dict[str, Any], receive: Any) -> Answer:
             started = time.perf_counter()
+            ops.set_route(route)  # this request's task (and its threads) count crypto here
             client = scope["client"][0] if scope.get("client") else "unknown"
             if not limiter.allow(client):
                 ops.REQUESTS.labels(route, "429").inc()

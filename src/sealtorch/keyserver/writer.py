@@ -118,6 +118,7 @@ class GroupCommitter:
             self._thread.join(30)
 
     def _loop(self) -> None:
+        ops.set_route("writer")  # the batches' crypto (state and audit MACs) is counted apart
         try:
             self._serve()
         finally:
