@@ -110,6 +110,34 @@ def test_batched_audit_entries_chain_and_head(store: Store) -> None:
     assert _verify(store, rows, store.audit_head()) == []
 
 
+def test_enrolments_are_written_with_their_batch(store: Store) -> None:
+    """A batch's cache enrolments are upserted together before its COMMIT: a cache enrolled
+    twice keeps its first sighting and takes the later key; a rolled-back batch enrols none."""
+    committer = store.committer()
+
+    def enrol(cache_id: str, key: str, now: int) -> Any:
+        return lambda conn: store.enrol_cache(conn, cache_id, "sim", "p", key, "m", now)
+
+    futs = [committer.submit(enrol("c1", "k1", 10)), committer.submit(enrol("c2", "k2", 11)),
+            committer.submit(enrol("c1", "k3", 12))]
+    for f in futs:
+        f.result()
+    rows = {r["cache_id"]: r for r in queries.cache_rows(store.db, {"c1", "c2"})}
+    assert set(rows) == {"c1", "c2"}
+    assert (rows["c1"]["public_key"], rows["c1"]["first_seen"], rows["c1"]["last_seen"]) \
+        == ("k3", 10, 12)
+
+    def enrol_then_fail(conn: Any) -> None:
+        store.enrol_cache(conn, "c9", "sim", "p", "k9", "m", 13)
+        raise RuntimeError("this operation fails after enrolling")
+
+    with pytest.raises(RuntimeError, match="fails after enrolling"):
+        committer.run(enrol_then_fail)
+    assert queries.cache_rows(store.db, {"c9"}) == []
+    with store.db.engine.connect() as conn, pytest.raises(RuntimeError, match="outside"):
+        store.enrol_cache(conn, "c8", "sim", "p", "k8", "m", 14)
+
+
 def _concurrent_releases(tmp_path: Path, db_url: str | None) -> None:
     ks = start_keyserver(tmp_path, db_url=db_url, auto_approve=True)
     try:
@@ -142,6 +170,9 @@ def _concurrent_releases(tmp_path: Path, db_url: str | None) -> None:
         assert len(granted) == len(done)
         verdict = ks.admin("GET", "/v1/admin/audit/verify")
         assert verdict["ok"] is True, verdict["problems"]
+        # every cache that got a key was enrolled by its release's batch
+        listed = {c["cache_id"] for c in ks.admin("GET", "/v1/admin/caches")["caches"]}
+        assert {res.cache_id for res, *_ in done} <= listed
     finally:
         ks.stop()
 

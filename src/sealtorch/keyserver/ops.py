@@ -43,9 +43,10 @@ CRYPTO_OPS = ("verify_evidence", "hpke_seal", "sign", "hmac")
 #: where crypto is counted: the release listener's routes, the group-commit writer (the
 #: batches of nonce burns and release decisions), and everything else
 CRYPTO_ROUTES = ("challenge", "release", "status", "writer", "other")
-for _op in CRYPTO_OPS:  # every series exists from the start (0), so a scrape sees them all
-    for _route in CRYPTO_ROUTES:
-        CRYPTO_CPU.labels(_op, _route)
+#: every series, made at import (a scrape sees them all from the start, and counting one is
+#: a dict lookup, not a ``labels()`` call)
+_CRYPTO_SERIES = {(op, route): CRYPTO_CPU.labels(op, route)
+                  for op in CRYPTO_OPS for route in CRYPTO_ROUTES}
 _ROUTE: ContextVar[str] = ContextVar("dkeyserver_route", default="other")
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -65,7 +66,7 @@ def crypto(op: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     try:
         return fn(*args, **kwargs)
     finally:
-        CRYPTO_CPU.labels(op, _ROUTE.get()).inc(time.thread_time() - t0)
+        _CRYPTO_SERIES[op, _ROUTE.get()].inc(time.thread_time() - t0)
 
 
 _LOG_ENCODER = json.JSONEncoder(sort_keys=True)  # = json.dumps(sort_keys=True), built once

@@ -48,15 +48,24 @@ def append_audit(db: Database, conn: Connection, keyring: Keyring, head: Head, k
     return new
 
 
-def enrol_cache(db: Database, conn: Connection, cache_id: str, tee: str, platform_id: str,
-                public_key: str, measurement: str, now: int) -> None:
-    """Record (or refresh: key, measurement, last seen) an attested cache, in one statement."""
-    db.cursor(conn).execute(db.sql(
-        "INSERT INTO caches (cache_id, tee, platform_id, public_key, measurement, first_seen,"
-        " last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cache_id) DO UPDATE SET"
-        " public_key = excluded.public_key, measurement = excluded.measurement,"
-        " last_seen = excluded.last_seen"),
-        (cache_id, tee, platform_id[:128], public_key, measurement[:256], now, now))
+_ENROL = ("INSERT INTO caches (cache_id, tee, platform_id, public_key, measurement, first_seen,"
+          " last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cache_id) DO UPDATE SET"
+          " public_key = excluded.public_key, measurement = excluded.measurement,"
+          " last_seen = excluded.last_seen")
+
+
+def cache_row(cache_id: str, tee: str, platform_id: str, public_key: str, measurement: str,
+              now: int) -> tuple[Any, ...]:
+    """The parameters of one attested cache's enrolment (:func:`enrol_caches`)."""
+    return (cache_id, tee, platform_id[:128], public_key, measurement[:256], now, now)
+
+
+def enrol_caches(db: Database, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Record (or refresh: key, measurement, last seen) attested caches, one upsert each, in
+    ``conn``'s transaction in one batch (a group commit's enrolments: one round trip on
+    PostgreSQL instead of one per release)."""
+    if rows:
+        db.cursor(conn).executemany(db.sql(_ENROL), rows)
 
 
 def note_cache_seen(db: Database, conn: Connection, tenant: str, cache_id: str, now: int

@@ -218,8 +218,8 @@ class KeyServer:
         store = self.store
         row, state = store.in_batch(conn)
         now = self.now()
-        queries.enrol_cache(store.db, conn, ident.cache_id, ident.tee, ident.platform_id,
-                            b64e(req.public_key), ident.measurement, now)
+        store.enrol_cache(conn, ident.cache_id, ident.tee, ident.platform_id,
+                          b64e(req.public_key), ident.measurement, now)
         explicit = req.models is not None
         model_ids = req.models if req.models is not None else sorted(state.models)
         out = _Decided([], [], [], row.audit_seq, row.audit_head, "", state.seq)
