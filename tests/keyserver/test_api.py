@@ -270,6 +270,7 @@ def test_metrics_count_crypto_cpu_of_a_release_and_a_poll(ks: RunningKeyServer,
     spent = crypto_cpu.minus(scrape(), before)
     expected = {("hmac", "challenge"),  # the nonce's tag
                 ("hmac", "release"), ("verify_evidence", "release"), ("hpke_seal", "release"),
+                ("hpke_key_check", "release"),  # the recipient key's low-order check
                 ("sign", "release"),  # nonce check, status key; evidence; two seals, three docs
                 ("hmac", "writer"),  # the audit entry's MAC, the server-state row's
                 ("hmac", "status"), ("sign", "status")}  # the poll's MAC; the signed status

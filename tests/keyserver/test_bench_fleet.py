@@ -9,7 +9,7 @@ import sys
 
 from tests import pgserver
 
-_OPS = ("verify_evidence", "hpke_seal", "sign", "hmac")
+_OPS = ("verify_evidence", "hpke_seal", "hpke_key_check", "sign", "hmac")
 
 
 def test_bench_fleet_two_replicas_json(pg_server: pgserver.PgServer) -> None:

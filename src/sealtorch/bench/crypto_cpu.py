@@ -19,8 +19,9 @@ from typing import Any
 Counts = dict[tuple[str, str], float]
 
 METRIC = "dkeyserver_crypto_cpu_seconds"
-#: the operations the idle-process figure times (evidence, HPKE seals, signatures)
-IDLE_OPS = frozenset({"verify_evidence", "hpke_seal", "sign"})
+#: the operations the idle-process figure times (evidence, HPKE seals with their recipient
+#: key check, signatures)
+IDLE_OPS = frozenset({"verify_evidence", "hpke_seal", "hpke_key_check", "sign"})
 #: the routes whose crypto a release needs (the nonce, the release, its group-commit batch)
 RELEASE_ROUTES = frozenset({"challenge", "release", "writer"})
 
