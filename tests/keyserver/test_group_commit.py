@@ -26,9 +26,10 @@ from sealtorch.keyserver.store import Store
 MEAS = sim.measure("dkeycache")
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Any:
-    st, kek = open_store(init_data_dir(tmp_path / "ks"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    db = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    st, kek = open_store(init_data_dir(tmp_path / "ks", db=db))
     yield st
     st.close()
     kek.close()
@@ -103,10 +104,15 @@ def test_batched_audit_entries_chain_and_head(store: Store) -> None:
     start = store.audit_head().seq
     with ThreadPoolExecutor(16) as pool:
         heads = list(pool.map(append, range(64)))
+    # and more entries in one batch than one statement inserts
+    n = queries.ROWS_PER_STATEMENT + 3
+    last = committer.run(lambda conn: [store.append_audit(
+        conn, actor=f"b{i}", action="release", decision="release", code="granted")
+        for i in range(n)][-1])
     rows = queries.audit_rows(store.db)
-    assert len(rows) == start + 64
+    assert len(rows) == start + 64 + n and last.seq == start + 64 + n
     assert sorted(h.seq for h in heads) == list(range(start + 1, start + 65))
-    assert store.audit_head() == Head(start + 64, rows[-1]["hash"])
+    assert store.audit_head() == Head(start + 64 + n, rows[-1]["hash"])
     assert _verify(store, rows, store.audit_head()) == []
 
 
@@ -115,17 +121,21 @@ def test_enrolments_are_written_with_their_batch(store: Store) -> None:
     twice keeps its first sighting and takes the later key; a rolled-back batch enrols none."""
     committer = store.committer()
 
-    def enrol(cache_id: str, key: str, now: int) -> Any:
-        return lambda conn: store.enrol_cache(conn, cache_id, "sim", "p", key, "m", now)
+    def enrol(conn: Any, cache_id: str, key: str, now: int) -> None:
+        store.enrol_cache(conn, cache_id, "sim", "p", key, "m", now)
 
-    futs = [committer.submit(enrol("c1", "k1", 10)), committer.submit(enrol("c2", "k2", 11)),
-            committer.submit(enrol("c1", "k3", 12))]
-    for f in futs:
-        f.result()
-    rows = {r["cache_id"]: r for r in queries.cache_rows(store.db, {"c1", "c2"})}
-    assert set(rows) == {"c1", "c2"}
-    assert (rows["c1"]["public_key"], rows["c1"]["first_seen"], rows["c1"]["last_seen"]) \
-        == ("k3", 10, 12)
+    def rows() -> dict[str, tuple[str, int, int]]:
+        return {r["cache_id"]: (r["public_key"], r["first_seen"], r["last_seen"])
+                for r in queries.cache_rows(store.db)}
+
+    committer.run(lambda conn: [enrol(conn, "c1", "k1", 10), enrol(conn, "c2", "k2", 11),
+                                enrol(conn, "c1", "k3", 12)])  # one batch
+    assert rows() == {"c1": ("k3", 10, 12), "c2": ("k2", 11, 11)}
+    committer.run(lambda conn: [enrol(conn, "c2", "k4", 20), enrol(conn, "c2", "k5", 21)])
+    assert rows()["c2"] == ("k5", 11, 21)  # an enrolled cache keeps its first sighting
+    many = [f"m{i}" for i in range(queries.ROWS_PER_STATEMENT + 5)]  # two statements
+    committer.run(lambda conn: [enrol(conn, c, "k", 30) for c in many])
+    assert set(many) <= set(rows())
 
     def enrol_then_fail(conn: Any) -> None:
         store.enrol_cache(conn, "c9", "sim", "p", "k9", "m", 13)
