@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sealtorch.bench import crypto_cpu
-from sealtorch.bench.keyserver import _SERVER, _arun, _Http, _proc_cpu
+from sealtorch.bench.keyserver import _SERVER, _arun, _Http, _proc_cpu, pg_database
 from sealtorch.keycache import failover
 
 MODEL = "bench-model"
@@ -409,28 +409,6 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
     }
 
 
-def _pg_database(admin_url: str) -> tuple[str, Any]:
-    """A fresh database on the server of ``admin_url`` (a PostgreSQL URL); returns its
-    SQLAlchemy URL and a function that drops it."""
-    import secrets
-
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    u = make_url(admin_url)
-    conninfo = u.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = "sealtorch_bench_" + secrets.token_hex(4)
-    with psycopg.connect(conninfo, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(conninfo, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return u.set(drivername="postgresql+psycopg", database=name).render_as_string(
-        hide_password=False), drop
-
-
 def run_fleet(db_url: str, replica_counts: list[int], caches: int, seconds: float,
               sched: Schedule, progress: Any = None) -> dict[str, Any]:
     """Set up one database and max(N) replicas, run one round per N; returns the figures."""
@@ -441,7 +419,7 @@ def run_fleet(db_url: str, replica_counts: list[int], caches: int, seconds: floa
     from sealtorch.protocol.signing import key_id
 
     say = progress or (lambda _msg: None)
-    url, drop = _pg_database(db_url)
+    url, drop = pg_database(db_url)
     replicas: list[_Replica] = []
     try:
         with tempfile.TemporaryDirectory(prefix="sealtorch-fleet-") as tmp:

@@ -229,6 +229,28 @@ def _proc_cpu(pid: int) -> float:
     return total
 
 
+def pg_database(admin_url: str) -> tuple[str, Any]:
+    """A fresh database on the server of ``admin_url`` (a PostgreSQL URL); returns its
+    SQLAlchemy URL and a function that drops it."""
+    import secrets
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(admin_url)
+    conninfo = u.set(drivername="postgresql").render_as_string(hide_password=False)
+    name = "sealtorch_bench_" + secrets.token_hex(4)
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return u.set(drivername="postgresql+psycopg", database=name).render_as_string(
+        hide_password=False), drop
+
+
 def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[str, Any]:
     """Start a server, load it, return the figures."""
     import base64
@@ -248,9 +270,7 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
         args = ["init", "--data-dir", str(d), "--release-port", "0", "--admin-port", "0",
                 "--sim", "--auto-approve", "--workers", str(workers)]
         if db != "sqlite":
-            from sealtorch.bench.fleet import _pg_database
-
-            url, drop = _pg_database(db)
+            url, drop = pg_database(db)
             args += ["--db", url]
         subprocess.run([*_SERVER, *args], check=True, capture_output=True)
         log = open(Path(tmp) / "server.log", "wb")
