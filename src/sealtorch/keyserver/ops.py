@@ -54,8 +54,8 @@ R = TypeVar("R")
 
 
 def set_route(route: str) -> None:
-    """Name the release-listener route whose crypto this request's context counts (a
-    context variable: it follows the request into worker threads and writer operations)."""
+    """Name the route whose crypto this context counts (a context variable: it follows a
+    request into its worker threads; the group-commit writer thread names its own)."""
     _ROUTE.set(route if route in CRYPTO_ROUTES else "other")
 
 
