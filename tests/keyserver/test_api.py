@@ -248,6 +248,37 @@ def test_metrics_and_audit_verify(ks: RunningKeyServer) -> None:
     assert ks.admin("GET", "/v1/admin/audit/verify")["ok"] is True
 
 
+def test_metrics_count_crypto_cpu_of_a_release_and_a_poll(ks: RunningKeyServer,
+                                                          cache: SimCache) -> None:
+    """A real release and status poll over HTTPS add the thread CPU of each crypto operation
+    to ``dkeyserver_crypto_cpu_seconds`` under the route that needed it."""
+    from sealtorch.bench import crypto_cpu
+
+    ks.add_model("cpu-m", os.urandom(32))
+    ks.set_policy("cpu-m", sim_policy(MEAS, cache.platform_key))
+
+    def scrape() -> crypto_cpu.Counts:
+        with httpx.Client(verify=tls_client_context(ks.ca_cert_path)) as h:
+            return crypto_cpu.parse(h.get(ks.admin_url + "/metrics").text)
+
+    before = scrape()
+    with ks.client() as client:
+        ev, sk, pk, n = cache.request(client)
+        res = client.release(ev, pk, n, ["cpu-m"], private_key=sk)
+        status = client.status(res.cache_id, ["cpu-m"])
+    assert status.models["cpu-m"].state == "active"
+    spent = crypto_cpu.minus(scrape(), before)
+    expected = {("hmac", "challenge"),  # the nonce's tag
+                ("hmac", "release"), ("verify_evidence", "release"), ("hpke_seal", "release"),
+                ("hpke_key_check", "release"),  # the recipient key's low-order check
+                ("sign", "release"),  # nonce check, status key; evidence; two seals, three docs
+                ("hmac", "writer"),  # the audit entry's MAC, the server-state row's
+                ("hmac", "status"), ("sign", "status")}  # the poll's MAC; the signed status
+    for key in expected:
+        assert 0 < spent[key] < 1.0, (key, spent[key])  # seconds of CPU: positive, not absurd
+    assert spent[("verify_evidence", "status")] == 0 and spent[("hpke_seal", "status")] == 0
+
+
 def test_release_all_entitled(ks: RunningKeyServer, cache: SimCache) -> None:
     ks.add_model("all-a", os.urandom(32))
     ks.set_policy("all-a", sim_policy(MEAS, cache.platform_key))

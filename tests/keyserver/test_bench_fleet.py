@@ -9,6 +9,8 @@ import sys
 
 from tests import pgserver
 
+_OPS = ("verify_evidence", "hpke_seal", "hpke_key_check", "sign", "hmac")
+
 
 def test_bench_fleet_two_replicas_json(pg_server: pgserver.PgServer) -> None:
     out = subprocess.run(
@@ -28,6 +30,28 @@ def test_bench_fleet_two_replicas_json(pg_server: pgserver.PgServer) -> None:
     assert 0 < fig["server_cpu_ms_per_request"] < fig["server_cpu_ms_per_release"]
     assert 0 < fig["tls_handshakes_per_request"] and fig["tls_resumed_per_request"] >= 0
     assert r["crypto_per_release_us"] > r["verify_evidence_us"] > 0
+    # the crypto the replicas counted in themselves, the killed one's too
+    ratio = fig["server_cpu_over_crypto_in_server"]
+    assert 0 < ratio <= fig["server_cpu_over_crypto_in_server_idle_ops"]  # fewer ops: higher
+    assert set(fig["crypto_in_server_us_per_release_by_op"]) == set(_OPS)
+    assert all(v > 0 for v in fig["crypto_in_server_us_per_release_by_op"].values())
+    poll = fig["crypto_in_server_us_per_poll_by_op"]
+    assert poll["hmac"] > 0 and poll["sign"] > 0 and poll["verify_evidence"] == 0
+
+
+def test_bench_release_only_json() -> None:
+    """The release-only bench reports the server's CPU over the crypto it counted in itself,
+    next to the crypto timed in an idle process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sealtorch", "bench", "keyserver", "--concurrency", "4",
+         "--seconds", "2", "--json"], capture_output=True, text=True, timeout=300,
+        check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["releases"] > 0 and r["errors"] == 0
+    assert r["server_cpu_over_crypto"] > 0 and r["server_cpu_over_crypto_in_server"] > 0
+    by_op = r["crypto_in_server_us_per_release_by_op"]
+    assert set(by_op) == set(_OPS) and all(v > 0 for v in by_op.values())
+    assert r["crypto_in_server_us_per_release"] > by_op["verify_evidence"]
 
 
 def test_bench_fleet_refuses_sqlite_and_bad_counts() -> None:

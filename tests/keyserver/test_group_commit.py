@@ -26,9 +26,10 @@ from sealtorch.keyserver.store import Store
 MEAS = sim.measure("dkeycache")
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Any:
-    st, kek = open_store(init_data_dir(tmp_path / "ks"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    db = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    st, kek = open_store(init_data_dir(tmp_path / "ks", db=db))
     yield st
     st.close()
     kek.close()
@@ -103,11 +104,48 @@ def test_batched_audit_entries_chain_and_head(store: Store) -> None:
     start = store.audit_head().seq
     with ThreadPoolExecutor(16) as pool:
         heads = list(pool.map(append, range(64)))
+    # and more entries in one batch than one statement inserts
+    n = queries.ROWS_PER_STATEMENT + 3
+    last = committer.run(lambda conn: [store.append_audit(
+        conn, actor=f"b{i}", action="release", decision="release", code="granted")
+        for i in range(n)][-1])
     rows = queries.audit_rows(store.db)
-    assert len(rows) == start + 64
+    assert len(rows) == start + 64 + n and last.seq == start + 64 + n
     assert sorted(h.seq for h in heads) == list(range(start + 1, start + 65))
-    assert store.audit_head() == Head(start + 64, rows[-1]["hash"])
+    assert store.audit_head() == Head(start + 64 + n, rows[-1]["hash"])
     assert _verify(store, rows, store.audit_head()) == []
+
+
+def test_enrolments_are_written_with_their_batch(store: Store) -> None:
+    """A batch's cache enrolments are upserted together before its COMMIT: a cache enrolled
+    twice keeps its first sighting and takes the later key; a rolled-back batch enrols none."""
+    committer = store.committer()
+
+    def enrol(conn: Any, cache_id: str, key: str, now: int) -> None:
+        store.enrol_cache(conn, cache_id, "sim", "p", key, "m", now)
+
+    def rows() -> dict[str, tuple[str, int, int]]:
+        return {r["cache_id"]: (r["public_key"], r["first_seen"], r["last_seen"])
+                for r in queries.cache_rows(store.db)}
+
+    committer.run(lambda conn: [enrol(conn, "c1", "k1", 10), enrol(conn, "c2", "k2", 11),
+                                enrol(conn, "c1", "k3", 12)])  # one batch
+    assert rows() == {"c1": ("k3", 10, 12), "c2": ("k2", 11, 11)}
+    committer.run(lambda conn: [enrol(conn, "c2", "k4", 20), enrol(conn, "c2", "k5", 21)])
+    assert rows()["c2"] == ("k5", 11, 21)  # an enrolled cache keeps its first sighting
+    many = [f"m{i}" for i in range(queries.ROWS_PER_STATEMENT + 5)]  # two statements
+    committer.run(lambda conn: [enrol(conn, c, "k", 30) for c in many])
+    assert set(many) <= set(rows())
+
+    def enrol_then_fail(conn: Any) -> None:
+        store.enrol_cache(conn, "c9", "sim", "p", "k9", "m", 13)
+        raise RuntimeError("this operation fails after enrolling")
+
+    with pytest.raises(RuntimeError, match="fails after enrolling"):
+        committer.run(enrol_then_fail)
+    assert queries.cache_rows(store.db, {"c9"}) == []
+    with store.db.engine.connect() as conn, pytest.raises(RuntimeError, match="outside"):
+        store.enrol_cache(conn, "c8", "sim", "p", "k8", "m", 14)
 
 
 def _concurrent_releases(tmp_path: Path, db_url: str | None) -> None:
@@ -142,6 +180,9 @@ def _concurrent_releases(tmp_path: Path, db_url: str | None) -> None:
         assert len(granted) == len(done)
         verdict = ks.admin("GET", "/v1/admin/audit/verify")
         assert verdict["ok"] is True, verdict["problems"]
+        # every cache that got a key was enrolled by its release's batch
+        listed = {c["cache_id"] for c in ks.admin("GET", "/v1/admin/caches")["caches"]}
+        assert {res.cache_id for res, *_ in done} <= listed
     finally:
         ks.stop()
 

@@ -68,3 +68,23 @@ def test_a_low_order_point_is_refused_after_the_schema_accepts_it() -> None:
     parse(ReleaseBody, release(public_key=zero), "release request")  # the shape is fine
     with pytest.raises(ProtocolError):
         ReleaseRequest.from_json(release(public_key=zero))
+
+
+def test_low_order_points_are_refused_by_the_key_agreement_every_time() -> None:
+    """Non-zero low-order points (u = 1, u = p - 1, and u = p, a non-canonical zero) pass the
+    all-zero test and are refused by agreeing a secret with them, on every check (the probe
+    key is made once per process and reused); a real key still loads in between."""
+    from cryptography.hazmat.primitives import serialization
+
+    from sealtorch.protocol import hpke
+
+    p = 2**255 - 19
+    weak = [u.to_bytes(32, "little") for u in (1, p - 1, p)]
+    _, good = hpke.generate_keypair()
+    for _ in range(3):
+        for raw in weak:
+            with pytest.raises(ProtocolError, match="low-order"):
+                hpke.load_public_key(raw)
+        assert hpke.load_public_key(good).public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw) == good
+    assert hpke._probe_key() is hpke._probe_key()

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sealtorch.bench.keyserver import _SERVER, _arun, _Http, _proc_cpu
+from sealtorch.bench import crypto_cpu
+from sealtorch.bench.keyserver import _SERVER, _arun, _Http, _proc_cpu, pg_database
 from sealtorch.keycache import failover
 
 MODEL = "bench-model"
@@ -282,6 +283,9 @@ class _Replica:
     port: int = 0
     cpu_done: float = 0.0  # CPU of processes of this replica that have exited
     cpu_start: float = 0.0  # CPU the running process spent starting (not serving)
+    admin_url: str = ""
+    crypto_done: crypto_cpu.Counts = field(default_factory=dict)  # likewise, crypto it counted
+    crypto_start: crypto_cpu.Counts = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -297,9 +301,19 @@ class _Replica:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([*_SERVER, "serve", "--data-dir", str(self.data_dir)],
                                          stdout=log, stderr=log, env=env)
-        url, _, _ = wait_keyserver(self.proc, self.data_dir, self.log, time.monotonic() + 120)
+        url, self.admin_url, _ = wait_keyserver(self.proc, self.data_dir, self.log,
+                                                time.monotonic() + 120)
         self.port = int(url.rsplit(":", 1)[1])
         self.cpu_start = _proc_cpu(self.proc.pid)
+        self.crypto_start = self._scrape()
+
+    def _scrape(self) -> crypto_cpu.Counts:
+        return crypto_cpu.scrape(self.admin_url, self.data_dir / "tls" / "ca.crt")
+
+    def crypto(self) -> crypto_cpu.Counts:
+        """The crypto CPU this replica counted in itself while serving (start-up excluded)."""
+        now = self._scrape() if self.proc else {}
+        return crypto_cpu.add(self.crypto_done, crypto_cpu.minus(now, self.crypto_start))
 
     def cpu(self) -> float:
         """CPU seconds this replica spent serving (start-up excluded)."""
@@ -307,6 +321,8 @@ class _Replica:
 
     def kill9(self) -> None:
         assert self.proc is not None
+        self.crypto_done = self.crypto()  # the last scrape: what it counted until now
+        self.crypto_start = {}
         self.cpu_done += _proc_cpu(self.proc.pid) - self.cpu_start
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
@@ -328,20 +344,6 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
 
 
-def crypto_per_release(platform_key: Path, measurement: bytes) -> dict[str, float]:
-    """The crypto a release needs, in CPU microseconds (like the servers' CPU, so that a loaded
-    machine does not inflate it), measured now: one evidence verification, two HPKE seals (the
-    model key, the status key) and three Ed25519 signatures (grant, the cache's claims, the
-    audit head); a status poll needs one HMAC and one signature."""
-    from sealtorch.bench.keyserver import _micro
-
-    m = _micro(platform_key, measurement, clock=time.process_time)
-    m["crypto_per_release_us"] = (m["verify_evidence_us"] + 2 * m["hpke_seal_us"]
-                                  + 3 * m["grant_sign_us"])
-    m["crypto_per_poll_us"] = m["grant_sign_us"]
-    return m
-
-
 def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Path,
            measurement: bytes, caches: int, seconds: float, sched: Schedule) -> dict[str, Any]:
     """One measurement over ``replicas``: the caches run, replica 0 is SIGKILLed at 40% of
@@ -351,6 +353,7 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
     time.sleep(IDLE_SECONDS)  # what the replicas cost doing nothing (state checks, pings)
     idle_rate = (sum(r.cpu() for r in replicas) - idle0) / (time.perf_counter() - i0)
     cpu0 = [r.cpu() for r in replicas]
+    crypto0 = crypto_cpu.add(*(r.crypto() for r in replicas))
     t0 = time.perf_counter()
     q, procs = _run_caches(urls, ca, audience, platform_key, measurement, caches, seconds,
                            sched)
@@ -366,6 +369,7 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         p.join(30)
     elapsed = time.perf_counter() - t0
     server_cpu = sum(r.cpu() - c for r, c in zip(replicas, cpu0, strict=True))
+    in_server = crypto_cpu.minus(crypto_cpu.add(*(r.crypto() for r in replicas)), crypto0)
     rel = [x for t in tallies for x in t.release_lat]
     polls = [x for t in tallies for x in t.poll_lat]
     nonces = [n for t in tallies for n in t.nonces]
@@ -401,29 +405,8 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         # a release is two requests (challenge, release), a poll one
         "server_cpu_ms_per_request": server_cpu / max(1, 2 * len(rel) + len(polls)) * 1000,
         "client_cpu_ms_per_release": sum(t.cpu for t in tallies) / n * 1000,
+        **crypto_cpu.figures(in_server, server_cpu, len(rel), len(polls)),
     }
-
-
-def _pg_database(admin_url: str) -> tuple[str, Any]:
-    """A fresh database on the server of ``admin_url`` (a PostgreSQL URL); returns its
-    SQLAlchemy URL and a function that drops it."""
-    import secrets
-
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    u = make_url(admin_url)
-    conninfo = u.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = "sealtorch_bench_" + secrets.token_hex(4)
-    with psycopg.connect(conninfo, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(conninfo, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return u.set(drivername="postgresql+psycopg", database=name).render_as_string(
-        hide_password=False), drop
 
 
 def run_fleet(db_url: str, replica_counts: list[int], caches: int, seconds: float,
@@ -436,7 +419,7 @@ def run_fleet(db_url: str, replica_counts: list[int], caches: int, seconds: floa
     from sealtorch.protocol.signing import key_id
 
     say = progress or (lambda _msg: None)
-    url, drop = _pg_database(db_url)
+    url, drop = pg_database(db_url)
     replicas: list[_Replica] = []
     try:
         with tempfile.TemporaryDirectory(prefix="sealtorch-fleet-") as tmp:
@@ -482,7 +465,7 @@ def run_fleet(db_url: str, replica_counts: list[int], caches: int, seconds: floa
                 say(f"round: {n} replica(s), {caches} caches, {seconds:g} s")
                 rounds.append(_round(replicas[:n], ca, audience, pk_path, meas, caches,
                                      seconds, sched))
-            crypto = crypto_per_release(pk_path, meas)
+            crypto = crypto_cpu.crypto_per_release(pk_path, meas)
             for fig in rounds:  # the crypto the server did: releases and polls
                 work_us = (fig["releases"] * crypto["crypto_per_release_us"]
                            + fig["polls"] * crypto["crypto_per_poll_us"])
@@ -516,6 +499,11 @@ def report_fleet(res: dict[str, Any]) -> str:
             f"({r['server_cpu_over_crypto']:.1f}x; {r['busy_cpu_over_crypto']:.1f}x net of "
             f"idle)  {r['client_cpu_ms_per_release']:>8.2f}  "
             f"{r['tls_handshakes_per_request']:.2f} ({r['tls_resumed_per_request']:.2f})")
+        if r.get("server_cpu_over_crypto_in_server") is not None:
+            lines.append(f"          in the servers while they served: "
+                         f"{r['server_cpu_over_crypto_in_server']:.1f}x the crypto they counted "
+                         f"({r['crypto_in_server_us_per_release']:.0f} us per release, "
+                         f"{r.get('crypto_in_server_us_per_poll', 0.0):.0f} us per poll)")
         if r["error_kinds"]:
             lines.append(f"          errors: {r['error_kinds']}")
     lines.append(f"crypto per release {res['crypto_per_release_us']:.0f} us (evidence "
@@ -527,4 +515,4 @@ def report_fleet(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Schedule", "crypto_per_release", "run_fleet"]
+__all__ = ["Schedule", "run_fleet"]

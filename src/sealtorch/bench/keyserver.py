@@ -22,45 +22,9 @@ from typing import Any
 
 import click
 
+from sealtorch.bench import crypto_cpu
+
 _SERVER = [sys.executable, "-c", "from sealtorch.keyserver.cli import main; main()"]
-
-
-def _per_op(fn: Any, budget: float = 0.3, clock: Any = time.perf_counter) -> float:
-    """Mean seconds per call of ``fn`` over a short time budget of ``clock`` (wall time, or
-    ``time.process_time`` for CPU time, comparable with a server's CPU on a loaded machine)."""
-    fn()
-    n, start = 0, clock()
-    while clock() - start < budget:
-        fn()
-        n += 1
-    return (clock() - start) / max(n, 1)
-
-
-def _micro(platform_key: Path, measurement: bytes, clock: Any = time.perf_counter
-           ) -> dict[str, float]:
-    import os
-
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from sealtorch.attestation import binding, sim
-    from sealtorch.attestation.attesters.sim import SimAttester
-    from sealtorch.attestation.verifiers import VerifierSet
-    from sealtorch.protocol import hpke
-    from sealtorch.protocol.grant import Grant, sign_grant
-    from sealtorch.protocol.signing import key_id
-
-    att = SimAttester(platform_key, measurement, role="dkeycache")
-    vs = VerifierSet(sim_platform_keys=[sim.load_platform_key(platform_key).public_key()])
-    _, pk = hpke.generate_keypair()
-    ev = att.attest(binding.report_data("remote", os.urandom(32), hpke.KEM_ID, pk, b"a" * 32))
-    sk = Ed25519PrivateKey.generate()
-    g = Grant("t", "m", 1, os.urandom(32), pk, hpke.KEM_ID, "00" * 32, "ab" * 16,
-              {"version": 1}, 1, 300, 0, 0, key_id(sk))
-    return {
-        "verify_evidence_us": _per_op(lambda: vs.verify(ev), clock=clock) * 1e6,
-        "hpke_seal_us": _per_op(lambda: hpke.seal(b"k" * 32, pk, b"info"), clock=clock) * 1e6,
-        "grant_sign_us": _per_op(lambda: sign_grant(sk, g), clock=clock) * 1e6,
-    }
 
 
 class _Http:
@@ -265,6 +229,28 @@ def _proc_cpu(pid: int) -> float:
     return total
 
 
+def pg_database(admin_url: str) -> tuple[str, Any]:
+    """A fresh database on the server of ``admin_url`` (a PostgreSQL URL); returns its
+    SQLAlchemy URL and a function that drops it."""
+    import secrets
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(admin_url)
+    conninfo = u.set(drivername="postgresql").render_as_string(hide_password=False)
+    name = "sealtorch_bench_" + secrets.token_hex(4)
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return u.set(drivername="postgresql+psycopg", database=name).render_as_string(
+        hide_password=False), drop
+
+
 def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[str, Any]:
     """Start a server, load it, return the figures."""
     import base64
@@ -284,9 +270,7 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
         args = ["init", "--data-dir", str(d), "--release-port", "0", "--admin-port", "0",
                 "--sim", "--auto-approve", "--workers", str(workers)]
         if db != "sqlite":
-            from sealtorch.bench.fleet import _pg_database
-
-            url, drop = _pg_database(db)
+            url, drop = pg_database(db)
             args += ["--db", url]
         subprocess.run([*_SERVER, *args], check=True, capture_output=True)
         log = open(Path(tmp) / "server.log", "wb")
@@ -336,16 +320,19 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             clat, _, _ = _load_processes(rel, ca, raw, pk_path, meas, concurrency,
                                          min(2.0, seconds), "ceiling")
             ceiling = len(clat) / (time.perf_counter() - c0)
+            # the crypto the server counts in itself (one process: with more workers,
+            # /metrics shows only the first)
+            k0 = crypto_cpu.scrape(adm, ca) if workers == 1 else None
             s_cpu0 = _proc_cpu(proc.pid)
             t0 = time.perf_counter()
             lat, errors, client_cpu = _load_processes(rel, ca, raw, pk_path, meas,
                                                       concurrency, seconds)
             elapsed = time.perf_counter() - t0
             server_cpu = _proc_cpu(proc.pid) - s_cpu0
-            micro = _micro(pk_path, meas)
-            from sealtorch.bench.fleet import crypto_per_release
-
-            crypto_cpu = crypto_per_release(pk_path, meas)["crypto_per_release_us"]
+            in_server = (crypto_cpu.minus(crypto_cpu.scrape(adm, ca), k0)
+                         if k0 is not None else None)
+            micro = crypto_cpu.micro(pk_path, meas)
+            idle_crypto = crypto_cpu.crypto_per_release(pk_path, meas)["crypto_per_release_us"]
         finally:
             proc.terminate()
             proc.wait(30)
@@ -367,8 +354,9 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             "client_cpu_ms_per_release": client_cpu / n * 1000,
             "http_ceiling_requests_per_s": ceiling,
             "ratio_to_http_ceiling": rate / (ceiling / 2) if ceiling else float("nan"),
-            "crypto_cpu_us_per_release": crypto_cpu,
-            "server_cpu_over_crypto": server_cpu / n * 1e6 / crypto_cpu,
+            "crypto_cpu_us_per_release": idle_crypto,
+            "server_cpu_over_crypto": server_cpu / n * 1e6 / idle_crypto,
+            **crypto_cpu.figures(in_server, server_cpu, len(lat)),
             **micro}
 
 
@@ -441,4 +429,12 @@ def command(db: str, replicas: str | None, caches: int, speedup: float, concurre
                f"release needs ({res['crypto_cpu_us_per_release']:.0f} us of CPU: one evidence "
                "verification, two HPKE seals, three signatures)")
     click.echo(f"  one evidence verification {res['verify_evidence_us']:.0f} us, one HPKE seal "
-               f"{res['hpke_seal_us']:.0f} us, one grant signature {res['grant_sign_us']:.0f} us")
+               f"{res['hpke_seal_us']:.0f} us, one grant signature {res['grant_sign_us']:.0f} us"
+               " (timed in an idle process after the load)")
+    if res["server_cpu_over_crypto_in_server"] is not None:
+        by_op = ", ".join(f"{op} {us:.0f}" for op, us in
+                          res["crypto_in_server_us_per_release_by_op"].items())
+        click.echo(f"  in the server while it served: "
+                   f"{res['server_cpu_over_crypto_in_server']:.1f}x the crypto it counted "
+                   f"({res['crypto_in_server_us_per_release']:.0f} us per release: {by_op}); "
+                   f"{res['server_cpu_over_crypto_in_server_idle_ops']:.1f}x without the HMACs")

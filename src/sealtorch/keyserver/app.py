@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -33,6 +34,7 @@ from sealtorch.keyserver.http import (
 )
 from sealtorch.keyserver.openapi import operations
 from sealtorch.keyserver.service import UNAUTHORIZED, KeyServer, Outcome
+from sealtorch.protocol import hpke
 from sealtorch.protocol.messages import (
     MAX_BODY,
     ReleaseRequest,
@@ -117,6 +119,7 @@ def release_app(ks: KeyServer) -> Any:
         ``thread`` (blocking database work), ``inline`` (cheap, CPU only) or ``async``."""
         async def handler(scope: dict[str, Any], receive: Any) -> Answer:
             started = time.perf_counter()
+            ops.set_route(route)  # this request's task (and its threads) count crypto here
             client = scope["client"][0] if scope.get("client") else "unknown"
             if not limiter.allow(client):
                 ops.REQUESTS.labels(route, "429").inc()
@@ -167,7 +170,7 @@ def release_app(ks: KeyServer) -> Any:
         return ks.challenge()
 
     async def do_release(obj: dict[str, Any], client: str) -> Outcome:
-        return await ks.release(ReleaseRequest.from_json(obj), client)
+        return await ks.release(ReleaseRequest.from_json(obj, check_key=_checked_key), client)
 
     async def do_status(obj: dict[str, Any], client: str) -> Outcome:
         req = StatusRequest.from_json(obj)
@@ -203,6 +206,11 @@ def release_app(ks: KeyServer) -> Any:
                          exception_handlers=ERROR_PAGES)
     return _FastPost(fallback, {op.path: posts[op.op_id] for op in release_ops
                                 if op.method == "POST"})
+
+
+def _checked_key(raw: bytes) -> X25519PublicKey:
+    """The release request's X25519 key, checked (not low-order), its CPU counted as crypto."""
+    return ops.crypto("hpke_key_check", hpke.load_public_key, raw)
 
 
 async def _never(request: Request) -> Response:  # pragma: no cover - shadowed by _FastPost

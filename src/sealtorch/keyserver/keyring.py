@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sealtorch._secret import Secret
 from sealtorch.errors import TamperError
+from sealtorch.keyserver import ops
 from sealtorch.keyserver.kek import KekProvider
 from sealtorch.protocol.canonical import canonical_json
 
@@ -62,6 +63,9 @@ class _Mac:
         Secret.take(key).wipe()
 
     def __call__(self, data: bytes) -> bytes:
+        return ops.crypto("hmac", self._tag, data)
+
+    def _tag(self, data: bytes) -> bytes:
         h = self._base.copy()
         h.update(data)
         return h.digest()

@@ -10,6 +10,8 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
+from contextvars import ContextVar
+from typing import ParamSpec, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -31,6 +33,42 @@ COMMIT_SECONDS = Histogram("dkeyserver_commit_seconds",
                            buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064,
                                     0.128, 0.256), registry=REGISTRY)
 AUDIT_SEQ = Gauge("dkeyserver_audit_seq", "Last audit sequence number", registry=REGISTRY)
+CRYPTO_CPU = Counter("dkeyserver_crypto_cpu_seconds",
+                     "Thread CPU seconds spent in crypto operations, by operation and by the "
+                     "release-listener route that needed them (other: admin and start-up)",
+                     ["op", "route"], registry=REGISTRY)
+#: the crypto operations counted by :func:`crypto`: evidence verification, HPKE seals, the
+#: check of a release's X25519 key (not low-order: one key agreement), Ed25519-signed
+#: documents (with their canonical encoding), HMAC-SHA256 tags
+CRYPTO_OPS = ("verify_evidence", "hpke_seal", "hpke_key_check", "sign", "hmac")
+#: where crypto is counted: the release listener's routes, the group-commit writer (the
+#: batches of nonce burns and release decisions), and everything else
+CRYPTO_ROUTES = ("challenge", "release", "status", "writer", "other")
+#: every series, made at import (a scrape sees them all from the start, and counting one is
+#: a dict lookup, not a ``labels()`` call)
+_CRYPTO_SERIES = {(op, route): CRYPTO_CPU.labels(op, route)
+                  for op in CRYPTO_OPS for route in CRYPTO_ROUTES}
+_ROUTE: ContextVar[str] = ContextVar("dkeyserver_route", default="other")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def set_route(route: str) -> None:
+    """Name the route whose crypto this context counts (a context variable: it follows a
+    request into its worker threads; the group-commit writer thread names its own)."""
+    _ROUTE.set(route if route in CRYPTO_ROUTES else "other")
+
+
+def crypto(op: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Call ``fn`` and count the calling thread's CPU time in it as crypto ``op`` (one of
+    :data:`CRYPTO_OPS`): CPU spent serving, measured where it is spent, so that it compares
+    like for like with the process's CPU. Counted calls never nest."""
+    t0 = time.thread_time()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        spent = time.thread_time() - t0  # before the series lookup, which is not crypto
+        _CRYPTO_SERIES[op, _ROUTE.get()].inc(spent)
 
 
 _LOG_ENCODER = json.JSONEncoder(sort_keys=True)  # = json.dumps(sort_keys=True), built once

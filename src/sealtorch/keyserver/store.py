@@ -112,6 +112,16 @@ class Store:
         batch.audit_rows.append(entry)
         return batch.audit
 
+    def enrol_cache(self, conn: Connection, cache_id: str, tee: str, platform_id: str,
+                    public_key: str, measurement: str, now: int) -> None:
+        """Record (or refresh) an attested cache in the current batch: its upsert is sent with
+        the batch's other enrolments just before COMMIT (nothing in a batch reads them)."""
+        batch = batch_of(conn)
+        if batch is None:
+            raise RuntimeError("enrol_cache outside a group-commit batch")
+        batch.caches.append(queries.cache_row(cache_id, tee, platform_id, public_key,
+                                              measurement, now))
+
     def note_cache_seen(self, conn: Connection, tenant: str, cache_id: str, now: int) -> None:
         """Remember that ``cache_id`` asked for a model of ``tenant`` (the tenant's cache
         list); written once per pair by this process, not at every renewal."""
@@ -123,6 +133,7 @@ class Store:
             batch.seen.append((tenant, cache_id))
 
     def _before_commit(self, conn: Connection, batch: BatchState) -> None:
+        queries.enrol_caches(self.db, conn, batch.caches)
         queries.insert_audit_rows(self.db, conn, batch.audit_rows)
         if batch.server is not None and batch.audit is not None \
                 and batch.audit != batch.server.audit:

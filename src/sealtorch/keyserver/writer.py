@@ -34,15 +34,17 @@ _BATCH = "sealtorch_batch"
 
 class BatchState:
     """What one group-commit transaction caches: the server-state row (read once, under the
-    row lock), the audit head it is extending and the audit rows it appended (both written
-    once, just before COMMIT), and the writes to remember once it has committed."""
+    row lock), the audit head it is extending, the audit rows it appended and the caches it
+    enrolled (all written once, just before COMMIT), and the writes to remember once it has
+    committed."""
 
-    __slots__ = ("audit", "audit_rows", "seen", "server")
+    __slots__ = ("audit", "audit_rows", "caches", "seen", "server")
 
     def __init__(self) -> None:
         self.server: ServerStateRow | None = None
         self.audit: Head | None = None
         self.audit_rows: list[tuple[Any, ...]] = []
+        self.caches: list[tuple[Any, ...]] = []
         self.seen: list[tuple[str, str]] = []
 
 
@@ -118,6 +120,7 @@ class GroupCommitter:
             self._thread.join(30)
 
     def _loop(self) -> None:
+        ops.set_route("writer")  # the batches' crypto (state and audit MACs) is counted apart
         try:
             self._serve()
         finally:

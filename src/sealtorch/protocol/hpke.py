@@ -6,6 +6,8 @@ Everything goes through ``cryptography.hazmat.primitives.hpke``; nothing here is
 
 from __future__ import annotations
 
+import functools
+
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -41,6 +43,15 @@ def public_bytes(private_key: X25519PrivateKey) -> bytes:
     )
 
 
+@functools.cache
+def _probe_key() -> X25519PrivateKey:
+    """The key :func:`load_public_key` agrees with a public key to see whether the shared
+    secret is all zero (a low-order point). Made once per process: the agreed secret is
+    thrown away and the key protects nothing, so a new one per check only cost a key
+    generation each time."""
+    return X25519PrivateKey.generate()
+
+
 def load_public_key(raw: bytes) -> X25519PublicKey:
     """Parse a raw X25519 public key, refusing wrong lengths and the all-zero point."""
     if len(raw) != PUBLIC_KEY_LEN:
@@ -51,7 +62,7 @@ def load_public_key(raw: bytes) -> X25519PublicKey:
         raise ProtocolError("HPKE public key is the all-zero point; generate a real key pair")
     pk = X25519PublicKey.from_public_bytes(raw)
     try:  # low-order points give an all-zero shared secret: refuse them here, not mid-seal
-        X25519PrivateKey.generate().exchange(pk)
+        _probe_key().exchange(pk)
     except ValueError as e:
         raise ProtocolError(
             "HPKE public key is a low-order X25519 point; generate a real key pair"

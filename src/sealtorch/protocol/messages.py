@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,14 +73,17 @@ class ReleaseRequest:
                 "nonce": b64e(self.nonce), "models": self.models, "kem_id": self.kem_id}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> ReleaseRequest:
+    def from_json(cls, obj: dict[str, Any], *,
+                  check_key: Callable[[bytes], X25519PublicKey] = hpke.load_public_key
+                  ) -> ReleaseRequest:
         """Parse a request body (:class:`~sealtorch.protocol.wire.ReleaseBody`); the public key
-        is checked as an X25519 point here, before any nonce is burned."""
+        is checked as an X25519 point here (``check_key``: :func:`hpke.load_public_key`, or a
+        caller's wrapper of it that accounts its cost), before any nonce is burned."""
         body = parse(ReleaseBody, obj, "release request")
         raw = b64_bytes(body.public_key)
         return cls(evidence=body.evidence, public_key=raw, nonce=b64_bytes(body.nonce),
                    models=list(body.models) if body.models is not None else None,
-                   kem_id=body.kem_id, checked_key=hpke.load_public_key(raw))
+                   kem_id=body.kem_id, checked_key=check_key(raw))
 
 
 STATUS_KEY_LEN = 32
