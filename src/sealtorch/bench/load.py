@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import gc
 import json
-import mmap
 import os
 import statistics
 import tempfile
@@ -168,12 +167,7 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
                 if not map_in_load:
                     decrypt_all()
                     return fresh
-                fd = os.open(sealed, os.O_RDONLY)
-                try:
-                    mm = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED,
-                                   prot=mmap.PROT_READ)
-                finally:
-                    os.close(fd)
+                mm = memory.map_path(sealed)
                 with memoryview(mm) as src:
                     decrypt_all()
                 mm.close()

@@ -287,7 +287,6 @@ def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None,
     threads taking chunks from one iterator): the floor that the fixed per-load overhead is
     measured from. The files are opened and mapped beforehand, or with ``map_in_load`` in
     each load (``open``, ``mmap`` as the loader maps, ``munmap``)."""
-    import mmap
     from concurrent.futures import ThreadPoolExecutor
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -330,12 +329,7 @@ def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None,
             if not map_in_load:
                 one_file(aead, h, digest, view, dest)
                 continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                mm = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED,
-                               prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
+            mm = memory.map_path(path)
             with memoryview(mm) as mapped:
                 one_file(aead, h, digest, mapped, dest)
             mm.close()

@@ -1,7 +1,7 @@
 """Memory for decrypted weights and the decryption threads: CPU count, whether AES-GCM runs
 without the GIL, the process-wide thread pool, anonymous mappings for plaintext (huge pages,
-excluded from core dumps, faulted in by the decryption threads) and raw writable views of tensor
-storage."""
+excluded from core dumps, faulted in by the decryption threads), read-only mappings of sealed
+files and raw writable views of tensor storage."""
 
 from __future__ import annotations
 
@@ -72,6 +72,24 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 _ARENA_MIN = 1 << 20
+
+
+def map_file(fd: int, size: int, *, populate: bool = False) -> mmap.mmap:
+    """The first ``size`` bytes of file ``fd``, mapped read-only and shared, as sealed files are
+    read (the page cache's pages, no copy); ``populate`` faults every page in now."""
+    flags = mmap.MAP_SHARED
+    if populate and hasattr(mmap, "MAP_POPULATE"):
+        flags |= mmap.MAP_POPULATE
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+
+
+def map_path(path: str | os.PathLike[str]) -> mmap.mmap:
+    """A whole file mapped as :func:`map_file` maps it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return map_file(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def _advise(mm: mmap.mmap, name: str) -> None:

@@ -35,7 +35,7 @@ from sealtorch.format.chunks import _Region
 from sealtorch.format.dtypes import NAME_TO_DTYPE, torch_dtype
 from sealtorch.format.index import Entry, Index, parse_index
 from sealtorch.format.keyfile import ModelKey, read_key_file
-from sealtorch.format.memory import _plaintext_buffer, _raw_bytes
+from sealtorch.format.memory import _plaintext_buffer, _raw_bytes, map_file
 from sealtorch.format.stream import public_index_mac
 
 KeyArg = ModelKey | Secret | str | os.PathLike[str] | None
@@ -117,10 +117,7 @@ class SealedFile:
             finally:
                 file_key.wipe()
             check_file_length(self.path, self.header, size)
-            flags = mmap.MAP_SHARED
-            if populate and hasattr(mmap, "MAP_POPULATE"):
-                flags |= mmap.MAP_POPULATE
-            self._mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+            self._mm = map_file(fd, size, populate=populate)
         except BaseException:
             self.close()
             raise
