@@ -3,7 +3,10 @@ instead of an ``OSError`` from deep inside a command, and nothing is half-writte
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sealtorch.errors import OutputError
@@ -67,3 +70,50 @@ def write_failed(path: str | os.PathLike[str], err: OSError) -> OutputError:
     """The error for an output that could not be written (its partial file already removed)."""
     return OutputError(f"cannot write {path} ({err.strerror or err}); nothing was written: make "
                        "room on its file system (or check that it is writable) and run again")
+
+
+@contextlib.contextmanager
+def staged(path: Path, *, overwrite: bool) -> Iterator[tuple[int, str]]:
+    """Write ``path`` through a temporary file beside it (mode 0600): yields its open
+    descriptor and name; once the block completes the file is synced and given its name
+    (:func:`publish`). On any failure the temporary file is removed, so nothing half-written
+    is ever left, and an ``OSError`` (a full disk) becomes one :func:`write_failed` error."""
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise OutputError(f"cannot write {path} ({err.strerror}); choose a writable "
+                          "directory") from None
+    try:
+        try:
+            yield fd, tmp
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        publish(tmp, path, overwrite)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise write_failed(path, err) from None
+        raise
+
+
+def publish(tmp: str, path: Path, overwrite: bool) -> None:
+    """Give the finished temporary file its name: atomically replacing whatever is there
+    (a symlink itself, never its target) with ``overwrite``, else only if nothing is there."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if anything, even a dangling symlink, appeared meanwhile
+    except FileExistsError:
+        raise OutputError(f"{path} already exists; pass --force (overwrite=True) to "
+                          "overwrite it") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(path):
+            raise OutputError(f"{path} already exists; pass --force (overwrite=True) to "
+                              "overwrite it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)

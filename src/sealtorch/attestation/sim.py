@@ -58,7 +58,7 @@ def init_platform_key(directory: Path | str | None = None, *, overwrite: bool = 
 
     Refuses to replace an existing key unless ``overwrite`` is set.
     """
-    from sealtorch._outputs import output_dir, write_all
+    from sealtorch._outputs import output_dir, staged, write_all
 
     d = output_dir(Path(directory) if directory is not None else default_dir(), mode=0o700)
     key_path = d / KEY_FILE
@@ -73,14 +73,8 @@ def init_platform_key(directory: Path | str | None = None, *, overwrite: bool = 
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    tmp = key_path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+    with staged(key_path, overwrite=True) as (fd, _):  # mode 0600; existence checked above
         write_all(fd, pem)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, key_path)
     pub = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )

@@ -3,26 +3,26 @@ public (and, with the key, the index)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sealtorch._outputs import write_failed
+from sealtorch._outputs import staged, write_failed
 from sealtorch.errors import InputError
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
 from sealtorch.format.index import parse_index
 from sealtorch.format.reader import KeyArg, SealedFile, SignerArg, check_file_length
-from sealtorch.format.writer import _publish
 
 
-def byte_progress(progress: Callable[[int, int], None], total: int) -> Callable[[int], None]:
+def byte_progress(progress: Callable[[int, int], None] | None, total: int
+                  ) -> Callable[[int], None] | None:
     """A thread-safe ``add(n)`` that reports ``progress(done, total)`` as the decryption
-    threads finish chunks."""
+    threads finish chunks (``None`` without ``progress``)."""
+    if progress is None:
+        return None
     lock = threading.Lock()
     done = 0
 
@@ -47,8 +47,7 @@ def verify(
     """Authenticate every byte of a sealed file, keeping no plaintext; returns a summary.
     ``progress(done, total)`` is called as chunks authenticate."""
     with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
-        sf.verify_all(threads=threads, progress=None if progress is None else
-                      byte_progress(progress, sf.header.total_length))
+        sf.verify_all(threads=threads, progress=byte_progress(progress, sf.header.total_length))
         return {
             **sf.header.describe(),
             "tensors": len(sf.index.entries),
@@ -84,33 +83,15 @@ def unseal(
     with SealedFile(path, key=key, key_provider=key_provider, signer=signer) as sf:
         names = list(sf.index.entries)
         # every stored tensor: a full read, as verify
-        tensors = sf.load(names, progress=None if progress is None else
-                          byte_progress(progress, sf.header.total_length))
+        tensors = sf.load(names, progress=byte_progress(progress, sf.header.total_length))
         for alias, stored in sf.index.aliases.items():
             tensors[alias] = tensors[stored].clone()
         metadata = dict(sf.index.metadata)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                   dir=target.parent if str(target.parent) else ".")
-    except OSError as err:
-        raise write_failed(target, err) from None
-    os.close(fd)  # created with mode 0600, which save_file keeps
-    try:
-        save_file(tensors, tmp, metadata=metadata or None)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _publish(tmp, target, overwrite)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise write_failed(target, err) from None
-        if isinstance(err, SafetensorError):  # safetensors' own wrapper of the I/O error
-            raise write_failed(target, OSError(str(err))) from None
-        raise
+        with staged(target, overwrite=overwrite) as (_, tmp):  # mode 0600, which save_file keeps
+            save_file(tensors, tmp, metadata=metadata or None)
+    except SafetensorError as err:  # safetensors' own wrapper of the I/O error
+        raise write_failed(target, OSError(str(err))) from None
     return len(tensors)
 
 

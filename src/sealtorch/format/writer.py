@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealtorch._outputs import output_file, write_all, write_failed
+from sealtorch._outputs import output_file, staged, write_all
 from sealtorch._secret import wipe
-from sealtorch.errors import IndexError_, InputError, OutputError
+from sealtorch.errors import IndexError_, InputError
 from sealtorch.format import header as hdr
 from sealtorch.format import keys as fkeys
 from sealtorch.format.dtypes import dtype_name
@@ -171,12 +170,6 @@ def _write(
     progress: Callable[[int, int], None] | None,
     overwrite: bool,
 ) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as err:
-        raise OutputError(f"cannot write {path} ({err.strerror}); choose a writable "
-                          "directory") from None
     digest = header.digest()
     aead = AESGCM(keys.chunk_key.view())
     cs = header.chunk_size
@@ -184,10 +177,10 @@ def _write(
     cipher = bytearray(len(plain) + hdr.TAG_BYTES)
     tags = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            os.fchmod(f.fileno(), 0o644)
-            write_all(f.fileno(), header.raw)
-            write_all(f.fileno(), index_section)
+        with staged(path, overwrite=overwrite) as (fd, _):
+            os.fchmod(fd, 0o644)
+            write_all(fd, header.raw)
+            write_all(fd, index_section)
             views = [(e, _as_bytes_view(tensors[e.name])) for e in entries if e.nbytes]
             pos = 0  # next entry that may overlap the current chunk
             for i in range(header.chunk_count):
@@ -209,43 +202,13 @@ def _write(
                     chunk_nonce(i), memoryview(plain)[:n], chunk_aad(digest, i, last), out
                 )
                 tags.update(out[n:])
-                write_all(f.fileno(), out)
+                write_all(fd, out)
                 if progress is not None:
                     progress(start + n, header.total_length)
             if signer is not None:
                 message = signed_message(
                     digest, hashlib.sha256(index_section).digest(), tags.digest()
                 )
-                write_all(f.fileno(), raw_public(signer.public_key()) + signer.sign(message))
-            os.fsync(f.fileno())
-        _publish(tmp, path, overwrite)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            raise write_failed(path, err) from None
-        raise
+                write_all(fd, raw_public(signer.public_key()) + signer.sign(message))
     finally:
         wipe(plain)
-
-
-def _publish(tmp: str, path: Path, overwrite: bool) -> None:
-    """Give the finished temporary file its name: atomically replacing whatever is there
-    (a symlink itself, never its target) with ``overwrite``, else only if nothing is there."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # fails if anything, even a dangling symlink, appeared meanwhile
-    except FileExistsError:
-        raise OutputError(f"{path} already exists; pass --force (overwrite=True) to "
-                          "overwrite it") from None
-    except OSError:  # a file system without hard links: check, then rename
-        if os.path.lexists(path):
-            raise OutputError(f"{path} already exists; pass --force (overwrite=True) to "
-                          "overwrite it") from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)

@@ -137,8 +137,7 @@ class SealedDir:
         ``progress(done, total)`` counts the shards' weight bytes as they authenticate."""
         from sealtorch.format.owner import byte_progress
 
-        add = None if progress is None else byte_progress(
-            progress, sum(sf.header.total_length for sf in self.shards))
+        add = byte_progress(progress, sum(sf.header.total_length for sf in self.shards))
         for sf in self.shards:
             sf.verify_all(threads=threads, progress=add)
         for item in self.manifest.files:
