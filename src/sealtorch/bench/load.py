@@ -63,6 +63,30 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def raw_aes(aead: Any, h: Any, digest: bytes, view: memoryview, dest: memoryview,
+            pool: Any, nthreads: int) -> None:
+    """Raw AES-256-GCM ``decrypt_into`` of every chunk of a sealed file (header ``h``, bytes
+    ``view``) into ``dest``, on the calling thread and ``nthreads - 1`` threads of ``pool``
+    taking chunks from one iterator, as the loader does: the floor both load benches measure
+    the loader against."""
+    from sealtorch.format.header import TAG_BYTES
+    from sealtorch.format.stream import chunk_aad, chunk_nonce
+
+    work = iter(range(h.chunk_count))
+    cs, last = h.chunk_size, h.chunk_count - 1
+
+    def drain() -> None:
+        for i in work:  # threads share one iterator, like the loader
+            n, off = h.chunk_plain_length(i), h.chunk_offset(i)
+            aead.decrypt_into(chunk_nonce(i), view[off : off + n + TAG_BYTES],
+                              chunk_aad(digest, i, i == last), dest[i * cs : i * cs + n])
+
+    futures = [pool.submit(drain) for _ in range(nthreads - 1)] if pool else []
+    drain()
+    for f in futures:
+        f.result()
+
+
 def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dict[str, Any]:
     """Run the benchmark and return the figures (see module docstring)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -74,8 +98,6 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
     from safetensors.torch import load_file, save_file
 
     from sealtorch.format import keyfile, memory, reader, writer
-    from sealtorch.format.header import TAG_BYTES
-    from sealtorch.format.stream import chunk_aad, chunk_nonce
 
     load_start = os.getloadavg()[0]
     if threads is not None:  # explicit: everyone gets the same count
@@ -124,7 +146,6 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
         aead = AESGCM(sf.keys.chunk_key.view())
         digest = h.digest()
         view = sf.view
-        cs = h.chunk_size
         pool = ThreadPoolExecutor(nthreads - 1) if nthreads > 1 else None
 
         def raw_aes_into(dest: memoryview | None, map_in_load: bool = False
@@ -133,47 +154,23 @@ def run_bench(model: str, size_mb: int, threads: int | None, repeat: int) -> dic
             from the loader's allocator, returned so that it is freed outside the clock; with
             ``map_in_load`` the file is opened, mapped (as the loader maps it) and unmapped in
             each run instead of read from the mapping kept open."""
-            target: Any = dest
-            src: Any = view
 
-            def one(i: int) -> None:
-                n = h.chunk_plain_length(i)
-                off = h.chunk_offset(i)
-                aead.decrypt_into(
-                    chunk_nonce(i),
-                    src[off : off + n + TAG_BYTES],
-                    chunk_aad(digest, i, i == h.chunk_count - 1),
-                    target[i * cs : i * cs + n],
-                )
-
-            def decrypt_all() -> None:
-                work = iter(range(h.chunk_count))
-
-                def drain() -> None:
-                    for i in work:  # threads share one iterator, like the loader
-                        one(i)
-
-                futures = [pool.submit(drain) for _ in range(nthreads - 1)] if pool else []
-                drain()
-                for f in futures:
-                    f.result()
-
-            def raw_aes() -> object:
-                nonlocal target, src
+            def run() -> object:
                 fresh = None
-                if dest is None:
+                target = dest
+                if target is None:
                     fresh = memory._plaintext_buffer(h.total_length)
                     target = fresh.numpy().data
                 if not map_in_load:
-                    decrypt_all()
+                    raw_aes(aead, h, digest, view, target, pool, nthreads)
                     return fresh
                 mm = memory.map_path(sealed)
-                with memoryview(mm) as src:
-                    decrypt_all()
+                with memoryview(mm) as mapped:
+                    raw_aes(aead, h, digest, mapped, target, pool, nthreads)
                 mm.close()
                 return fresh
 
-            return raw_aes
+            return run
 
         phases: dict[str, Callable[[], object]] = {
             "plain_safetensors": plain_safetensors,

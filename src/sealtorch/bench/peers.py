@@ -291,10 +291,9 @@ def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None,
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    from sealtorch.bench.load import raw_aes
     from sealtorch.format import memory, reader
-    from sealtorch.format.header import TAG_BYTES
     from sealtorch.format.keyfile import read_key_file
-    from sealtorch.format.stream import chunk_aad, chunk_nonce
     from sealtorch.hf import SealedDir
 
     key = read_key_file(d / "model.key")
@@ -308,30 +307,14 @@ def _raw_aes(d: Path, spec: dict[str, Any], threads: int | None,
     nthreads = threads or memory.default_threads()
     pool = ThreadPoolExecutor(nthreads - 1) if nthreads > 1 else None
 
-    def one_file(aead: AESGCM, h: Any, digest: bytes, view: memoryview,
-                 dest: memoryview) -> None:
-        work = iter(range(h.chunk_count))
-        cs, last = h.chunk_size, h.chunk_count - 1
-
-        def drain() -> None:
-            for i in work:  # threads share one iterator, like the loader
-                n, off = h.chunk_plain_length(i), h.chunk_offset(i)
-                aead.decrypt_into(chunk_nonce(i), view[off : off + n + TAG_BYTES],
-                                  chunk_aad(digest, i, i == last), dest[i * cs : i * cs + n])
-
-        futures = [pool.submit(drain) for _ in range(nthreads - 1)] if pool else []
-        drain()
-        for f in futures:
-            f.result()
-
     def raw() -> None:
         for aead, h, digest, path, view, dest in jobs:  # one file after the other, as loaded
             if not map_in_load:
-                one_file(aead, h, digest, view, dest)
+                raw_aes(aead, h, digest, view, dest, pool, nthreads)
                 continue
             mm = memory.map_path(path)
             with memoryview(mm) as mapped:
-                one_file(aead, h, digest, mapped, dest)
+                raw_aes(aead, h, digest, mapped, dest, pool, nthreads)
             mm.close()
 
     return raw
