@@ -40,6 +40,12 @@ def detect(
     )
 
 
+def _initdata_unbindable(what: str) -> ConfigError:
+    return ConfigError(f"the config names an initdata document, which only a TDX or SNP VM (a "
+                       f"CoCo pod) can bind; {what} cannot: remove `initdata` from the config, "
+                       "or run in the pod VM")
+
+
 def select(kind: str, *, role: str, config_bytes: bytes = b"", initdata: str | None = None,
            gramine_dir: Path | str = gramine.DEFAULT_DIR,
            tsm_dir: Path | str = tsm.DEFAULT_DIR) -> Attester:
@@ -54,10 +60,8 @@ def select(kind: str, *, role: str, config_bytes: bytes = b"", initdata: str | N
     """
     if kind not in KINDS:
         raise ConfigError(f"--attester must be one of {', '.join(KINDS)}")
-    if initdata is not None and kind in ("sim", "sgx"):
-        raise ConfigError(f"the config names an initdata document, which only a TDX or SNP "
-                          f"VM (a CoCo pod) can bind; --attester {kind} cannot: remove "
-                          "`initdata` from the config, or run in the pod VM")
+    if initdata is not None and kind in ("sim", "sgx"):  # before looking for the TEE
+        raise _initdata_unbindable(f"--attester {kind}")
     if kind == "sim":
         from sealtorch.attestation import sim
         from sealtorch.attestation.attesters.sim import SimAttester
@@ -75,10 +79,8 @@ def select(kind: str, *, role: str, config_bytes: bytes = b"", initdata: str | N
         raise AttesterUnavailableError(
             f"the {kind} attester is not available here; run inside a {kind} TEE, or pass "
             "--attester auto to use the one present (or --attester sim for development)")
-    if initdata is not None and att.tee not in ("tdx", "snp"):
-        raise ConfigError(f"the config names an initdata document, which only a TDX or SNP "
-                          f"VM can bind; this is a {att.tee} TEE: remove `initdata` from "
-                          "the config")
+    if initdata is not None and att.tee not in ("tdx", "snp"):  # auto found SGX
+        raise _initdata_unbindable(f"this {att.tee} TEE")
     if att.tee in ("tdx", "snp"):
         from sealtorch.attestation.initdata import load_initdata
         from sealtorch.attestation.selfcheck import check_own_config
