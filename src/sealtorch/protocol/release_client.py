@@ -33,7 +33,7 @@ from sealtorch.protocol.messages import (
     StatusRequest,
     status_key_info,
 )
-from sealtorch.protocol.tls import ResumingContext, tls_client_context
+from sealtorch.protocol.tls import tls_client_context
 
 _MAX_RESPONSE = 4 * 1024 * 1024
 
@@ -131,8 +131,7 @@ class KeyServerClient:
             self._last_tls = tls
             self.tls_connections += 1
             self.tls_resumed += bool(tls.session_reused)
-            if isinstance(self._tls, ResumingContext):  # resume it on the next connection
-                self._tls.remember(tls)
+            self._tls.remember(tls)  # resume its session on the next connection
         if r.status_code >= 500 or r.status_code == 429:
             raise ServiceUnavailableError(
                 f"key server answered HTTP {r.status_code} on {path}; retry later"

@@ -131,15 +131,12 @@ def build_app(model: ServedModel, options: ServeOptions | None = None) -> Starle
     async def request_body(request: Request) -> bytes:
         try:
             check_content_length(request.headers.get("content-length"), max_body)
-        except BodyRefused as e:
-            raise _HTTPError(e.status, e.message) from None
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-        binary = HEADER_LENGTH in request.headers
-        if ctype.lower() not in (("application/json", "application/octet-stream") if binary
-                                 else ("application/json",)):
-            raise _HTTPError(415, "the request body must be application/json (or binary "
-                                  f"tensor data with the {HEADER_LENGTH} header)")
-        try:
+            ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+            binary = HEADER_LENGTH in request.headers
+            if ctype.lower() not in (("application/json", "application/octet-stream") if binary
+                                     else ("application/json",)):
+                raise _HTTPError(415, "the request body must be application/json (or binary "
+                                      f"tensor data with the {HEADER_LENGTH} header)")
             return await read_body(request.receive, max_body)
         except BodyRefused as e:
             raise _HTTPError(e.status, e.message) from None
