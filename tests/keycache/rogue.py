@@ -54,7 +54,10 @@ class RogueKeyServer:
         self.policy = policy
         self.policy_version = 1
         self.state_seq = 1
-        self.clock_offset = 0  # seconds added to the times it signs (its clock)
+        # its clock stands still at start-up unless a test moves it: times it signs must not
+        # cross a second boundary on their own while a test compares them to a grant's
+        self.clock_start = int(time.time())
+        self.clock_offset = 0  # seconds added to the times it signs
         self.collateral: tuple[str, ...] = ()  # the DCAP collateral it signs for caches
         #: what it signs as the cache's verified claims (a test may give a TDX VM's)
         self.cache_claims: dict[str, Any] = {"tee": "sim", "report_data": "00" * 64,
@@ -122,7 +125,7 @@ class RogueKeyServer:
         return key_id(self.signing_key)
 
     def _now(self) -> int:
-        return int(time.time()) + self.clock_offset
+        return self.clock_start + self.clock_offset
 
     def _head(self) -> dict[str, Any]:
         return sign_audit_head(self.signing_key, AuditHead(1, "00" * 32, self._now(),
