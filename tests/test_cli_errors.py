@@ -3,6 +3,7 @@ and writes nothing; the public API raises sealtorch.errors types for the same mi
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -191,3 +192,84 @@ def test_an_output_that_cannot_be_written_whole_leaves_nothing(work: Path, comma
     assert sorted(p.name for p in work.iterdir()) == before  # no output, no temporary file
     # with room, the same command works
     assert run(*args, cwd=work).returncode == 0
+
+
+def _small_outputs(work: Path) -> dict[str, tuple[list[str], bytes | None]]:
+    """Commands that write one small output, each with the exact bytes it writes (rendered
+    by the library code the command uses; ``None``: checked as TOML only)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sealtorch.attestation.initdata import CONFIG_ENTRY, render_initdata
+    from sealtorch.format.signing import raw_public
+    from sealtorch.runtime.gramine import ManifestOptions, render_manifest
+
+    key = base64.b64encode(raw_public(Ed25519PrivateKey.generate().public_key())).decode()
+    config = (f'[runtime]\nserver_public_key = "{key}"\n'
+              'initdata = "/run/sealtorch-initdata/cc_init_data"\n')
+    (work / "sealtorch.toml").write_text(config)
+    notes = "".join(f"note {i}\n" for i in range(300))  # ~3 KiB
+    (work / "notes.txt").write_text(notes)
+    absent = work / "absent.toml"  # the enclave's config path, not validated here
+    sim.init_platform_key(work / "sim")
+    return {
+        "initdata": (["initdata", "sealtorch.toml", "-o", "out.toml", "--entry",
+                      "notes.txt=notes.txt"],
+                     render_initdata({CONFIG_ENTRY: config, "notes.txt": notes}, "sha384")),
+        "gramine-manifest": (["gramine", "manifest", "--role", "serve", "--config", str(absent),
+                              "-o", "out.toml"],
+                             render_manifest(ManifestOptions(role="serve",
+                                                             config=absent)).encode()),
+        "policy-init": (["policy", "init", "--tee", "sim", "--measurement", "00" * 32,
+                         "--platform-key", str(work / "sim" / sim.PUBLIC_FILE),
+                         *(a for i in range(50) for a in ("--factory", f"pkg.m{i}:build")),
+                         "-o", "out.toml"], None),
+    }
+
+
+@pytest.mark.parametrize("command", ["initdata", "gramine-manifest", "policy-init"])
+def test_a_small_output_that_cannot_be_written_whole_leaves_nothing(work: Path,
+                                                                     command: str) -> None:
+    """As for sealed files: a write cut short is one clear error with no partial output and
+    no temporary file (before, these wrote in place: a truncated file, sometimes exit 0);
+    with room the same command writes the same bytes as before, mode 0644."""
+    import tomllib
+
+    args, expected = _small_outputs(work)[command]
+    before = sorted(p.name for p in work.iterdir())
+    limit = 1024  # -B: a bytecode cache cut short at the limit would be a corrupt cache
+    p = subprocess.run([sys.executable, "-I", "-B", "-m", "sealtorch", *args],
+                       capture_output=True, text=True, cwd=work, timeout=120,
+                       preexec_fn=lambda: _file_size_limit(limit))
+    line = one_line_error(p, "output_invalid")
+    assert "cannot write out.toml (File too large)" in line, line
+    assert "nothing was written" in line and "make room" in line, line
+    assert sorted(p.name for p in work.iterdir()) == before  # no output, no temporary file
+    assert run(*args, cwd=work).returncode == 0
+    written = (work / "out.toml").read_bytes()
+    assert len(written) > limit
+    if expected is not None:
+        assert written == expected
+    else:
+        assert len(tomllib.loads(written.decode())["factories"]) == 50
+    assert (work / "out.toml").stat().st_mode & 0o777 == 0o644
+    assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_small_output_into_a_pipe_writes_into_it(work: Path) -> None:
+    """With --force, an existing pipe (like /dev/stdout) is written into, not replaced by a
+    file beside it."""
+    args, expected = _small_outputs(work)["initdata"]
+    fifo = work / "out.toml"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that the writer's open succeeds
+    try:
+        p = run(*args, "--force", cwd=work)
+        assert p.returncode == 0, p.stderr
+        got = b""
+        while chunk := os.read(reader, 1 << 16):
+            got += chunk
+    finally:
+        os.close(reader)
+    assert got == expected
+    assert fifo.is_fifo()
+    assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]

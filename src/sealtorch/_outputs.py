@@ -99,6 +99,28 @@ def staged(path: Path, *, overwrite: bool) -> Iterator[tuple[int, str]]:
         raise
 
 
+def write_file(path: str | os.PathLike[str], data: bytes, *, overwrite: bool,
+               mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through :func:`staged`, with mode ``mode``: a full disk is
+    one :func:`write_failed` error with nothing left behind, instead of a truncated file; an
+    existing file is replaced only with ``overwrite``. With ``overwrite``, a pipe or device
+    already there (``/dev/stdout``) is written into, not replaced by a file."""
+    p = Path(path)
+    if overwrite and p.exists() and not p.is_file() and not p.is_dir():
+        try:
+            fd = os.open(p, os.O_WRONLY)
+            try:
+                write_all(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise write_failed(p, err) from None
+        return
+    with staged(p, overwrite=overwrite) as (fd, _):
+        os.fchmod(fd, mode)
+        write_all(fd, data)
+
+
 def publish(tmp: str, path: Path, overwrite: bool) -> None:
     """Give the finished temporary file its name: atomically replacing whatever is there
     (a symlink itself, never its target) with ``overwrite``, else only if nothing is there."""

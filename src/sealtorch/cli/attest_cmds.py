@@ -266,7 +266,7 @@ def policy_init(output: Path, force: bool, version: int, for_: str,
                 **values: Any) -> None:
     """Write a policy from expected values (or, dev only, from evidence): one identity for
     the caches and/or runtimes allow-list, or one for each with --cache/--runtime."""
-    from sealtorch._outputs import output_file
+    from sealtorch._outputs import output_file, write_file
     from sealtorch.attestation.policy import Identity, ModelPolicy, identity_from_claims
     from sealtorch.errors import PolicyError
 
@@ -326,7 +326,7 @@ def policy_init(output: Path, force: bool, version: int, for_: str,
         max_releases_per_lease=max_releases_per_lease,
     )
     text = pol.canonical().decode() + "\n" if output.suffix == ".json" else pol.to_toml()
-    output.write_text(text)
+    write_file(output, text.encode(), overwrite=force)
     click.echo(f"wrote {output}")
 
 

@@ -53,9 +53,13 @@ def infer(url: str, policy_path: Path, input_path: str, model: str | None,
           output: Path | None, receipt_out: Path | None, evidence_out: Path | None,
           unsafe_sim: bool) -> None:
     """Verify the server at URL against --policy, then send --input encrypted to it."""
+    from sealtorch._outputs import output_file, write_file
     from sealtorch.client import AttestedClient, ClientPolicy
     from sealtorch.errors import PolicyDenied
 
+    for path in (output, receipt_out, evidence_out):  # a bad path fails before any request
+        if path is not None:
+            output_file(path, overwrite=True)
     body = _read_input(input_path)
     try:
         json.loads(body)
@@ -74,12 +78,12 @@ def infer(url: str, policy_path: Path, input_path: str, model: str | None,
             _show_reasons(e)
             raise
         if evidence_out is not None:
-            evidence_out.write_bytes(server.document.to_json())
+            write_file(evidence_out, server.document.to_json(), overwrite=True)
         result = c.infer(body)
     if receipt_out is not None:
-        receipt_out.write_bytes(result.receipt)
+        write_file(receipt_out, result.receipt, overwrite=True)
     if output is not None:
-        output.write_bytes(result.body)
+        write_file(output, result.body, overwrite=True)
     else:  # the exact bytes the receipt's digest covers (no newline added)
         sys.stdout.buffer.write(result.body)
         sys.stdout.flush()

@@ -64,7 +64,7 @@ def initdata_cmd(config: Path, output: Path, entries: tuple[str, ...], algorithm
     """Write a CoCo initdata document whose "sealtorch.toml" entry is CONFIG, byte for byte,
     and print its digest, the TDX MRCONFIGID and SNP HOST_DATA values to pin in the policy,
     and the pod annotation value (base64 of gzip)."""
-    from sealtorch._outputs import output_file
+    from sealtorch._outputs import output_file, write_file
     from sealtorch.attestation.initdata import (
         encode_annotation,
         parse_initdata,
@@ -89,11 +89,11 @@ def initdata_cmd(config: Path, output: Path, entries: tuple[str, ...], algorithm
                 from None
     document = render_initdata(data, algorithm)
     doc = parse_initdata(document)
-    output.write_bytes(document)
     values = {"file": str(output), "algorithm": algorithm, "entries": sorted(doc.data),
               "digest": doc.digest.hex(),
               **{_POLICY_FIELD[t]: doc.register(t).hex() for t in REGISTER_BYTES},
               "annotation": ANNOTATION, "annotation_value": encode_annotation(document)}
+    write_file(output, document, overwrite=force)  # after every check: a refusal writes nothing
     if as_json:
         click.echo(json.dumps(values, indent=2))
         return

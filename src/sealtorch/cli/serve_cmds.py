@@ -219,7 +219,7 @@ def gramine_manifest(role: str, output: Path, config_path: Path | None, model: P
     """Write a Gramine manifest template for ROLE in an SGX enclave with DCAP attestation."""
     import re
 
-    from sealtorch._outputs import output_file
+    from sealtorch._outputs import output_file, write_file
     from sealtorch.errors import ConfigError
     from sealtorch.runtime.factory import validate_factory
     from sealtorch.runtime.gramine import ManifestOptions, render_manifest
@@ -251,7 +251,7 @@ def gramine_manifest(role: str, output: Path, config_path: Path | None, model: P
         enclave_size=enclave_size, max_threads=max_threads, isvprodid=isvprodid,
         isvsvn=isvsvn, ca_cert=ca_cert))
     output_file(output, overwrite=force)
-    output.write_text(text)
+    write_file(output, text.encode(), overwrite=force)
     click.echo(f"wrote {output} (role {role}); next: gramine-manifest, gramine-sgx-sign, then "
                "pin the printed MRENCLAVE/MRSIGNER in the model policy", err=True)
 
