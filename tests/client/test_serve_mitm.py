@@ -389,6 +389,7 @@ def test_cli_infer_then_receipt_verify_and_forged_receipts(world: World, proxy: 
     assert p.returncode == 0, p.stderr
     assert json.loads(files["out.json"].read_text())["outputs"][0]["data"] == prelu(
         X, WEIGHTS["tiny-a"])
+    assert files["out.json"].stat().st_mode & 0o777 == 0o600  # the decrypted answer
     assert "verified: sim server serving tiny-a key version 1" in p.stderr
     verify = ["receipt", "verify", str(files["receipt.cbor"]), "--evidence",
               str(files["evidence.json"]), "--policy", str(policy_file), "--unsafe-sim"]

@@ -83,7 +83,7 @@ def infer(url: str, policy_path: Path, input_path: str, model: str | None,
     if receipt_out is not None:
         write_file(receipt_out, result.receipt, overwrite=True)
     if output is not None:
-        write_file(output, result.body, overwrite=True)
+        write_file(output, result.body, overwrite=True, mode=0o600)  # decrypted: private
     else:  # the exact bytes the receipt's digest covers (no newline added)
         sys.stdout.buffer.write(result.body)
         sys.stdout.flush()
