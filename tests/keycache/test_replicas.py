@@ -143,6 +143,15 @@ def test_caches_keep_their_leases_when_a_replica_is_killed(pg_url: str, tmp_path
             with pytest.raises(ReleaseDenied) as e:
                 c.release(ev, pk, used, ["m"], private_key=sk)
             assert e.value.denial == "nonce_invalid"
+            # a poll answered by one replica holds a revocation committed through another
+            # just before it, though this replica has served polls from its cached state
+            sk, pk = hpke.generate_keypair()
+            n = c.challenge()
+            ev = att.attest(binding.report_data("remote", n, hpke.KEM_ID, pk, c.audience))
+            res = c.release(ev, pk, n, ["m"], private_key=sk)
+            assert c.status(res.cache_id, ["m"]).models["m"].state == "active"
+            replicas[0].admin("POST", "/v1/admin/model-revoke/m", {})
+            assert c.status(res.cache_id, ["m"]).models["m"].state == "revoked"
         for r in replicas:
             out = keyserver_cli("audit", "verify", "--data-dir", str(r.data_dir), env=r.env)
             assert json.loads(out.stdout)["ok"] is True

@@ -37,6 +37,12 @@ def test_bench_fleet_two_replicas_json(pg_server: pgserver.PgServer) -> None:
     assert all(v > 0 for v in fig["crypto_in_server_us_per_release_by_op"].values())
     poll = fig["crypto_in_server_us_per_poll_by_op"]
     assert poll["hmac"] > 0 and poll["sign"] > 0 and poll["verify_evidence"] == 0
+    # the steady window (before the kill) is part of the round, sampled at its own ends
+    assert 0 < fig["steady_server_cpu_s"] < fig["server_cpu_s"]
+    assert 0 < fig["steady_polls"] < fig["polls"] and fig["steady_releases"] <= fig["releases"]
+    assert fig["steady_server_cpu_over_crypto_in_server"] > 0
+    assert fig["steady_crypto_in_server_us_per_poll_by_op"]["sign"] > 0
+    assert fig["steady_server_cpu_over_crypto"] > 0
 
 
 def test_bench_release_only_json() -> None:

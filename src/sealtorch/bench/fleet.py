@@ -344,6 +344,11 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
 
 
+def _usage(replicas: list[_Replica]) -> tuple[float, crypto_cpu.Counts]:
+    """The replicas' process CPU and the crypto CPU they counted, so far."""
+    return sum(r.cpu() for r in replicas), crypto_cpu.add(*(r.crypto() for r in replicas))
+
+
 def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Path,
            measurement: bytes, caches: int, seconds: float, sched: Schedule) -> dict[str, Any]:
     """One measurement over ``replicas``: the caches run, replica 0 is SIGKILLed at 40% of
@@ -353,11 +358,19 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
     time.sleep(IDLE_SECONDS)  # what the replicas cost doing nothing (state checks, pings)
     idle_rate = (sum(r.cpu() for r in replicas) - idle0) / (time.perf_counter() - i0)
     cpu0 = [r.cpu() for r in replicas]
-    crypto0 = crypto_cpu.add(*(r.crypto() for r in replicas))
+    crypto0 = _usage(replicas)[1]
     t0 = time.perf_counter()
     q, procs = _run_caches(urls, ca, audience, platform_key, measurement, caches, seconds,
                            sched)
-    time.sleep(seconds * 0.4)
+    # the steady window: after the caches' first renewal interval, before the kill; the
+    # servers' CPU and crypto are sampled at its ends too, so that its figures leave out the
+    # caches' first connections and the killed replica's restart
+    w0 = t0 + min(sched.renew_every, seconds * 0.2)
+    time.sleep(max(0.0, w0 - time.perf_counter()))
+    cpu_w0, crypto_w0 = _usage(replicas)
+    time.sleep(max(0.0, t0 + seconds * 0.4 - time.perf_counter()))
+    cpu_w1, crypto_w1 = _usage(replicas)
+    w1 = time.perf_counter()
     victim = replicas[0]
     victim.kill9()
     killed_at = time.perf_counter() - t0
@@ -369,17 +382,23 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         p.join(30)
     elapsed = time.perf_counter() - t0
     server_cpu = sum(r.cpu() - c for r, c in zip(replicas, cpu0, strict=True))
-    in_server = crypto_cpu.minus(crypto_cpu.add(*(r.crypto() for r in replicas)), crypto0)
+    in_server = crypto_cpu.minus(_usage(replicas)[1], crypto0)
     rel = [x for t in tallies for x in t.release_lat]
     polls = [x for t in tallies for x in t.poll_lat]
     nonces = [n for t in tallies for n in t.nonces]
     n = max(len(rel), 1)
-    # the steady window: after the caches' first renewal interval, before the kill
-    w0, w1 = t0 + min(sched.renew_every, seconds * 0.2), t0 + killed_at
-    steady_rel = sum(w0 <= x < w1 for t in tallies for x in t.release_done) / (w1 - w0)
-    steady_poll = sum(w0 <= x < w1 for t in tallies for x in t.poll_done) / (w1 - w0)
+    steady_rel = sum(w0 <= x < w1 for t in tallies for x in t.release_done)
+    steady_poll = sum(w0 <= x < w1 for t in tallies for x in t.poll_done)
+    steady_cpu = cpu_w1 - cpu_w0
+    steady = crypto_cpu.figures(crypto_cpu.minus(crypto_w1, crypto_w0), steady_cpu,
+                                steady_rel, steady_poll)
     return {
-        "steady_releases_per_s": steady_rel, "steady_polls_per_s": steady_poll,
+        "steady_releases_per_s": steady_rel / (w1 - w0),
+        "steady_polls_per_s": steady_poll / (w1 - w0),
+        "steady_releases": steady_rel, "steady_polls": steady_poll,
+        "steady_server_cpu_s": steady_cpu,
+        "steady_server_cpu_ms_per_release": steady_cpu / max(steady_rel, 1) * 1000,
+        **{"steady_" + k: v for k, v in steady.items()},
         "replicas": len(replicas), "caches": caches, "seconds": elapsed,
         "releases": len(rel), "releases_per_s": len(rel) / elapsed,
         "polls": len(polls), "polls_per_s": len(polls) / elapsed,
@@ -471,6 +490,10 @@ def run_fleet(db_url: str, replica_counts: list[int], caches: int, seconds: floa
                            + fig["polls"] * crypto["crypto_per_poll_us"])
                 fig["server_cpu_over_crypto"] = fig["server_cpu_s"] * 1e6 / max(work_us, 1.0)
                 fig["busy_cpu_over_crypto"] = fig["server_busy_cpu_s"] * 1e6 / max(work_us, 1.0)
+                steady_us = (fig["steady_releases"] * crypto["crypto_per_release_us"]
+                             + fig["steady_polls"] * crypto["crypto_per_poll_us"])
+                fig["steady_server_cpu_over_crypto"] = (fig["steady_server_cpu_s"] * 1e6
+                                                        / max(steady_us, 1.0))
             return {"rounds": rounds, "schedule": sched.__dict__, **crypto}
     finally:
         for r in replicas:
@@ -504,6 +527,12 @@ def report_fleet(res: dict[str, Any]) -> str:
                          f"{r['server_cpu_over_crypto_in_server']:.1f}x the crypto they counted "
                          f"({r['crypto_in_server_us_per_release']:.0f} us per release, "
                          f"{r.get('crypto_in_server_us_per_poll', 0.0):.0f} us per poll)")
+        if r.get("steady_server_cpu_over_crypto_in_server") is not None:
+            lines.append(f"          steady window only (no first connections, no restart): "
+                         f"{r['steady_server_cpu_ms_per_release']:.2f} ms server CPU per "
+                         f"release ({r['steady_server_cpu_over_crypto']:.1f}x crypto), "
+                         f"{r['steady_server_cpu_over_crypto_in_server']:.1f}x the crypto "
+                         "counted in the servers")
         if r["error_kinds"]:
             lines.append(f"          errors: {r['error_kinds']}")
     lines.append(f"crypto per release {res['crypto_per_release_us']:.0f} us (evidence "

@@ -30,6 +30,7 @@ from sealtorch.keyserver.attest import CacheIdentity
 from sealtorch.keyserver.config import ServerConfig
 from sealtorch.keyserver.keyring import KeyRef
 from sealtorch.keyserver.nonces import NonceBook
+from sealtorch.keyserver.shared_read import SharedRead
 from sealtorch.keyserver.state import AuthState
 from sealtorch.keyserver.store import Store
 from sealtorch.protocol import hpke
@@ -114,6 +115,7 @@ class KeyServer:
         self.nonces = NonceBook(store.keyring.nonce_tag, config.nonce_ttl, clock=clock)
         self._verifiers = _VerifierCache()
         self._last_purge = time.monotonic()
+        self._states = SharedRead(store.state, asyncio.to_thread)
 
     def now(self) -> int:
         return int(self.clock())
@@ -305,14 +307,15 @@ class KeyServer:
         return Outcome(200, {"collateral": doc}, [])
 
     # --- status ---------------------------------------------------------------------------
-    def status(self, req: StatusRequest) -> Outcome | None:
+    async def status(self, req: StatusRequest) -> Outcome | None:
         """Revocation poll of an enrolled cache (None: the request's MAC does not verify under
         the cache's status key). Per model: active with its versions and policy version, or
-        revoked; an unknown model looks revoked, so existence is not revealed."""
+        revoked; an unknown model looks revoked, so existence is not revealed. The state is
+        read after the poll arrived, in a read shared with the polls that arrived with it."""
         with self.store.keyring.status_key(req.cache_id) as sk:
             if not ops.crypto("hmac", req.check_mac, sk.view()):
                 return None
-        state = self.store.state()
+        state = await self._states.get()
         models: dict[str, ModelStatus] = {}
         for mid in req.models or []:
             adm = admit(admission_input(state, mid, req.cache_id, None,
