@@ -47,7 +47,7 @@ def test_bench_fleet_two_replicas_json(pg_server: pgserver.PgServer) -> None:
 
 def test_bench_release_only_json() -> None:
     """The release-only bench reports the server's CPU over the crypto it counted in itself,
-    next to the crypto timed in an idle process."""
+    next to the crypto timed in an idle process, for releases and for status polls."""
     out = subprocess.run(
         [sys.executable, "-m", "sealtorch", "bench", "keyserver", "--concurrency", "4",
          "--seconds", "2", "--json"], capture_output=True, text=True, timeout=300,
@@ -58,6 +58,10 @@ def test_bench_release_only_json() -> None:
     by_op = r["crypto_in_server_us_per_release_by_op"]
     assert set(by_op) == set(_OPS) and all(v > 0 for v in by_op.values())
     assert r["crypto_in_server_us_per_release"] > by_op["verify_evidence"]
+    # then status polls alone, each connection enrolled as a cache by one release
+    assert r["polls"] > 0 and r["poll_errors"] == 0
+    assert r["server_cpu_ms_per_poll"] > 0 and r["crypto_in_server_us_per_poll"] > 0
+    assert r["poll_server_cpu_over_crypto_in_server"] > 1
 
 
 def test_bench_fleet_refuses_sqlite_and_bad_counts() -> None:

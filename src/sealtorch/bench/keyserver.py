@@ -13,6 +13,7 @@ same concurrency: no database, no crypto), a release being two requests."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -95,7 +96,8 @@ async def _load(url: str, ca: Path, pub: bytes, platform_key: Path, measurement:
                 concurrency: int, seconds: float, mode: str = "release"
                 ) -> tuple[list[float], int, float]:
     """``concurrency`` keep-alive connections each looping challenge + release (``mode``
-    ``release``) or ``GET /healthz`` (``mode`` ``ceiling``: the bare HTTPS request rate)
+    ``release``), ``GET /healthz`` (``mode`` ``ceiling``: the bare HTTPS request rate) or,
+    after one release that enrols it as a cache, signed status polls (``mode`` ``status``)
     for ``seconds``; returns (latencies, errors, client CPU seconds)."""
     import asyncio
     import base64
@@ -105,6 +107,7 @@ async def _load(url: str, ca: Path, pub: bytes, platform_key: Path, measurement:
     from sealtorch.attestation import binding
     from sealtorch.attestation.attesters.sim import SimAttester
     from sealtorch.protocol import hpke
+    from sealtorch.protocol.messages import StatusRequest, status_key_info
     from sealtorch.protocol.release_client import tls_client_context
     from sealtorch.protocol.signing import key_id
 
@@ -118,9 +121,34 @@ async def _load(url: str, ca: Path, pub: bytes, platform_key: Path, measurement:
     cpu0 = time.process_time()
     deadline = time.perf_counter() + seconds
 
+    async def release(h: _Http) -> tuple[bytes, Any, Any] | None:
+        """One challenge + release; (nonce, private key, answer) or None."""
+        st, data = await h.request(b"POST", b"/v1/challenge", b"{}")
+        n = base64.b64decode(_json.loads(data)["nonce"])
+        sk, pk = hpke.generate_keypair()
+        ev = att.attest(binding.report_data("remote", n, hpke.KEM_ID, pk, audience))
+        body = _json.dumps({
+            "evidence": ev.to_dict(), "public_key": base64.b64encode(pk).decode(),
+            "nonce": base64.b64encode(n).decode(), "models": ["bench-model"]},
+            separators=(",", ":")).encode()
+        st, data = await h.request(b"POST", b"/v1/release", body)
+        answer = _json.loads(data) if st == 200 else None
+        return (n, sk, answer) if answer is not None and len(answer["grants"]) == 1 else None
+
+    async def enrolled(h: _Http) -> tuple[str, bytes]:
+        """This connection's cache: its id and status key, from one release."""
+        got = None
+        while got is None:
+            got = await release(h)
+        n, sk, answer = got
+        sealed = base64.b64decode(answer["status_key"])
+        with hpke.open(sealed, sk, status_key_info(answer["cache_id"], n)) as k:
+            return answer["cache_id"], bytes(k.view())
+
     async def worker() -> None:
         nonlocal errors
         h = _Http(host, port, ctx)
+        cache = await enrolled(h) if mode == "status" else None
         try:
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
@@ -132,16 +160,14 @@ async def _load(url: str, ca: Path, pub: bytes, platform_key: Path, measurement:
                             continue
                         lat.append(time.perf_counter() - t0)
                         continue
-                    st, data = await h.request(b"POST", b"/v1/challenge", b"{}")
-                    n = base64.b64decode(_json.loads(data)["nonce"])
-                    _, pk = hpke.generate_keypair()
-                    ev = att.attest(binding.report_data("remote", n, hpke.KEM_ID, pk, audience))
-                    body = _json.dumps({
-                        "evidence": ev.to_dict(), "public_key": base64.b64encode(pk).decode(),
-                        "nonce": base64.b64encode(n).decode(), "models": ["bench-model"]},
-                        separators=(",", ":")).encode()
-                    st, data = await h.request(b"POST", b"/v1/release", body)
-                    if st != 200 or len(_json.loads(data)["grants"]) != 1:
+                    if cache is not None:
+                        req = StatusRequest(os.urandom(32), cache[0], ["bench-model"])
+                        body = _json.dumps(req.authenticated(cache[1]).to_json()).encode()
+                        st, _ = await h.request(b"POST", b"/v1/status", body)
+                        if st != 200:
+                            errors += 1
+                            continue
+                    elif await release(h) is None:
                         errors += 1
                         continue
                 except (OSError, ValueError, KeyError, asyncio.IncompleteReadError):
@@ -209,8 +235,6 @@ def _load_processes(url: str, ca: Path, pub: bytes, platform_key: Path, measurem
 def _proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) of ``pid`` and its child processes (server workers), from
     /proc; 0.0 where /proc is not available."""
-    import os
-
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     pids = [pid]
@@ -254,7 +278,6 @@ def pg_database(admin_url: str) -> tuple[str, Any]:
 def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[str, Any]:
     """Start a server, load it, return the figures."""
     import base64
-    import os
     import warnings
 
     import httpx
@@ -331,6 +354,17 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             server_cpu = _proc_cpu(proc.pid) - s_cpu0
             in_server = (crypto_cpu.minus(crypto_cpu.scrape(adm, ca), k0)
                          if k0 is not None else None)
+            # status polls alone, at the same concurrency (each connection first enrols
+            # as a cache with one release)
+            k0 = crypto_cpu.scrape(adm, ca) if workers == 1 else None
+            s_cpu0 = _proc_cpu(proc.pid)
+            t0 = time.perf_counter()
+            plat, perrors, _ = _load_processes(rel, ca, raw, pk_path, meas, concurrency,
+                                               min(3.0, seconds), "status")
+            poll_elapsed = time.perf_counter() - t0
+            poll_cpu = _proc_cpu(proc.pid) - s_cpu0
+            poll_crypto = (crypto_cpu.minus(crypto_cpu.scrape(adm, ca), k0)
+                           if k0 is not None else None)
             micro = crypto_cpu.micro(pk_path, meas)
             idle_crypto = crypto_cpu.crypto_per_release(pk_path, meas)["crypto_per_release_us"]
         finally:
@@ -340,12 +374,22 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             if drop:
                 drop()
     lat.sort()
+    plat.sort()
 
-    def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
+    def pct(p: float, xs: list[float] = lat) -> float:
+        return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
 
     n = max(len(lat), 1)
     rate = len(lat) / elapsed
+    polls: dict[str, Any] = {"polls": len(plat), "polls_per_s": len(plat) / poll_elapsed,
+             "poll_p50_ms": pct(0.50, plat), "poll_p99_ms": pct(0.99, plat),
+             "poll_errors": perrors,
+             "server_cpu_ms_per_poll": poll_cpu / max(len(plat), 1) * 1000}
+    if poll_crypto is not None:
+        counted = crypto_cpu.total(poll_crypto, routes=["status"])
+        polls["crypto_in_server_us_per_poll"] = counted * 1e6 / max(len(plat), 1)
+        if counted:
+            polls["poll_server_cpu_over_crypto_in_server"] = poll_cpu / counted
     return {"db": "sqlite" if db == "sqlite" else "postgresql", "concurrency": concurrency,
             "workers": workers, "seconds": elapsed,
             "releases": len(lat), "releases_per_s": rate, "p50_ms": pct(0.50),
@@ -357,7 +401,7 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             "crypto_cpu_us_per_release": idle_crypto,
             "server_cpu_over_crypto": server_cpu / n * 1e6 / idle_crypto,
             **crypto_cpu.figures(in_server, server_cpu, len(lat)),
-            **micro}
+            **polls, **micro}
 
 
 def _counts(value: str | None) -> list[int] | None:
@@ -438,3 +482,8 @@ def command(db: str, replicas: str | None, caches: int, speedup: float, concurre
                    f"{res['server_cpu_over_crypto_in_server']:.1f}x the crypto it counted "
                    f"({res['crypto_in_server_us_per_release']:.0f} us per release: {by_op}); "
                    f"{res['server_cpu_over_crypto_in_server_idle_ops']:.1f}x without the HMACs")
+    ratio = res.get("poll_server_cpu_over_crypto_in_server")
+    click.echo(f"  status polls alone: {res['polls_per_s']:.0f} polls/s, p50 "
+               f"{res['poll_p50_ms']:.1f} ms, p99 {res['poll_p99_ms']:.1f} ms, errors "
+               f"{res['poll_errors']}, server CPU {res['server_cpu_ms_per_poll']:.2f} ms per poll"
+               + (f" ({ratio:.1f}x the crypto it counted)" if ratio else ""))
