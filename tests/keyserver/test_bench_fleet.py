@@ -43,6 +43,9 @@ def test_bench_fleet_two_replicas_json(pg_server: pgserver.PgServer) -> None:
     assert fig["steady_server_cpu_over_crypto_in_server"] > 0
     assert fig["steady_crypto_in_server_us_per_poll_by_op"]["sign"] > 0
     assert fig["steady_server_cpu_over_crypto"] > 0
+    # where the machine's CPU went
+    assert 0 < fig["server_cores"] <= fig["machine_busy_cores"] <= fig["machine_cores"] + 0.1
+    assert fig["load_generator_cores"] > 0 and fig["other_cores"] >= 0
 
 
 def test_bench_release_only_json() -> None:

@@ -344,6 +344,18 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
 
 
+def _machine_busy() -> float:
+    """CPU seconds the cores of this machine have been busy since boot (``/proc/stat``:
+    user, nice, system, irq and softirq; not idle, iowait or time a hypervisor stole);
+    0.0 where it cannot be read."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        ticks = [int(f) for f in fields]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(ticks[:7]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def _usage(replicas: list[_Replica]) -> tuple[float, crypto_cpu.Counts]:
     """The replicas' process CPU and the crypto CPU they counted, so far."""
     return sum(r.cpu() for r in replicas), crypto_cpu.add(*(r.crypto() for r in replicas))
@@ -359,6 +371,7 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
     idle_rate = (sum(r.cpu() for r in replicas) - idle0) / (time.perf_counter() - i0)
     cpu0 = [r.cpu() for r in replicas]
     crypto0 = _usage(replicas)[1]
+    busy0 = _machine_busy()
     t0 = time.perf_counter()
     q, procs = _run_caches(urls, ca, audience, platform_key, measurement, caches, seconds,
                            sched)
@@ -381,6 +394,7 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
     for p in procs:
         p.join(30)
     elapsed = time.perf_counter() - t0
+    busy = _machine_busy() - busy0
     server_cpu = sum(r.cpu() - c for r, c in zip(replicas, cpu0, strict=True))
     in_server = crypto_cpu.minus(_usage(replicas)[1], crypto0)
     rel = [x for t in tallies for x in t.release_lat]
@@ -424,6 +438,13 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         # a release is two requests (challenge, release), a poll one
         "server_cpu_ms_per_request": server_cpu / max(1, 2 * len(rel) + len(polls)) * 1000,
         "client_cpu_ms_per_release": sum(t.cpu for t in tallies) / n * 1000,
+        # where the machine's CPU went (cores busy on average): the replicas, the load
+        # generators, and the rest (PostgreSQL, the kernel's share, anything else running)
+        "machine_cores": os.cpu_count() or 1,
+        "machine_busy_cores": busy / elapsed,
+        "server_cores": server_cpu / elapsed,
+        "load_generator_cores": sum(t.cpu for t in tallies) / elapsed,
+        "other_cores": max(0.0, busy - server_cpu - sum(t.cpu for t in tallies)) / elapsed,
         **crypto_cpu.figures(in_server, server_cpu, len(rel), len(polls)),
     }
 
@@ -533,6 +554,10 @@ def report_fleet(res: dict[str, Any]) -> str:
                          f"release ({r['steady_server_cpu_over_crypto']:.1f}x crypto), "
                          f"{r['steady_server_cpu_over_crypto_in_server']:.1f}x the crypto "
                          "counted in the servers")
+        lines.append(f"          CPU: {r['machine_busy_cores']:.2f} of {r['machine_cores']} "
+                     f"cores busy: replicas {r['server_cores']:.2f}, load generators "
+                     f"{r['load_generator_cores']:.2f}, the rest (PostgreSQL, kernel, other) "
+                     f"{r['other_cores']:.2f}")
         if r["error_kinds"]:
             lines.append(f"          errors: {r['error_kinds']}")
     lines.append(f"crypto per release {res['crypto_per_release_us']:.0f} us (evidence "
