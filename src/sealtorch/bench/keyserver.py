@@ -137,9 +137,12 @@ async def _load(url: str, ca: Path, pub: bytes, platform_key: Path, measurement:
 
     async def enrolled(h: _Http) -> tuple[str, bytes]:
         """This connection's cache: its id and status key, from one release."""
-        got = None
-        while got is None:
-            got = await release(h)
+        for _ in range(10):
+            if (got := await release(h)) is not None:
+                break
+        else:
+            raise click.ClickException("the bench's caches could not enrol: the key server "
+                                       "refused 10 releases in a row")
         n, sk, answer = got
         sealed = base64.b64decode(answer["status_key"])
         with hpke.open(sealed, sk, status_key_info(answer["cache_id"], n)) as k:
@@ -381,10 +384,10 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
 
     n = max(len(lat), 1)
     rate = len(lat) / elapsed
-    polls: dict[str, Any] = {"polls": len(plat), "polls_per_s": len(plat) / poll_elapsed,
-             "poll_p50_ms": pct(0.50, plat), "poll_p99_ms": pct(0.99, plat),
-             "poll_errors": perrors,
-             "server_cpu_ms_per_poll": poll_cpu / max(len(plat), 1) * 1000}
+    polls: dict[str, Any] = {
+        "polls": len(plat), "polls_per_s": len(plat) / poll_elapsed,
+        "poll_p50_ms": pct(0.50, plat), "poll_p99_ms": pct(0.99, plat), "poll_errors": perrors,
+        "server_cpu_ms_per_poll": poll_cpu / max(len(plat), 1) * 1000}
     if poll_crypto is not None:
         counted = crypto_cpu.total(poll_crypto, routes=["status"])
         polls["crypto_in_server_us_per_poll"] = counted * 1e6 / max(len(plat), 1)
