@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
 
 import sealtorch
 from sealtorch.attestation import binding, sim
@@ -273,3 +274,22 @@ def test_a_small_output_into_a_pipe_writes_into_it(work: Path) -> None:
     assert got == expected
     assert fifo.is_fifo()
     assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_sim_platform_key_cut_short_leaves_no_key(work: Path) -> None:
+    """`sim init` writes its public key, then its private key, each staged: a write cut short
+    leaves no private key and no partial file (so a retry needs no --force), and with room
+    both are written, the public key the private key's."""
+    for limit in (64, 116):  # smaller than either PEM; room for the public key (113 bytes) only
+        p = subprocess.run([sys.executable, "-I", "-B", "-m", "sealtorch", "sim", "init",
+                            "--dir", "sim"], capture_output=True, text=True, cwd=work,
+                           timeout=120, preexec_fn=lambda n=limit: _file_size_limit(n))
+        line = one_line_error(p, "output_invalid")
+        assert "File too large" in line and "nothing was written" in line, line
+        left = sorted(x.name for x in (work / "sim").iterdir())
+        assert left in ([], [sim.PUBLIC_FILE]), left  # no private key, no temporary file
+    assert run("sim", "init", "--dir", "sim", cwd=work).returncode == 0
+    key = sim.load_platform_key(work / "sim" / sim.KEY_FILE)  # 0600, and its public key matches
+    public = (work / "sim" / sim.PUBLIC_FILE).read_bytes()
+    assert public == key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -58,7 +58,7 @@ def init_platform_key(directory: Path | str | None = None, *, overwrite: bool = 
 
     Refuses to replace an existing key unless ``overwrite`` is set.
     """
-    from sealtorch._outputs import output_dir, staged, write_all
+    from sealtorch._outputs import output_dir, staged, write_all, write_file
 
     d = output_dir(Path(directory) if directory is not None else default_dir(), mode=0o700)
     key_path = d / KEY_FILE
@@ -73,12 +73,13 @@ def init_platform_key(directory: Path | str | None = None, *, overwrite: bool = 
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    with staged(key_path, overwrite=True) as (fd, _):  # mode 0600; existence checked above
-        write_all(fd, pem)
     pub = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    (d / PUBLIC_FILE).write_bytes(pub)
+    # the public key first: a write cut short leaves no private key, so a retry needs no --force
+    write_file(d / PUBLIC_FILE, pub, overwrite=True)
+    with staged(key_path, overwrite=True) as (fd, _):  # mode 0600; existence checked above
+        write_all(fd, pem)
     return key_path
 
 
