@@ -26,7 +26,7 @@ class SharedRead(Generic[T]):
         self._run = run
         self._next: asyncio.Future[T] | None = None  # the read not begun yet, and its waiters
         self._reader: asyncio.Task[None] | None = None
-        self.reads = 0  # reads begun (for tests and metrics)
+        self.reads = 0  # reads begun
 
     async def get(self) -> T:
         """The result of a read that began after this call; a failed read raises its error
