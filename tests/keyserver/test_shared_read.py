@@ -37,6 +37,12 @@ async def _until(cond: Callable[[], bool]) -> None:
         await asyncio.sleep(0)
 
 
+async def _answer(db: _Db, n: int) -> None:
+    """Wait until read ``n`` (counted from 1) has begun, then let it answer."""
+    await _until(lambda: len(db.gates) == n)
+    db.gates[n - 1].set()
+
+
 def test_polls_arriving_during_a_read_share_the_next_one() -> None:
     async def main() -> None:
         db = _Db()
@@ -47,14 +53,12 @@ def test_polls_arriving_during_a_read_share_the_next_one() -> None:
         later = [asyncio.create_task(sr.get()) for _ in range(5)]  # ... then 5 polls arrive
         db.gates[0].set()
         assert await first == 0  # read 1 may not have seen the change: only for its caller
-        await _until(lambda: len(db.gates) == 2)
-        db.gates[1].set()
+        await _answer(db, 2)
         assert await asyncio.gather(*later) == [1] * 5  # one read, after all of them arrived
         assert sr.reads == 2
         db.state = 2
         nxt = asyncio.create_task(sr.get())  # nothing in flight: a read of its own
-        await _until(lambda: len(db.gates) == 3)
-        db.gates[2].set()
+        await _answer(db, 3)
         assert await nxt == 2 and sr.reads == 3
 
     asyncio.run(main())
@@ -72,8 +76,7 @@ def test_a_failed_read_fails_its_waiters_only() -> None:
         db.fail = None
         db.state = 7
         again = asyncio.create_task(sr.get())
-        await _until(lambda: len(db.gates) == 1)
-        db.gates[0].set()
+        await _answer(db, 1)
         assert await again == 7 and sr.reads == 2
 
     asyncio.run(main())

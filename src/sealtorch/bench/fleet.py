@@ -369,8 +369,7 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
     idle0, i0 = sum(r.cpu() for r in replicas), time.perf_counter()
     time.sleep(IDLE_SECONDS)  # what the replicas cost doing nothing (state checks, pings)
     idle_rate = (sum(r.cpu() for r in replicas) - idle0) / (time.perf_counter() - i0)
-    cpu0 = [r.cpu() for r in replicas]
-    crypto0 = _usage(replicas)[1]
+    cpu0, crypto0 = _usage(replicas)
     busy0 = _machine_busy()
     t0 = time.perf_counter()
     q, procs = _run_caches(urls, ca, audience, platform_key, measurement, caches, seconds,
@@ -395,8 +394,10 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         p.join(30)
     elapsed = time.perf_counter() - t0
     busy = _machine_busy() - busy0
-    server_cpu = sum(r.cpu() - c for r, c in zip(replicas, cpu0, strict=True))
-    in_server = crypto_cpu.minus(_usage(replicas)[1], crypto0)
+    cpu1, crypto1 = _usage(replicas)
+    server_cpu = cpu1 - cpu0
+    in_server = crypto_cpu.minus(crypto1, crypto0)
+    client_cpu = sum(t.cpu for t in tallies)
     rel = [x for t in tallies for x in t.release_lat]
     polls = [x for t in tallies for x in t.poll_lat]
     nonces = [n for t in tallies for n in t.nonces]
@@ -437,14 +438,14 @@ def _round(replicas: list[_Replica], ca: Path, audience: bytes, platform_key: Pa
         "server_cpu_ms_per_release": server_cpu / n * 1000,
         # a release is two requests (challenge, release), a poll one
         "server_cpu_ms_per_request": server_cpu / max(1, 2 * len(rel) + len(polls)) * 1000,
-        "client_cpu_ms_per_release": sum(t.cpu for t in tallies) / n * 1000,
+        "client_cpu_ms_per_release": client_cpu / n * 1000,
         # where the machine's CPU went (cores busy on average): the replicas, the load
         # generators, and the rest (PostgreSQL, the kernel's share, anything else running)
         "machine_cores": os.cpu_count() or 1,
         "machine_busy_cores": busy / elapsed,
         "server_cores": server_cpu / elapsed,
-        "load_generator_cores": sum(t.cpu for t in tallies) / elapsed,
-        "other_cores": max(0.0, busy - server_cpu - sum(t.cpu for t in tallies)) / elapsed,
+        "load_generator_cores": client_cpu / elapsed,
+        "other_cores": max(0.0, busy - server_cpu - client_cpu) / elapsed,
         **crypto_cpu.figures(in_server, server_cpu, len(rel), len(polls)),
     }
 
@@ -506,15 +507,20 @@ def run_fleet(db_url: str, replica_counts: list[int], caches: int, seconds: floa
                 rounds.append(_round(replicas[:n], ca, audience, pk_path, meas, caches,
                                      seconds, sched))
             crypto = crypto_cpu.crypto_per_release(pk_path, meas)
-            for fig in rounds:  # the crypto the server did: releases and polls
-                work_us = (fig["releases"] * crypto["crypto_per_release_us"]
-                           + fig["polls"] * crypto["crypto_per_poll_us"])
-                fig["server_cpu_over_crypto"] = fig["server_cpu_s"] * 1e6 / max(work_us, 1.0)
-                fig["busy_cpu_over_crypto"] = fig["server_busy_cpu_s"] * 1e6 / max(work_us, 1.0)
-                steady_us = (fig["steady_releases"] * crypto["crypto_per_release_us"]
-                             + fig["steady_polls"] * crypto["crypto_per_poll_us"])
-                fig["steady_server_cpu_over_crypto"] = (fig["steady_server_cpu_s"] * 1e6
-                                                        / max(steady_us, 1.0))
+
+            def over_crypto(cpu_s: float, releases: int, polls: int) -> float:
+                """Server CPU over the crypto it did (releases and polls, idle figure)."""
+                work_us = (releases * crypto["crypto_per_release_us"]
+                           + polls * crypto["crypto_per_poll_us"])
+                return cpu_s * 1e6 / max(work_us, 1.0)
+
+            for fig in rounds:
+                fig["server_cpu_over_crypto"] = over_crypto(fig["server_cpu_s"],
+                                                            fig["releases"], fig["polls"])
+                fig["busy_cpu_over_crypto"] = over_crypto(fig["server_busy_cpu_s"],
+                                                          fig["releases"], fig["polls"])
+                fig["steady_server_cpu_over_crypto"] = over_crypto(
+                    fig["steady_server_cpu_s"], fig["steady_releases"], fig["steady_polls"])
             return {"rounds": rounds, "schedule": sched.__dict__, **crypto}
     finally:
         for r in replicas:

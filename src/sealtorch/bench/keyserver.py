@@ -346,28 +346,28 @@ def run_bench(db: str, concurrency: int, seconds: float, workers: int) -> dict[s
             clat, _, _ = _load_processes(rel, ca, raw, pk_path, meas, concurrency,
                                          min(2.0, seconds), "ceiling")
             ceiling = len(clat) / (time.perf_counter() - c0)
-            # the crypto the server counts in itself (one process: with more workers,
-            # /metrics shows only the first)
-            k0 = crypto_cpu.scrape(adm, ca) if workers == 1 else None
-            s_cpu0 = _proc_cpu(proc.pid)
-            t0 = time.perf_counter()
-            lat, errors, client_cpu = _load_processes(rel, ca, raw, pk_path, meas,
-                                                      concurrency, seconds)
-            elapsed = time.perf_counter() - t0
-            server_cpu = _proc_cpu(proc.pid) - s_cpu0
-            in_server = (crypto_cpu.minus(crypto_cpu.scrape(adm, ca), k0)
-                         if k0 is not None else None)
+
+            def phase(mode: str, secs: float) -> tuple[list[float], int, float, float, float,
+                                                       crypto_cpu.Counts | None]:
+                """One load phase: (latencies, errors, client CPU, seconds, server CPU, the
+                crypto the server counted in itself: one process only, with more workers
+                /metrics shows only the first)."""
+                k0 = crypto_cpu.scrape(adm, ca) if workers == 1 else None
+                s_cpu0 = _proc_cpu(proc.pid)
+                t0 = time.perf_counter()
+                lat, errors, client_cpu = _load_processes(rel, ca, raw, pk_path, meas,
+                                                          concurrency, secs, mode)
+                elapsed = time.perf_counter() - t0
+                server_cpu = _proc_cpu(proc.pid) - s_cpu0
+                counted = (crypto_cpu.minus(crypto_cpu.scrape(adm, ca), k0)
+                           if k0 is not None else None)
+                return lat, errors, client_cpu, elapsed, server_cpu, counted
+
+            lat, errors, client_cpu, elapsed, server_cpu, in_server = phase("release", seconds)
             # status polls alone, at the same concurrency (each connection first enrols
             # as a cache with one release)
-            k0 = crypto_cpu.scrape(adm, ca) if workers == 1 else None
-            s_cpu0 = _proc_cpu(proc.pid)
-            t0 = time.perf_counter()
-            plat, perrors, _ = _load_processes(rel, ca, raw, pk_path, meas, concurrency,
-                                               min(3.0, seconds), "status")
-            poll_elapsed = time.perf_counter() - t0
-            poll_cpu = _proc_cpu(proc.pid) - s_cpu0
-            poll_crypto = (crypto_cpu.minus(crypto_cpu.scrape(adm, ca), k0)
-                           if k0 is not None else None)
+            plat, perrors, _, poll_elapsed, poll_cpu, poll_crypto = phase("status",
+                                                                          min(3.0, seconds))
             micro = crypto_cpu.micro(pk_path, meas)
             idle_crypto = crypto_cpu.crypto_per_release(pk_path, meas)["crypto_per_release_us"]
         finally:
